@@ -1,0 +1,181 @@
+"""Checkpoints that resume a LISA run exactly, written atomically and read back without unpickling code.
+
+A checkpoint is a folder ``checkpoint-<step>``:
+
+- ``model.safetensors`` + ``config.json`` (+ tokenizer files): the weights, loadable by ``from_pretrained`` too;
+- ``trainer_state.pt``: optimizer state (``optimizer.state_dict()``, which includes state parked in host memory),
+  LISA controller/sampler state, lr schedule, RNG states, step and trainer counters. Only tensors and plain Python
+  containers go in, so it is read with ``torch.load(weights_only=True)``: a checkpoint from someone else cannot
+  run code on your machine.
+
+The folder is first written under a temporary name next to its destination and then renamed, so an interrupted
+save never leaves a half-written ``checkpoint-<step>`` behind that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+MODEL_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def capture_rng_state() -> dict:
+    """torch CPU/CUDA, python and (if importable) numpy RNG states as tensors and plain containers."""
+    state = {"torch": torch.get_rng_state(), "python": _to_plain(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            return
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _to_plain(x):
+    return [_to_plain(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are ignored)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None) -> Path:
+    """Write a checkpoint folder atomically; ``state`` holds the trainer's own plain counters and settings."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "optimizer": optimizer.state_dict(),
+            "controller": controller.state_dict(),
+            "rng": capture_rng_state(),
+            "trainer": state,
+        }
+        torch.save(payload, tmp / STATE_FILE)
+        _fsync_dir(tmp)
+        if path.exists():  # re-saving the same step: swap the new folder in, then delete the old one
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir() if path.is_dir() else []:
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
+    """The ``trainer_state.pt`` payload, read with ``weights_only=True``."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
+    payload = torch.load(state_file, map_location=map_location, weights_only=True)
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {payload.get('format_version')} is not {FORMAT_VERSION}")
+    return payload
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
+    """Restore model, optimizer, controller and RNG states in place; returns the trainer's ``state`` dict.
+
+    Order matters: weights first, then the optimizer state (all of it, parked or not, as saved), then the
+    controller, which re-applies the period's frozen/active split and parks or drops state to match its policy.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    payload = read_checkpoint_state(path)
+    device = next(model.parameters()).device
+    load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+    optimizer.load_state_dict(payload["optimizer"])
+    controller.load_state_dict(payload["controller"])
+    restore_rng_state(payload["rng"])
+    return payload["trainer"]
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``None`` keeps everything)."""
+    if keep is None:
+        return
+    found = list_checkpoints(output_dir)
+    for p in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)

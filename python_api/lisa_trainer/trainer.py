@@ -1,0 +1,438 @@
+"""`LisaTrainer`: a plain, deterministic training loop around a `LisaController` and `FusedAdamW`.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches. The loss of a step is the mean over every
+trained token of all its micro-batches (not the mean of per-micro-batch means, which would weight a short padded
+batch like a full one). The data order is a pure function of (seed, epoch), so a resumed run finds its place from
+the step count alone and sees exactly the batches an uninterrupted run would.
+
+Everything the run does goes to ``<output_dir>/train_log.jsonl``, one JSON object per line, with a ``"kind"``:
+
+- ``config``: the run's settings; ``step``: loss, lr, grad norm, active layers, tokens/s, memory;
+- ``period``: a finished LISA period: its layers and each layer's weight-update norm (from the controller);
+- ``eval``: held-out loss; ``summary``: first/last loss, wall time, peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .controller import LisaConfig, LisaController, build_optimizer
+from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
+
+LOG_FILE = "train_log.jsonl"
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "cosine"  # "linear" | "cosine" | "constant", after the warmup
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    bf16: bool = False  # bf16 autocast on CUDA (weights and optimizer state stay as they are)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 1
+    eval_steps: int | None = None  # None: evaluate before training and at the end only
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    save_model: bool = True  # write the final model + tokenizer to output_dir
+    progress: bool = True
+    device: str | None = None  # None: CUDA when available
+
+    def __post_init__(self):
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.lr_scheduler_type in SCHEDULES, f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps > 0 or num_train_epochs > 0"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (self.logging_steps >= 1, "logging_steps must be >= 1"),
+            (self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1"),
+            (self.save_steps is None or self.save_steps >= 1, "save_steps must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{msg}, got {self}")
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup from 0, then linear/cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return base_lr
+    decay = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay)
+    if kind == "linear":
+        return base_lr * (1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class JsonlLog:
+    """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled."""
+
+    def __init__(self, path: Path, *, resume_step: int | None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None or not path.exists():
+            path.write_text("")
+        else:
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash we are resuming from
+                if rec.get("step", 0) <= resume_step and rec.get("kind") != "summary":
+                    kept.append(line)
+            path.write_text("".join(k + "\n" for k in kept))
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _peak_host_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+class LisaTrainer:
+    """Fine-tune a causal LM with LISA.
+
+    ``model`` is any Hugging Face causal LM (or a module with the same call convention returning ``.logits``);
+    ``train_dataset``/``eval_dataset`` come from :func:`lisa_trainer.data.tokenize_dataset`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        train_dataset: TokenizedDataset,
+        args: TrainingArguments,
+        lisa_config: LisaConfig,
+        eval_dataset: TokenizedDataset | None = None,
+    ):
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty")
+        self.args, self.lisa_config, self.tokenizer = args, lisa_config, tokenizer
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.output_dir = Path(args.output_dir)
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.use_bf16 = args.bf16 and self.device.type == "cuda"
+        if args.bf16 and not self.use_bf16:
+            warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
+        self.model = model.to(self.device)
+        if args.gradient_checkpointing:
+            # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if getattr(model.config, "use_cache", None):
+                model.config.use_cache = False
+        self.optimizer = build_optimizer(
+            model,
+            lisa_config,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        self.controller = LisaController(model, self.optimizer, lisa_config)
+        self.collator = Collator(pad_token_id(tokenizer))
+        bs = args.per_device_train_batch_size
+        self.batches_per_epoch = math.ceil(len(train_dataset) / bs)
+        if args.max_steps > 0:
+            self.max_steps = args.max_steps
+        else:
+            self.max_steps = max(1, math.ceil(self.batches_per_epoch * args.num_train_epochs / args.gradient_accumulation_steps))
+        self.warmup_steps = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self._epoch_order: dict[int, list[int]] = {}
+
+    # -------------------------------------------------------------------------------------------------- data
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._epoch_order:
+            gen = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+            self._epoch_order = {epoch: torch.randperm(len(self.train_dataset), generator=gen).tolist()}
+        return self._epoch_order[epoch]
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Global micro-batch ``index`` (counting from the start of training), the same on every run."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        bs = self.args.per_device_train_batch_size
+        order = self._order(epoch)[pos * bs : (pos + 1) * bs]  # the last batch of an epoch may be short
+        return self.collator([self.train_dataset[i] for i in order])
+
+    # ------------------------------------------------------------------------------------------------- steps
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed next-token cross-entropy over the batch's trained tokens (fp32 logits)."""
+        with self._autocast():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its log record."""
+        args, step = self.args, self.step
+        started = time.perf_counter()
+        self.controller.on_step_begin(step)
+        lr = lr_at(step, base_lr=args.learning_rate, total_steps=self.max_steps, warmup_steps=self.warmup_steps, kind=args.lr_scheduler_type)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = args.gradient_accumulation_steps
+        batches = [self.micro_batch(step * accum + j) for j in range(accum)]
+        n_trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        self.model.train()
+        loss_total = 0.0
+        for b in batches:
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            loss = self._loss_sum(b) / max(1, n_trained)
+            loss.backward()
+            loss_total += loss.item()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if args.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.controller.on_step_end(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        self.step += 1
+        self.tokens_seen += n_tokens
+        record = {
+            "kind": "step",
+            "step": self.step,
+            "epoch": round(self.step * accum / self.batches_per_epoch, 4),
+            "loss": loss_total,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "active_layers": list(self.controller.active_layers),
+            "tokens": n_tokens,
+            "tokens_per_s": n_tokens / elapsed if elapsed > 0 else None,
+            "step_time_s": elapsed,
+        }
+        if self.device.type == "cuda":
+            record["gpu_mem_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
+            record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over the held-out set's trained tokens (``None`` without one)."""
+        if not self.eval_dataset:
+            return None
+        self.model.eval()
+        bs = self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
+        total, count = 0.0, 0
+        for i in range(0, len(self.eval_dataset), bs):
+            b = self.collator([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))])
+            count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(self._loss_sum({k: v.to(self.device) for k, v in b.items()}))
+        self.model.train()
+        return total / max(1, count)
+
+    # ---------------------------------------------------------------------------------------------- the run
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "max_steps": self.max_steps,
+            "seed": self.args.seed,
+            "lisa_config": {k: v for k, v in dataclasses.asdict(self.lisa_config).items()},
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = save_checkpoint(
+            checkpoint_dir(self.output_dir, self.step),
+            model=self.model,
+            optimizer=self.optimizer,
+            controller=self.controller,
+            state=self._trainer_state(),
+            tokenizer=self.tokenizer,
+        )
+        prune_checkpoints(self.output_dir, self.args.save_total_limit)
+        return path
+
+    def resume(self, checkpoint: str | Path) -> int:
+        """Load a checkpoint (a folder, or "latest" in output_dir); returns the step training continues from."""
+        if str(checkpoint) == "latest":
+            found = latest_checkpoint(self.output_dir)
+            if found is None:
+                raise FileNotFoundError(f"{self.output_dir}: no checkpoint-* folder to resume from")
+            checkpoint = found
+        state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
+        if state["seed"] != self.args.seed:
+            warnings.warn(f"resuming with seed {self.args.seed}, checkpoint used {state['seed']}: data order changes", stacklevel=2)
+        if state["max_steps"] != self.max_steps:
+            warnings.warn(f"max_steps {self.max_steps} differs from the checkpoint's {state['max_steps']}: the lr schedule changes", stacklevel=2)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        return self.step
+
+    def train(self, resume_from_checkpoint: str | Path | None = None) -> dict:
+        """Run to ``max_steps``; returns the summary (also the log's last record)."""
+        from tqdm.auto import tqdm
+
+        args = self.args
+        wall_start = time.perf_counter()
+        if resume_from_checkpoint:
+            self.resume(resume_from_checkpoint)
+        resumed_at = self.step if resume_from_checkpoint else None
+        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        n_layers = len(self.controller.layers) if hasattr(self.controller, "layers") else None
+        if resumed_at is None:
+            log.write(
+                {
+                    "kind": "config",
+                    "step": 0,
+                    "max_steps": self.max_steps,
+                    "n_layers": n_layers,
+                    "device": str(self.device),
+                    "train_examples": len(self.train_dataset),
+                    "eval_examples": len(self.eval_dataset) if self.eval_dataset else 0,
+                    "lisa": dataclasses.asdict(self.lisa_config),
+                    "args": dataclasses.asdict(args),
+                }
+            )
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+                log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
+        logged_periods = len(self.controller.period_log)
+        losses, evals = [], []
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress, unit="step", desc="LISA", dynamic_ncols=True)
+        try:
+            while self.step < self.max_steps:
+                rec = self.train_step()
+                losses.append(rec["loss"])
+                if rec["step"] % args.logging_steps == 0 or rec["step"] == self.max_steps:
+                    log.write(rec)
+                for entry in self.controller.period_log[logged_periods:]:
+                    log.write(_period_record(entry, rec["step"]))
+                logged_periods = len(self.controller.period_log)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", layers=",".join(map(str, rec["active_layers"])))
+                at_end = self.step == self.max_steps
+                if (args.eval_steps and self.step % args.eval_steps == 0) or at_end:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        evals.append(eval_loss)
+                        log.write({"kind": "eval", "step": self.step, "eval_loss": eval_loss})
+                if args.save_steps and self.step % args.save_steps == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if args.save_model:
+            self.save_model(self.output_dir)
+        summary = self._summary(losses, time.perf_counter() - wall_start)
+        log.write(summary)
+        log.close()
+        return summary
+
+    def save_model(self, path: str | Path) -> None:
+        """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``."""
+        path = Path(path)
+        kwargs = {}
+        if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
+            kwargs["safe_serialization"] = True  # the default in recent transformers, where the flag is gone
+        self.model.save_pretrained(path, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+    def _summary(self, losses: list[float], wall: float) -> dict:
+        log_path = self.output_dir / LOG_FILE
+        records = read_log(log_path)
+        steps = [r for r in records if r["kind"] == "step"]
+        evals = [r for r in records if r["kind"] == "eval"]
+        periods = [r for r in records if r["kind"] == "period"]
+        summary = {
+            "kind": "summary",
+            "step": self.step,
+            "steps": self.step,
+            "first_loss": steps[0]["loss"] if steps else None,
+            "last_loss": steps[-1]["loss"] if steps else None,
+            "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+            "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+            "periods": [{"period": p["period"], "layers": p["layers"]} for p in periods],
+            "tokens_seen": self.tokens_seen,
+            "wall_time_s": wall,
+            "device": str(self.device),
+            "peak_host_rss_mb": _peak_host_rss_mb(),
+        }
+        if self.device.type == "cuda":
+            summary["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return summary
+
+
+def _period_record(entry: dict, step: int) -> dict:
+    """A controller period-log entry as a JSON-safe log record (layer keys become strings in JSON anyway)."""
+    rec = {"kind": "period", "step": step}
+    for k, v in entry.items():
+        rec[k] = _jsonable(v)
+    return rec
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def read_log(path: str | Path) -> list[dict]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            records.append(json.loads(line))
+    return records
