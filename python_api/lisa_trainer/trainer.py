@@ -368,6 +368,9 @@ class LisaTrainer:
                         log.write({"kind": "eval", "step": self.step, "eval_loss": eval_loss})
                 if args.save_steps and self.step % args.save_steps == 0:
                     self.save_checkpoint()
+            self.controller.finish(last_step=self.step - 1)  # a last, partial period gets its norms too
+            for entry in self.controller.period_log[logged_periods:]:
+                log.write(_period_record(entry, self.step))
         finally:
             bar.close()
         if args.save_model:
@@ -413,10 +416,19 @@ class LisaTrainer:
 
 
 def _period_record(entry: dict, step: int) -> dict:
-    """A controller period-log entry as a JSON-safe log record (layer keys become strings in JSON anyway)."""
+    """A controller period-log entry as a JSON-safe log record.
+
+    ``update_norms`` joins the controller's per-layer list and per-module dict into one mapping
+    (``"3"`` -> norm of decoder layer 3, ``"model.embed_tokens"`` -> norm of the embeddings) for plotting and for
+    turning into ``--lisa_layer_weights``.
+    """
     rec = {"kind": "period", "step": step}
     for k, v in entry.items():
         rec[k] = _jsonable(v)
+    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms", ()))}
+    norms.update({str(k): v for k, v in (entry.get("module_update_norms") or {}).items()})
+    if norms:
+        rec["update_norms"] = _jsonable(norms)
     return rec
 
 

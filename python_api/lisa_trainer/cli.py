@@ -1,0 +1,425 @@
+"""`lisa-finetune`: fine-tune a causal LM with LISA from the command line (LMFlow-compatible flags).
+
+With no ``--model_name_or_path`` (or with ``--demo``) it runs the embedded default: a small random-weight Llama, a
+byte-level tokenizer and the sample dataset shipped with the package, all built locally; it finishes in about a
+minute on a laptop CPU and writes the model, ``train_log.jsonl`` and ``lisa_run.png`` to ``./lisa-demo-output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+PLOT_FILE = "lisa_run.png"
+DEMO_OUTPUT = "./lisa-demo-output"
+
+# Defaults that differ between the demo and a real model; None in the parser means "not given".
+DEMO_DEFAULTS = dict(
+    learning_rate=3e-3,
+    lisa_activated_layers=2,
+    lisa_interval_steps=10,
+    max_steps=120,
+    per_device_train_batch_size=8,
+    block_size=128,
+    warmup_steps=10,
+    eval_steps=20,
+    validation_split_percentage=10,
+)
+MODEL_DEFAULTS = dict(  # LMFlow's LISA example script
+    learning_rate=5e-5,
+    lisa_activated_layers=2,
+    lisa_interval_steps=20,
+    max_steps=-1,
+    per_device_train_batch_size=1,
+    block_size=512,
+    warmup_steps=0,
+    eval_steps=None,
+    validation_split_percentage=0,
+)
+# LisaConfig field -> the flag that sets it, so errors from the core name what the user typed.
+FLAG_OF_FIELD = {
+    "n_active_layers": "--lisa_activated_layers",
+    "interval_steps": "--lisa_interval_steps",
+    "layers_attribute": "--lisa_layers_attribute",
+    "layer_weights": "--lisa_layer_weights",
+    "state_policy": "--lisa_state_policy",
+    "prefetch_steps": "--lisa_prefetch_steps",
+    "seed": "--seed",
+}
+
+
+class CliError(Exception):
+    """A problem with the command line or its inputs; printed without a traceback, exit status 2."""
+
+
+def _bool(value: str) -> bool:
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/1/0), got {value!r}")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lisa-finetune",
+        description="Fine-tune a causal language model with LISA (layerwise importance sampling). "
+        "With no --model_name_or_path, runs a self-contained demo on a small local model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    flag = dict(nargs="?", const=True, type=_bool)  # `--bf16` or `--bf16 true|false|1|0`, as in LMFlow/HF
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model_name_or_path", help="local Hugging Face model folder (or a cached hub id); omit for the demo")
+    g.add_argument("--demo", default=False, **flag, help="run the embedded demo (small local Llama + sample data)")
+    g.add_argument("--dataset_path", help="LMFlow JSON file or folder of .json files (text_only, text2text, conversation)")
+    g.add_argument("--output_model_path", help=f"where the fine-tuned model and tokenizer go (demo: {DEMO_OUTPUT})")
+    g.add_argument("--output_dir", help="where checkpoints, train_log.jsonl and the plot go (default: --output_model_path)")
+    g.add_argument("--block_size", type=_positive_int, help="tokens per training sequence (demo 128, else 512)")
+    g.add_argument("--disable_group_texts", default=None, **flag, help="do not pack text_only data into blocks")
+    g.add_argument("--validation_split_percentage", type=float, help="held-out share of the data, percent (demo 10, else 0)")
+    g.add_argument("--torch_dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"), help="dtype the model is loaded in")
+    g.add_argument("--trust_remote_code", default=False, **flag)
+
+    g = p.add_argument_group("LISA")
+    g.add_argument("--lisa_activated_layers", type=_positive_int, help="γ: decoder layers trained per period (default 2)")
+    g.add_argument("--lisa_interval_steps", type=_positive_int, help="K: optimizer steps per period (demo 10, else 20)")
+    g.add_argument("--lisa_layers_attribute", help="dotted path of the decoder-layer list, e.g. model.layers (default: found by structure)")
+    g.add_argument("--lisa_state_policy", default="park", choices=("park", "reset", "keep"), help="what happens to a deactivated layer's optimizer state")
+    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
+    g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--learning_rate", type=_positive_float, help="peak learning rate (demo 3e-3, else 5e-5)")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler_type", default="cosine", choices=("cosine", "linear", "constant"))
+    g.add_argument("--warmup_steps", type=int, help="linear warmup steps (demo 10, else 0)")
+    g.add_argument("--warmup_ratio", type=float, default=0.0, help="warmup as a share of all steps, when --warmup_steps is 0")
+    g.add_argument("--num_train_epochs", type=_positive_float, default=1.0)
+    g.add_argument("--max_steps", type=int, help="optimizer steps; > 0 overrides --num_train_epochs (demo 120)")
+    g.add_argument("--per_device_train_batch_size", type=_positive_int, help="sequences per micro-batch (demo 8, else 1)")
+    g.add_argument("--per_device_eval_batch_size", type=_positive_int)
+    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
+    g.add_argument("--bf16", default=False, **flag, help="bf16 autocast (CUDA only)")
+    g.add_argument("--gradient_checkpointing", default=False, **flag)
+    g.add_argument("--seed", type=int, default=0, help="data order, layer schedule and demo weights")
+
+    g = p.add_argument_group("logging and saving")
+    g.add_argument("--logging_steps", type=_positive_int, default=1)
+    g.add_argument("--eval_steps", type=_positive_int, help="evaluate on the held-out split every N steps (demo 20)")
+    g.add_argument("--save_steps", type=_positive_int, help="write a resumable checkpoint every N steps")
+    g.add_argument("--save_total_limit", type=_positive_int, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest' (the newest in --output_dir)")
+    g.add_argument("--disable_tqdm", default=False, **flag, help="no progress bar")
+    g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def parse_layer_weights(value: str) -> list[float]:
+    """``--lisa_layer_weights``: "1,2,1,...", a JSON file (a list, or {"layer_weights": [...]}) or a JSONL run log.
+
+    From a run log the weight of a layer is its mean weight-update norm over the periods it trained in; layers
+    never sampled there get the mean of the others, so they can still be chosen.
+    """
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            return _weights_from_log(path)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CliError(f"--lisa_layer_weights {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if isinstance(doc, dict):
+            doc = doc.get("layer_weights", doc.get("weights"))
+        if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
+            raise CliError(f"--lisa_layer_weights {path}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
+        return [float(w) for w in doc]
+    if any(ch in value for ch in "/\\") or value.endswith((".json", ".jsonl")):
+        raise CliError(f"--lisa_layer_weights {value}: no such file")
+    try:
+        return [float(w) for w in value.split(",") if w.strip()]
+    except ValueError:
+        raise CliError(f"--lisa_layer_weights {value!r}: expected comma-separated numbers or a file path") from None
+
+
+def _weights_from_log(path: Path) -> list[float]:
+    from .trainer import read_log
+
+    records = read_log(path)
+    n_layers = next((r.get("n_layers") for r in records if r["kind"] == "config"), None)
+    sums, counts = {}, {}
+    for r in records:
+        if r["kind"] != "period":
+            continue
+        for layer, norm in zip(r.get("layers", ()), r.get("layer_update_norms", ())):
+            sums[layer] = sums.get(layer, 0.0) + norm
+            counts[layer] = counts.get(layer, 0) + 1
+    if not n_layers or not sums:
+        raise CliError(f"--lisa_layer_weights {path}: no LISA periods with update norms in this log")
+    means = {i: sums[i] / counts[i] for i in sums}
+    fill = sum(means.values()) / len(means)
+    return [means.get(i, fill) for i in range(n_layers)]
+
+
+def _resolve(args) -> tuple[bool, dict]:
+    """Fill mode-dependent defaults; returns (demo?, the filled values)."""
+    demo = bool(args.demo) or args.model_name_or_path is None
+    if args.demo and args.model_name_or_path:
+        raise CliError("--demo and --model_name_or_path exclude each other: the demo builds its own model")
+    defaults = DEMO_DEFAULTS if demo else MODEL_DEFAULTS
+    values = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in defaults.items()}
+    if not 0 <= values["validation_split_percentage"] < 100:
+        raise CliError(f"--validation_split_percentage must be in [0, 100), got {values['validation_split_percentage']}")
+    if args.max_steps is not None and args.max_steps == 0:
+        raise CliError("--max_steps must be > 0 (or -1 to train for --num_train_epochs)")
+    return demo, values
+
+
+def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
+    from .demo import demo_dataset_path
+
+    if args.dataset_path is None and not demo:
+        raise CliError("--dataset_path is required with --model_name_or_path")
+    dataset = Path(args.dataset_path) if args.dataset_path else demo_dataset_path()
+    if not dataset.exists():
+        raise CliError(f"--dataset_path {dataset}: no such file or folder")
+    if args.output_model_path is None and not demo:
+        raise CliError("--output_model_path is required with --model_name_or_path")
+    out_model = Path(args.output_model_path or DEMO_OUTPUT)
+    out_dir = Path(args.output_dir) if args.output_dir else out_model
+    for flag, path in (("--output_model_path", out_model), ("--output_dir", out_dir)):
+        if path.exists() and not path.is_dir():
+            raise CliError(f"{flag} {path}: exists and is not a folder")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise CliError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
+    if args.model_name_or_path and not Path(args.model_name_or_path).exists() and (
+        args.model_name_or_path.startswith((".", "/", "~")) or args.model_name_or_path.count("/") > 1
+    ):
+        raise CliError(f"--model_name_or_path {args.model_name_or_path}: no such folder")
+    return dataset, out_model, out_dir
+
+
+def _load_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise CliError(f"--model_name_or_path {args.model_name_or_path}: cannot load it ({e})") from None
+    return model, tokenizer
+
+
+def _lisa_config(args, values, weights):
+    from .controller import LisaConfig
+
+    try:
+        return LisaConfig(
+            n_active_layers=values["lisa_activated_layers"],
+            interval_steps=values["lisa_interval_steps"],
+            layers_attribute=args.lisa_layers_attribute,
+            seed=args.seed,
+            layer_weights=weights,
+            state_policy=args.lisa_state_policy,
+            prefetch_steps=args.lisa_prefetch_steps,
+        )
+    except ValueError as e:
+        raise CliError(_name_flags(str(e))) from None
+
+
+def _name_flags(message: str) -> str:
+    """Mention the command-line flag next to each LisaConfig field an error names."""
+    for field, flag in FLAG_OF_FIELD.items():
+        if field in message and flag not in message:
+            message = message.replace(f"LisaConfig.{field}", f"{flag} (LisaConfig.{field})", 1)
+            if flag not in message:
+                message = f"{flag}: {message}"
+    return message
+
+
+def _check_park_support(optimizer, policy: str) -> str:
+    if policy == "park" and not callable(getattr(optimizer, "park_state", None)):
+        warnings.warn(
+            "this FusedAdamW has no host state bank (park_state) yet; using --lisa_state_policy keep", stacklevel=2
+        )
+        return "keep"
+    return policy
+
+
+def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, png: Path, wall: float, lisa) -> str:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    periods = summary["periods"]
+    shown = ", ".join(f"{p['period']}:{p['layers']}" for p in periods[:16])
+    if len(periods) > 16:
+        shown += f", ... ({len(periods)} periods)"
+    mem = f"host peak RSS {summary['peak_host_rss_mb']:.0f} MiB" if summary.get("peak_host_rss_mb") else "host peak RSS n/a"
+    if "gpu_mem_peak_mb" in summary:
+        mem = f"GPU peak allocated {summary['gpu_mem_peak_mb']:.0f} MiB; " + mem
+    lines = [
+        f"LISA {'demo ' if demo else ''}finished: {summary['steps']} steps on {summary['device']} in {wall:.1f} s "
+        f"(training {summary['wall_time_s']:.1f} s); {lisa.n_active_layers} layers every {lisa.interval_steps} steps, "
+        f"state policy {lisa.state_policy}",
+        f"  train loss    {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}",
+        f"  held-out loss {fmt(summary['first_eval_loss'])} -> {fmt(summary['last_eval_loss'])}",
+        f"  layers per period: {shown or 'none finished'}",
+        f"  peak memory: {mem}",
+        f"  model: {out_model}  (AutoModelForCausalLM.from_pretrained)",
+        f"  log:   {log}",
+        f"  plot:  {png}",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except CliError as e:
+        print(f"lisa-finetune: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    wall_start = time.perf_counter()
+    demo, values = _resolve(args)
+    dataset_path, out_model, out_dir = _check_paths(args, demo)
+    weights = parse_layer_weights(args.lisa_layer_weights) if args.lisa_layer_weights else None
+
+    import torch
+
+    from .controller import LisaController, build_optimizer  # noqa: F401  (imported for a clear failure early)
+    from .data import load_lmflow_dataset, split_dataset, tokenize_dataset
+    from .demo import build_demo_model, build_demo_tokenizer
+    from .layers import find_decoder_layers
+    from .plots import plot_run
+    from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
+
+    torch.manual_seed(args.seed)
+    if demo:
+        tokenizer = build_demo_tokenizer()
+        model = build_demo_model(tokenizer, seed=args.seed)
+    else:
+        model, tokenizer = _load_model(args)
+
+    try:
+        _, layers = find_decoder_layers(model, args.lisa_layers_attribute)
+    except (ValueError, AttributeError) as e:
+        raise CliError(f"--lisa_layers_attribute: {e}") from None
+    if values["lisa_activated_layers"] > len(layers):
+        raise CliError(f"--lisa_activated_layers {values['lisa_activated_layers']} exceeds the model's {len(layers)} decoder layers")
+    if weights is not None and len(weights) != len(layers):
+        raise CliError(f"--lisa_layer_weights has {len(weights)} entries but the model has {len(layers)} decoder layers")
+
+    try:
+        data = load_lmflow_dataset(dataset_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"--dataset_path: {e}") from None
+    pack = None if not args.disable_group_texts else False
+    try:
+        tokenized = tokenize_dataset(data, tokenizer, values["block_size"], pack=pack)
+    except ValueError as e:
+        raise CliError(f"--dataset_path: {e}") from None
+    train_data, eval_data = split_dataset(tokenized, values["validation_split_percentage"] / 100, args.seed)
+
+    lisa = _lisa_config(args, values, weights)
+    try:
+        targs = TrainingArguments(
+            output_dir=str(out_dir),
+            learning_rate=values["learning_rate"],
+            weight_decay=args.weight_decay,
+            lr_scheduler_type=args.lr_scheduler_type,
+            warmup_steps=values["warmup_steps"],
+            warmup_ratio=args.warmup_ratio,
+            num_train_epochs=args.num_train_epochs,
+            max_steps=values["max_steps"],
+            per_device_train_batch_size=values["per_device_train_batch_size"],
+            per_device_eval_batch_size=args.per_device_eval_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_grad_norm=args.max_grad_norm,
+            bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
+            seed=args.seed,
+            logging_steps=args.logging_steps,
+            eval_steps=values["eval_steps"],
+            save_steps=args.save_steps,
+            save_total_limit=args.save_total_limit,
+            save_model=False,
+            progress=not args.disable_tqdm,
+            device=args.device,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+    if lisa.state_policy == "park":
+        from lisa_kernels import FusedAdamW
+
+        lisa.state_policy = _check_park_support(FusedAdamW, "park")
+
+    try:
+        trainer = LisaTrainer(model, tokenizer, train_data, targs, lisa, eval_dataset=eval_data)
+    except ValueError as e:
+        raise CliError(_name_flags(str(e))) from None
+    print(
+        f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
+        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens; "
+        f"{trainer.max_steps} steps on {trainer.device}",
+        flush=True,
+    )
+    try:
+        summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    except FileNotFoundError as e:
+        raise CliError(f"--resume_from_checkpoint: {e}") from None
+    trainer.save_model(out_model)
+    png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
+    print(
+        _format_summary(summary, demo=demo, out_model=out_model, log=out_dir / LOG_FILE, png=png,
+                        wall=time.perf_counter() - wall_start, lisa=lisa),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
