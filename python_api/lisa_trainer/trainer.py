@@ -161,7 +161,10 @@ class LisaTrainer:
         self.model = model.to(self.device)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if getattr(model.config, "use_cache", None):
                 model.config.use_cache = False
         self.optimizer = build_optimizer(
