@@ -233,6 +233,21 @@ def test_every_layer_trains_over_enough_periods():
         assert not torch.equal(p, initial[name]), f"{name} never trained"
 
 
+def test_parameters_outside_layers_and_always_on_stay_frozen():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=16, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    before = snapshot(model)
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=1, interval_steps=1, state_policy="keep"))
+    assert ctrl.frozen_parameter_names == ["transformer.wpe.weight"]  # learned positions: not E, H or norm
+    for step in range(2):
+        train_step(model, opt, ctrl, step)
+    assert not model.transformer.wpe.weight.requires_grad
+    assert torch.equal(model.transformer.wpe.weight, before["transformer.wpe.weight"])
+    assert not torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])  # tied to the head
+
+
 @pytest.mark.parametrize("policy", ["park", "reset", "keep"])
 def test_optimizer_state_follows_policy(policy):
     model = tiny_llama()
