@@ -237,7 +237,6 @@ class LisaController:
             "state_policy": c.state_policy,
             "period": self._period,
             "active_layers": list(self._active),
-            "prefetched_for": self._prefetched_for,
             "period_log": [dict(entry) for entry in self.period_log],
         }
 
@@ -256,7 +255,8 @@ class LisaController:
         self.period_log = [dict(entry) for entry in state["period_log"]]
         if state["period"] is not None:
             self._enter_period(int(state["period"]), enforce_all=True)
-        self._prefetched_for = state["prefetched_for"]
+        # A prefetch issued before the checkpoint did not survive it; issue it again if the window is open.
+        self._prefetched_for = None
 
     # ------------------------------------------------------------------------------------------------ internals
     def _check_optimizer(self) -> None:
