@@ -358,6 +358,37 @@ def test_two_simulated_ranks_agree():
     assert ranks[0][2].period_log == ranks[1][2].period_log
 
 
+def test_under_distributed_data_parallel(tmp_path):
+    # A one-process gloo group: DDP must accept layers that stop producing gradients mid-run (Axolotl's "parameters
+    # that were not used in producing loss"), given find_unused_parameters=True, and the controller must see
+    # through the wrapper to the model's embeddings and head.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        before = snapshot(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = make_optimizer(model)
+        ctrl = LisaController(ddp, opt, LisaConfig(n_active_layers=1, interval_steps=1, seed=3))
+        assert list(ctrl.always_trainable) == ["model.embed_tokens", "lm_head", "model.norm"]
+        seen = set()
+        for step in range(3):  # layers 0, 3, 1 with this seed: layer 2 must stay untouched
+            ctrl.on_step_begin(step)
+            ids = batch(step)
+            ddp(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ctrl.on_step_end(step)
+            seen.update(ctrl.active_layers)
+        after = snapshot(model)
+        assert seen == {0, 1, 3}
+        for name in after:
+            assert torch.equal(after[name], before[name]) == (layer_of(name) not in seen | {None}), name
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("policy", ["park", "keep"])
 def test_resume_from_state_dict_equals_uninterrupted(policy):
     cfg = LisaConfig(n_active_layers=2, interval_steps=3, seed=11, state_policy=policy)
