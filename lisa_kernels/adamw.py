@@ -19,7 +19,9 @@ except ImportError:  # macOS, or a CPU-only box without Triton: the PyTorch path
     triton = None
 
 # Per-tensor scalars the kernel reads, in this order (see `adamw_hyperparameters`).
-HYPERPARAMETERS = ("grad_scale", "beta1", "beta2", "eps", "decay", "step_size", "bias_correction2_sqrt")
+# 1 - beta is computed in double on the host: in fp32, 1 - fp32(0.999) is off by ~1e-5 relative.
+HYPERPARAMETERS = ("grad_scale", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
+                   "bias_correction2_sqrt")
 # Per-tensor table row: five addresses, then the element count.
 _ROW = 6
 # 4096 fp32 elements a program is 16 per thread at 8 warps: four 16-byte loads per tensor, enough in flight to
@@ -46,8 +48,9 @@ def adamw_hyperparameters(h: AdamWHyperparameters, step: float, inv_grad_scale: 
     bias_correction2 = 1 - h.beta2**step
     return (
         -inv_grad_scale if h.maximize else inv_grad_scale,
-        h.beta1,
+        1 - h.beta1,
         h.beta2,
+        1 - h.beta2,
         h.eps,
         1 - h.lr * h.weight_decay,
         h.lr / bias_correction1,
@@ -60,7 +63,7 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(
         table,  # int64 [tensors, 6]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses; numel
-        hyper,  # float32 [tensors, 7]: HYPERPARAMETERS
+        hyper,  # float32 [tensors, 8]: HYPERPARAMETERS
         chunks,  # int64 [programs, 2]: tensor index, first element
         seed,
         PARAM: tl.constexpr,
@@ -79,14 +82,15 @@ if triton is not None:
         grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD))
         exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE))
         exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
-        h = hyper + tensor * 7
+        h = hyper + tensor * 8
         grad_scale = tl.load(h)
-        beta1 = tl.load(h + 1)
+        one_minus_beta1 = tl.load(h + 1)
         beta2 = tl.load(h + 2)
-        eps = tl.load(h + 3)
-        decay = tl.load(h + 4)
-        step_size = tl.load(h + 5)
-        bias_correction2_sqrt = tl.load(h + 6)
+        one_minus_beta2 = tl.load(h + 3)
+        eps = tl.load(h + 4)
+        decay = tl.load(h + 5)
+        step_size = tl.load(h + 6)
+        bias_correction2_sqrt = tl.load(h + 7)
 
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
         param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
@@ -94,8 +98,8 @@ if triton is not None:
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
         param = param * decay
-        exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
-        exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
         if AMSGRAD:
             max_ptr = tl.load(row + 4).to(tl.pointer_type(STATE))
             max_exp_avg_sq = tl.maximum(tl.load(max_ptr + offsets, mask=mask).to(tl.float32), exp_avg_sq)
@@ -199,17 +203,17 @@ def _store(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool) ->
 
 def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding):
     """The PyTorch path (CPU and devices without Triton): the same math as the kernel, in fp32, with foreach ops."""
-    scale, beta1, beta2, eps, decay, step_size, bc2_sqrt = (list(column) for column in zip(*hypers))
+    scale, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt = map(list, zip(*hypers))
     f32 = [p.float() for p in params]
     g32 = torch._foreach_mul([g.float() for g in grads], scale)
     m32 = [m.float() for m in exp_avgs]
     v32 = [v.float() for v in exp_avg_sqs]
     torch._foreach_mul_(f32, decay)
     delta = torch._foreach_sub(g32, m32)
-    torch._foreach_mul_(delta, [1 - b for b in beta1])
+    torch._foreach_mul_(delta, one_minus_beta1)
     torch._foreach_add_(m32, delta)
     torch._foreach_mul_(v32, beta2)
-    torch._foreach_addcmul_(v32, g32, g32, [1 - b for b in beta2])
+    torch._foreach_addcmul_(v32, g32, g32, one_minus_beta2)
     second_moment = v32
     if max_exp_avg_sqs is not None:
         second_moment = torch._foreach_maximum([v.float() for v in max_exp_avg_sqs], v32)
