@@ -265,13 +265,15 @@ def test_arena_cap_counts_what_the_source_really_takes():
 
 
 def test_reserve_sizes_the_arena_in_one_go(backend):
-    bank = make_bank(backend, chunk_bytes=4096)
-    tensors = [sample((1000,), torch.float32, seed=i) for i in range(50)]
-    bank.reserve(50 * 4096)
-    assert len(bank._arena.chunks) == 1
+    bank = make_bank(backend, chunk_bytes=4096, storage_dtype=torch.bfloat16)
+    tensors = [sample((1000 + i,), torch.float32, seed=i) for i in range(50)]
+    bank.reserve(tensors)  # counts bf16 storage and per-tensor alignment
+    assert len(bank._arena.chunks) == 1 and bank.arena_bytes < 50 * 4096
     for i, t in enumerate(tensors):
         bank.offload(str(i), t)
     assert len(bank._arena.chunks) == 1 and bank.pageable_bytes == 0
+    bank.reserve(bank.arena_bytes)  # more than is free: one more chunk
+    assert len(bank._arena.chunks) == 2
 
 
 def test_native_and_fallback_agree():
