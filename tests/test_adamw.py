@@ -17,10 +17,12 @@ from lisa_kernels.adamw import (
 
 BLOCK = 1024  # small enough that the largest test tensor spans several chunks, big enough for the interpreter
 SIZES = (0, 1, 7, 3 * BLOCK + 5)
+# Gradients and moments of the size-7 tensor are tiny, so that eps matters in its denominator.
+SCALES = (1.0, 1.0, 1e-5, 1.0)
 HYPERS = [
     AdamWHyperparameters(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
     AdamWHyperparameters(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, maximize=True),
-    AdamWHyperparameters(lr=5e-2, beta1=0.95, beta2=0.9, eps=1e-8, weight_decay=0.0),
+    AdamWHyperparameters(lr=5e-2, beta1=0.95, beta2=0.9, eps=1e-6, weight_decay=0.2),
     AdamWHyperparameters(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3),
 ]
 
@@ -30,13 +32,15 @@ def _check_steps(update, device, param_dtype, state_dtype, amsgrad, steps=3, see
     reference applied to the same inputs, in the same precision and in fp64."""
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=g).to(device, param_dtype) for n in SIZES]
-    states = [[torch.randn(n, generator=g).to(device, state_dtype).mul_(0.1) for n in SIZES] for _ in range(3)]
+    states = [[torch.randn(n, generator=g).mul_(0.1 * c).to(device, state_dtype) for n, c in zip(SIZES, SCALES)]
+              for _ in range(3)]
+    states[1] = [s * c for s, c in zip(states[1], SCALES)]
     states[1] = [s.abs() for s in states[1]]
     states[2] = [torch.maximum(s, v) for s, v in zip(states[2], states[1])]
     tensors = [params, *states]
     names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 4 if amsgrad else 3]
     for step in range(1, steps + 1):
-        grads = [torch.randn(n, generator=g).to(device, param_dtype) for n in SIZES]
+        grads = [torch.randn(n, generator=g).mul_(c).to(device, param_dtype) for n, c in zip(SIZES, SCALES)]
         ref = [[t.clone() for t in ts] for ts in tensors]
         ref64 = [[t.double() for t in ts] for ts in tensors]
         p, m, v, vmax = tensors
@@ -158,3 +162,21 @@ def test_stochastic_rounding_is_unbiased_and_stays_on_neighbours():
     rounded = round_to_bfloat16_stochastic(x, torch.Generator().manual_seed(0)).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs((rounded == 1.0 + 2**-7).float().mean().item() - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("device", devices())
+def test_unaligned_tensors_match_reference(device):
+    """Views that start 4 bytes into their storage take the kernel's narrow-access path."""
+    g = torch.Generator().manual_seed(7)
+    storage = [torch.randn(4 * BLOCK + 1, generator=g).to(device) for _ in range(4)]
+    param, grad, exp_avg, exp_avg_sq = (t[1:] for t in storage)
+    exp_avg_sq.abs_()
+    assert param.data_ptr() % 16 != 0
+    ref, ref64 = ([t.clone().to(dtype) for t in (param, exp_avg, exp_avg_sq)] for dtype in (None, torch.float64))
+    h = HYPERS[0]
+    adamw_update_([param], [grad], [exp_avg], [exp_avg_sq], None, [adamw_hyperparameters(h, 1)], block_size=BLOCK)
+    for tensors, upcast in ((ref, False), (ref64, True)):
+        adamw_reference(tensors[0], grad, tensors[1], tensors[2], 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2,
+                        eps=h.eps, weight_decay=h.weight_decay, upcast=upcast)
+    for out, r, r64 in zip((param, exp_avg, exp_avg_sq), ref, ref64):
+        assert_matches_reference(out, r, r64)
