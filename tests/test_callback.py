@@ -109,7 +109,6 @@ def test_trainer_with_lisa_callback_and_fused_adamw(tmp_path, policy):
     check_lisa_run(model, initial, checker, lisa)
 
 
-@pytest.mark.skipif(not hasattr(FusedAdamW, "park_state"), reason="FusedAdamW has no state-bank hooks yet")
 def test_trainer_with_parked_state(tmp_path):
     lisa = LisaCallback(LisaConfig(n_active_layers=1, interval_steps=2, seed=3))  # default policy: park
     model, initial, checker, trainer = run_trainer(tmp_path, lisa)

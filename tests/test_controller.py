@@ -1,7 +1,7 @@
 """LisaController and LisaConfig: the switch, the state policies, prefetching, update norms, ranks and resume.
 
-A tiny random-weight Llama (4 layers) trains on fixed random token batches with the real FusedAdamW (the CPU
-path). Where the optimizer's parking hooks are not available yet, `_DictParkingAdamW` stands in for them.
+A tiny random-weight Llama (4 layers) trains on fixed random token batches with the real FusedAdamW (its PyTorch
+CPU path) and its real state-bank hooks.
 """
 
 import copy
@@ -32,54 +32,7 @@ def _fast_cpu(monkeypatch):
     torch.set_num_threads(threads)
 
 
-class _DictParkingAdamW(FusedAdamW):
-    """FusedAdamW with the park/unpark/prefetch/drop interface over a plain dict (parked moments leave
-    `optimizer.state`, `step` stays), for when the state-bank hooks are not in FusedAdamW."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parked = {}
-
-    def park_state(self, params):
-        for p in params:
-            state = self.state.get(p)
-            if p in self.parked or not state:
-                continue
-            self.parked[p] = {k: state.pop(k).clone() for k in [k for k in state if k != "step"]}
-
-    def unpark_state(self, params, non_blocking=True):
-        for p in params:
-            if p in self.parked:
-                self.state[p].update(self.parked.pop(p))
-
-    def prefetch_state(self, params):
-        pass
-
-    def drop_state(self, params):
-        for p in params:
-            self.parked.pop(p, None)
-            self.state.pop(p, None)
-
-    def state_dict(self):
-        # Checkpoints hold parked moments too, as the real hooks' state_dict does.
-        saved = super().state_dict()
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state = dict(saved["state"])
-        for p, moments in self.parked.items():
-            state[index[p]] = {**state[index[p]], **moments}
-        return {**saved, "state": state}
-
-    def step(self, closure=None):
-        waiting = [p for p in self.parked if p.grad is not None]
-        if waiting:
-            self.unpark_state(waiting)
-        return super().step(closure)
-
-
-ParkingAdamW = FusedAdamW if hasattr(FusedAdamW, "park_state") else _DictParkingAdamW
-
-
-class _RecordingAdamW(ParkingAdamW):
+class _RecordingAdamW(FusedAdamW):
     """Records which hook was called with which params."""
 
     def __init__(self, *args, **kwargs):
@@ -111,7 +64,7 @@ def tiny_llama(seed=0):
 def make_optimizer(model, cls=None):
     # Weight decay > 0: a frozen weight that wrongly reached the optimizer would visibly shrink.
     params = list(model.parameters())
-    return (cls or ParkingAdamW)(params, lr=1e-2, weight_decay=0.1)
+    return (cls or FusedAdamW)(params, lr=1e-2, weight_decay=0.1)
 
 
 def batch(step):
