@@ -295,6 +295,16 @@ def test_period_log_records_update_norms():
         (end["model.norm.weight"] - starts[2]["model.norm.weight"]).double().norm().item(), rel=1e-5)
 
 
+def test_period_log_without_update_norms():
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=2, track_update_norms=False))
+    for step in range(4):
+        train_step(model, opt, ctrl, step)
+    assert [(e["period"], e["layers"], e["layer_update_norms"]) for e in ctrl.period_log] == [
+        (p, list(ctrl.sampler.layers_for_period(p)), None) for p in range(2)]
+
+
 # ---------------------------------------------------------------------------------------------- ranks and resume
 def test_two_simulated_ranks_agree():
     ranks = []
@@ -388,6 +398,45 @@ def test_load_state_dict_refuses_a_different_schedule():
     other = LisaController(model, opt, LisaConfig(n_active_layers=2, seed=2))
     with pytest.raises(ValueError, match="written with seed=1 but this run has seed=2"):
         other.load_state_dict(state)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_parking_frees_device_memory_on_cuda():
+    # After every layer has trained once, "keep" holds moments for all 8 layers on the GPU; "park" for the 2
+    # active ones only. The difference in allocated memory is at least the parked layers' fp32 moments.
+    import gc
+
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=64,
+                                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    held, finals = {}, {}
+    for policy in ("keep", "park"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).cuda()
+        opt = build_optimizer(model, lr=1e-3)
+        ctrl = LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=1, seed=0, state_policy=policy))
+        seen = set()
+        for step in range(12):
+            ctrl.on_step_begin(step)
+            ids = batch(step).cuda()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ctrl.on_step_end(step)
+            seen.update(ctrl.active_layers)
+        torch.cuda.synchronize()
+        held[policy] = torch.cuda.memory_allocated() - start
+        finals[policy] = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        assert seen == set(range(8))
+        parked_bytes = sum(2 * 4 * p.numel() for i in set(range(8)) - set(ctrl.active_layers)
+                           for p in ctrl.layer_parameters(i))
+        del model, opt, ctrl
+    assert held["keep"] - held["park"] >= parked_bytes
+    assert all(torch.equal(finals["keep"][n], finals["park"][n]) for n in finals["keep"])
 
 
 # ------------------------------------------------------------------------------------------------ importance weights

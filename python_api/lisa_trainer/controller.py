@@ -59,8 +59,8 @@ class LisaConfig:
         (0 disables; only used with "park").
     always_trainable: roles ("input_embeddings", "output_embeddings", "final_norm") and/or dotted module paths
         trained in every period; None means all three roles; () means none.
-    track_update_norms: record per-layer weight-update norms per period (costs one host copy of the trained
-        weights per period).
+    track_update_norms: record per-layer weight-update norms in `period_log` (costs one device-to-host copy of
+        the period's trained weights at its start; False still logs the layers of each period).
     """
 
     n_active_layers: int = 2
@@ -220,7 +220,7 @@ class LisaController:
         if period != self._period:
             self._close_period(last_step=step - 1)
             self._enter_period(period)
-        if self._open is None and self.config.track_update_norms:
+        if self._open is None:
             self._open_period(step)
         self._maybe_prefetch(step)
 
@@ -352,17 +352,19 @@ class LisaController:
 
     def _open_period(self, step: int) -> None:
         opened = _OpenPeriod(self._period, step)
-        for _, params in self._tracked():
-            for p in params:
-                opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
+        if self.config.track_update_norms:
+            for _, params in self._tracked():
+                for p in params:
+                    opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
         self._open = opened
 
     def _close_period(self, last_step: int) -> None:
         opened, self._open = self._open, None
         if opened is None or opened.period != self._period or last_step < opened.first_step:
             return
+        tracked = self.config.track_update_norms
         norms = {}
-        for name, params in self._tracked():
+        for name, params in self._tracked() if tracked else ():
             total = torch.zeros((), dtype=torch.float64)
             for p in params:
                 total += _sq_diff_norm(p.detach(), opened.snapshots[id(p)]).cpu()
@@ -374,8 +376,8 @@ class LisaController:
             "last_step": last_step,
             "partial": opened.first_step != start or last_step != start + self.config.interval_steps - 1,
             "layers": list(self._active),
-            "layer_update_norms": [norms[f"layer{i}"] for i in self._active],
-            "module_update_norms": {path: norms[path] for path in self.always_trainable},
+            "layer_update_norms": [norms[f"layer{i}"] for i in self._active] if tracked else None,
+            "module_update_norms": {path: norms[path] for path in self.always_trainable} if tracked else None,
         })
 
 
