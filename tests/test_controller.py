@@ -352,8 +352,8 @@ def test_under_distributed_data_parallel(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("policy", ["park", "keep"])
-def test_resume_from_state_dict_equals_uninterrupted(policy):
+@pytest.mark.parametrize("policy, park_on_load", [("park", False), ("park", True), ("keep", False)])
+def test_resume_from_state_dict_equals_uninterrupted(policy, park_on_load):
     cfg = LisaConfig(n_active_layers=2, interval_steps=3, seed=11, state_policy=policy)
     total, stop = 10, 4  # stop in the middle of period 1
 
@@ -378,8 +378,15 @@ def test_resume_from_state_dict_equals_uninterrupted(policy):
     model.load_state_dict(saved[0])
     opt = make_optimizer(model)
     ctrl = LisaController(model, opt, cfg, start_step=stop)
-    opt.load_state_dict(saved[1])
-    ctrl.load_state_dict(saved[2])
+    if park_on_load:
+        # The memory-friendly order: the controller first (frozen layers known), then the optimizer sends the
+        # frozen layers' saved moments straight to the bank, so the full state never sits on the device.
+        ctrl.load_state_dict(saved[2])
+        opt.load_state_dict(saved[1], park="frozen")
+        assert state_layers(ctrl, opt) == set(ctrl.active_layers)
+    else:
+        opt.load_state_dict(saved[1])
+        ctrl.load_state_dict(saved[2])
     resumed = schedule[:stop]
     for step in range(stop, total):
         train_step(model, opt, ctrl, step)
