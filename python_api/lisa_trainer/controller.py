@@ -78,7 +78,7 @@ class LisaConfig:
             raise ValueError(f"LisaConfig.n_active_layers must be a positive int, got {self.n_active_layers!r}")
         if not _is_int(self.interval_steps) or self.interval_steps < 1:
             raise ValueError(f"LisaConfig.interval_steps must be a positive int, got {self.interval_steps!r}")
-        if self.layers_attribute is not None and (not isinstance(self.layers_attribute, str) or not self.layers_attribute):
+        if self.layers_attribute is not None and not (isinstance(self.layers_attribute, str) and self.layers_attribute):
             raise ValueError(
                 f"LisaConfig.layers_attribute must be None or a dotted module path, got {self.layers_attribute!r}"
             )

@@ -77,8 +77,8 @@ def find_decoder_layers(model: nn.Module, layers_attribute: str | None = None) -
     longest `nn.ModuleList` of >= 2 structurally identical blocks that is not inside another such list (an MoE
     expert list inside each layer is longer than a tiny model's layer list, but nested). A list held by the same
     module as the input embeddings comes first (a multimodal model's text decoder, not its longer vision tower);
-    ties go to the larger list. Lists whose blocks share a class but not all shapes (hybrid models) are used only when no fully identical
-    list exists.
+    ties go to the larger list. Lists whose blocks share a class but not all shapes (hybrid models) are used only
+    when no fully identical list exists.
     """
     if layers_attribute is not None:
         return layers_attribute, _resolve_layers_attribute(model, layers_attribute)
