@@ -59,8 +59,8 @@ class LisaConfig:
         (0 disables; only used with "park").
     always_trainable: roles ("input_embeddings", "output_embeddings", "final_norm") and/or dotted module paths
         trained in every period; None means all three roles; () means none.
-    track_update_norms: record per-layer weight-update norms per period (costs one host copy of the trained
-        weights per period).
+    track_update_norms: record per-layer weight-update norms in `period_log` (costs one device-to-host copy of
+        the period's trained weights at its start; False still logs the layers of each period).
     """
 
     n_active_layers: int = 2
@@ -78,7 +78,7 @@ class LisaConfig:
             raise ValueError(f"LisaConfig.n_active_layers must be a positive int, got {self.n_active_layers!r}")
         if not _is_int(self.interval_steps) or self.interval_steps < 1:
             raise ValueError(f"LisaConfig.interval_steps must be a positive int, got {self.interval_steps!r}")
-        if self.layers_attribute is not None and (not isinstance(self.layers_attribute, str) or not self.layers_attribute):
+        if self.layers_attribute is not None and not (isinstance(self.layers_attribute, str) and self.layers_attribute):
             raise ValueError(
                 f"LisaConfig.layers_attribute must be None or a dotted module path, got {self.layers_attribute!r}"
             )
@@ -125,6 +125,16 @@ def _unwrap_optimizer(optimizer):
     return inner
 
 
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself, not a DistributedDataParallel/FSDP `.module` or torch.compile `._orig_mod` wrapper: the
+    parameters are the same objects, but only the model has `get_input_embeddings` and the familiar paths."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 @dataclass
 class _OpenPeriod:
     period: int
@@ -147,7 +157,7 @@ class LisaController:
             raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
         if not _is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
-        self.model = model
+        self.model = model = _unwrap_model(model)
         self.config = config
         self.optimizer = optimizer
         self._opt = _unwrap_optimizer(optimizer)
@@ -210,7 +220,7 @@ class LisaController:
         if period != self._period:
             self._close_period(last_step=step - 1)
             self._enter_period(period)
-        if self._open is None and self.config.track_update_norms:
+        if self._open is None:
             self._open_period(step)
         self._maybe_prefetch(step)
 
@@ -237,7 +247,6 @@ class LisaController:
             "state_policy": c.state_policy,
             "period": self._period,
             "active_layers": list(self._active),
-            "prefetched_for": self._prefetched_for,
             "period_log": [dict(entry) for entry in self.period_log],
         }
 
@@ -256,7 +265,8 @@ class LisaController:
         self.period_log = [dict(entry) for entry in state["period_log"]]
         if state["period"] is not None:
             self._enter_period(int(state["period"]), enforce_all=True)
-        self._prefetched_for = state["prefetched_for"]
+        # A prefetch issued before the checkpoint did not survive it; issue it again if the window is open.
+        self._prefetched_for = None
 
     # ------------------------------------------------------------------------------------------------ internals
     def _check_optimizer(self) -> None:
@@ -342,17 +352,19 @@ class LisaController:
 
     def _open_period(self, step: int) -> None:
         opened = _OpenPeriod(self._period, step)
-        for _, params in self._tracked():
-            for p in params:
-                opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
+        if self.config.track_update_norms:
+            for _, params in self._tracked():
+                for p in params:
+                    opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
         self._open = opened
 
     def _close_period(self, last_step: int) -> None:
         opened, self._open = self._open, None
         if opened is None or opened.period != self._period or last_step < opened.first_step:
             return
+        tracked = self.config.track_update_norms
         norms = {}
-        for name, params in self._tracked():
+        for name, params in self._tracked() if tracked else ():
             total = torch.zeros((), dtype=torch.float64)
             for p in params:
                 total += _sq_diff_norm(p.detach(), opened.snapshots[id(p)]).cpu()
@@ -364,8 +376,8 @@ class LisaController:
             "last_step": last_step,
             "partial": opened.first_step != start or last_step != start + self.config.interval_steps - 1,
             "layers": list(self._active),
-            "layer_update_norms": [norms[f"layer{i}"] for i in self._active],
-            "module_update_norms": {path: norms[path] for path in self.always_trainable},
+            "layer_update_norms": [norms[f"layer{i}"] for i in self._active] if tracked else None,
+            "module_update_norms": {path: norms[path] for path in self.always_trainable} if tracked else None,
         })
 
 
