@@ -157,8 +157,9 @@ def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
 def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
     """Restore model, optimizer, controller and RNG states in place; returns the trainer's ``state`` dict.
 
-    Order matters: weights first, then the optimizer state (all of it, parked or not, as saved), then the
-    controller, which re-applies the period's frozen/active split and parks or drops state to match its policy.
+    Order matters: weights, then the controller (which re-enters the saved period and so knows which layers are
+    frozen), then the optimizer. With the "park" policy the frozen layers' saved moments go straight into the host
+    state bank (``load_state_dict(..., park="frozen")``): the full optimizer state never sits on the GPU at once.
     """
     from safetensors.torch import load_model
 
@@ -166,8 +167,11 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
     payload = read_checkpoint_state(path)
     device = next(model.parameters()).device
     load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    optimizer.load_state_dict(payload["optimizer"])
     controller.load_state_dict(payload["controller"])
+    if getattr(controller.config, "state_policy", None) == "park":
+        optimizer.load_state_dict(payload["optimizer"], park="frozen")
+    else:
+        optimizer.load_state_dict(payload["optimizer"])
     restore_rng_state(payload["rng"])
     return payload["trainer"]
 

@@ -12,7 +12,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 PLOT_FILE = "lisa_run.png"
@@ -272,15 +271,6 @@ def _name_flags(message: str) -> str:
     return message
 
 
-def _check_park_support(optimizer, policy: str) -> str:
-    if policy == "park" and not callable(getattr(optimizer, "park_state", None)):
-        warnings.warn(
-            "this FusedAdamW has no host state bank (park_state) yet; using --lisa_state_policy keep", stacklevel=2
-        )
-        return "keep"
-    return policy
-
-
 def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, png: Path, wall: float, lisa) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -390,11 +380,6 @@ def _run(args) -> int:
         )
     except ValueError as e:
         raise CliError(str(e)) from None
-
-    if lisa.state_policy == "park":
-        from lisa_kernels import FusedAdamW
-
-        lisa.state_policy = _check_park_support(FusedAdamW, "park")
 
     try:
         trainer = LisaTrainer(model, tokenizer, train_data, targs, lisa, eval_dataset=eval_data)
