@@ -19,10 +19,10 @@ DEMO_OUTPUT = "./lisa-demo-output"
 
 # Defaults that differ between the demo and a real model; None in the parser means "not given".
 DEMO_DEFAULTS = dict(
-    learning_rate=3e-3,
+    learning_rate=1e-3,  # 3e-3 spikes the loss at switches: a fresh layer's first AdamW step is ~lr per weight
     lisa_activated_layers=2,
     lisa_interval_steps=10,
-    max_steps=120,
+    max_steps=200,
     per_device_train_batch_size=8,
     block_size=128,
     warmup_steps=10,
@@ -114,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--learning_rate", type=_positive_float, help="peak learning rate (demo 3e-3, else 5e-5)")
+    g.add_argument("--learning_rate", type=_positive_float, help="peak learning rate (demo 1e-3, else 5e-5)")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--lr_scheduler_type", default="cosine", choices=("cosine", "linear", "constant"))
     g.add_argument("--warmup_steps", type=int, help="linear warmup steps (demo 10, else 0)")
     g.add_argument("--warmup_ratio", type=float, default=0.0, help="warmup as a share of all steps, when --warmup_steps is 0")
     g.add_argument("--num_train_epochs", type=_positive_float, default=1.0)
-    g.add_argument("--max_steps", type=int, help="optimizer steps; > 0 overrides --num_train_epochs (demo 120)")
+    g.add_argument("--max_steps", type=int, help="optimizer steps; > 0 overrides --num_train_epochs (demo 200)")
     g.add_argument("--per_device_train_batch_size", type=_positive_int, help="sequences per micro-batch (demo 8, else 1)")
     g.add_argument("--per_device_eval_batch_size", type=_positive_int)
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
@@ -207,6 +207,10 @@ def _resolve(args) -> tuple[bool, dict]:
 def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
     from .demo import demo_dataset_path
 
+    if args.model_name_or_path and not Path(args.model_name_or_path).exists() and (
+        args.model_name_or_path.startswith((".", "/", "~")) or args.model_name_or_path.count("/") > 1
+    ):  # a path, not a hub id ("org/name") that could sit in the local cache
+        raise CliError(f"--model_name_or_path {args.model_name_or_path}: no such folder")
     if args.dataset_path is None and not demo:
         raise CliError("--dataset_path is required with --model_name_or_path")
     dataset = Path(args.dataset_path) if args.dataset_path else demo_dataset_path()
@@ -222,10 +226,6 @@ def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir():
             raise CliError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
-    if args.model_name_or_path and not Path(args.model_name_or_path).exists() and (
-        args.model_name_or_path.startswith((".", "/", "~")) or args.model_name_or_path.count("/") > 1
-    ):
-        raise CliError(f"--model_name_or_path {args.model_name_or_path}: no such folder")
     return dataset, out_model, out_dir
 
 
@@ -234,13 +234,19 @@ def _load_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = args.torch_dtype if args.torch_dtype == "auto" else getattr(torch, args.torch_dtype)
+    path = Path(args.model_name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CliError(f"--model_name_or_path {path}: no config.json there (not a Hugging Face model folder)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise CliError(f"--model_name_or_path {args.model_name_or_path}: cannot load it ({e})") from None
+        raise CliError(f"--model_name_or_path {args.model_name_or_path}: cannot load the model ({e})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer ({e})") from None
     return model, tokenizer
 
 

@@ -32,6 +32,7 @@ def plot_run(log_path: str | Path, png_path: str | Path, *, title: str | None = 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     records = read_log(log_path)
     config = next((r for r in records if r["kind"] == "config"), {})
@@ -80,7 +81,8 @@ def plot_run(log_path: str | Path, png_path: str | Path, *, title: str | None = 
         ax_norm.set_yticks(range(len(names)))
         ax_norm.set_yticklabels(names, fontsize=7 if len(names) > 16 else 9)
         ax_norm.set_xlabel("LISA period")
-        ax_norm.set_title("weight-update norm per period (the skew LISA exploits)", fontsize=9)
+        ax_norm.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_norm.set_title("weight-update norm per period; blank: not trained in that period", fontsize=9)
     else:
         ax_norm.text(0.5, 0.5, "no finished LISA period logged", ha="center", va="center", transform=ax_norm.transAxes)
         ax_norm.set_axis_off()

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+import torch
+
+from lisa_trainer.cli import main, parse_layer_weights
+from lisa_trainer.trainer import read_log
+
+FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", "--per_device_train_batch_size", "2",
+        "--disable_tqdm", "--eval_steps", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_cpu():
+    """As in test_trainer.py: one thread and FusedAdamW's PyTorch path on CPU (the CLI, not the kernel, is tested)."""
+    import lisa_kernels.adamw as adamw
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        if adamw.KERNEL_RUNS_ON_CPU:
+            mp.setattr(adamw, "uses_kernel", lambda *tensors: False)
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    code = main(["--demo", "--output_model_path", str(out), "--save_steps", "2", *FAST])
+    return code, out
+
+
+def test_demo_end_to_end(demo_run, capsys):
+    code, out = demo_run
+    assert code == 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    ids = tok("The river", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+    recs = read_log(out / "train_log.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert [r["period"] for r in recs if r["kind"] == "period"] == [0, 1]
+    assert recs[-1]["kind"] == "summary" and recs[-1]["last_loss"] < recs[-1]["first_loss"]
+    assert (out / "lisa_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_demo_resumes_from_latest_checkpoint(demo_run, tmp_path):
+    _, out = demo_run
+    before = [(r["step"], r["loss"], r["active_layers"]) for r in read_log(out / "train_log.jsonl") if r["kind"] == "step"]
+    # same run, resumed at step 2: the log is cut back to step 2 and steps 3-4 are replayed identically
+    code = main(["--demo", "--output_model_path", str(out), "--resume_from_checkpoint", str(out / "checkpoint-2"), *FAST])
+    assert code == 0
+    after = [(r["step"], r["loss"], r["active_layers"]) for r in read_log(out / "train_log.jsonl") if r["kind"] == "step"]
+    assert after == before
+
+
+def test_summary_is_printed(tmp_path, capsys):
+    assert main(["--output_dir", str(tmp_path / "logs"), "--output_model_path", str(tmp_path / "m"), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "train loss" in text and "->" in text and "layers per period" in text and "peak memory" in text
+    assert (tmp_path / "logs" / "train_log.jsonl").is_file() and (tmp_path / "logs" / "lisa_run.png").is_file()
+    assert (tmp_path / "m" / "config.json").is_file()
+
+
+def error_of(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse rejects a value
+        code = e.code
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_errors_name_the_flag_or_path(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"type": "text_only", "instances": [{"text": 3}]}')
+    cases = [
+        (["--dataset_path", str(tmp_path / "missing.json")], ["--dataset_path", "missing.json"]),
+        (["--dataset_path", str(bad)], ["--dataset_path", "broken.json", "instance 0", '"text" must be a string']),
+        (["--lisa_activated_layers", "0"], ["--lisa_activated_layers", "positive integer"]),
+        (["--lisa_activated_layers", "9"], ["--lisa_activated_layers", "8 decoder layers"]),
+        (["--lisa_layer_weights", "1,2,3"], ["--lisa_layer_weights", "3 entries", "8 decoder layers"]),
+        (["--lisa_layer_weights", str(tmp_path / "w.json")], ["--lisa_layer_weights", "no such file"]),
+        (["--lisa_layers_attribute", "model.nothing"], ["--lisa_layers_attribute"]),
+        (["--lisa_state_policy", "forget"], ["--lisa_state_policy", "invalid choice"]),
+        (["--learning_rate", "-1"], ["--learning_rate"]),
+        (["--model_name_or_path", str(tmp_path / "no-model")], ["--model_name_or_path", "no-model"]),
+        (["--model_name_or_path", str(tmp_path), "--demo"], ["--demo", "--model_name_or_path"]),
+        (["--resume_from_checkpoint", str(tmp_path / "ckpt")], ["--resume_from_checkpoint", "ckpt"]),
+        (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+    ]
+    for argv, expected in cases:
+        err = error_of([*argv, "--output_model_path", str(tmp_path / "out"), "--max_steps", "1"], capsys)
+        for piece in expected:
+            assert piece in err, (argv, err)
+
+
+def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
+    assert parse_layer_weights("1, 2,0.5") == [1.0, 2.0, 0.5]
+    (tmp_path / "w.json").write_text(json.dumps({"layer_weights": [1, 0, 3]}))
+    assert parse_layer_weights(str(tmp_path / "w.json")) == [1.0, 0.0, 3.0]
+    _, out = demo_run
+    weights = parse_layer_weights(str(out / "train_log.jsonl"))
+    periods = [r for r in read_log(out / "train_log.jsonl") if r["kind"] == "period"]
+    sampled = {i for p in periods for i in p["layers"]}
+    assert len(weights) == 8 and all(w > 0 for w in weights)
+    first = periods[0]
+    for layer, norm in zip(first["layers"], first["layer_update_norms"]):
+        if sum(layer in p["layers"] for p in periods) == 1:
+            assert weights[layer] == pytest.approx(norm)
+    unsampled = [w for i, w in enumerate(weights) if i not in sampled]
+    assert all(w == pytest.approx(sum(weights[i] for i in sampled) / len(sampled)) for w in unsampled)
