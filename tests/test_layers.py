@@ -36,6 +36,8 @@ ARCHITECTURES = {
             "model.decoder.layers", ["model.decoder.embed_tokens", "model.decoder.final_layer_norm"], True),
     "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4, **_TOKENS),
                "transformer.h", ["transformer.word_embeddings", "transformer.ln_f"], True),
+    "mixtral": ("MixtralConfig", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2}, "model.layers",
+                ["model.embed_tokens", HEAD, "model.norm"], False),
     "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=N_LAYERS, n_head=4, **_TOKENS),
               "transformer.h", ["transformer.word_embeddings", "transformer.ln_f"], True),
 }
@@ -165,3 +167,17 @@ def test_tied_head_listed_once_untied_bias_kept():
     model.head = nn.Linear(8, 16, bias=False)
     model.head.weight = model.embed.weight  # fully tied: nothing left to list
     assert list(always_trainable_modules(model)) == ["embed", "final"]
+
+
+def test_llava_text_decoder_not_the_longer_vision_tower():
+    text = transformers.LlamaConfig(**{**_DECODER, "num_hidden_layers": 3})
+    vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=5))
+    assert [c.path for c in layer_candidates(model)] == ["model.vision_tower.encoder.layers",
+                                                         "model.language_model.layers"]
+    assert find_decoder_layers(model)[0] == "model.language_model.layers"
+    assert list(always_trainable_modules(model)) == [
+        "model.language_model.embed_tokens", "lm_head", "model.language_model.norm"]

@@ -150,6 +150,11 @@ class LisaController:
     period's layers and the always-trainable modules; pass `start_step` when resuming (or use `load_state_dict`).
     The controller owns `requires_grad` of every parameter: parameters that are neither in the decoder layers nor
     always trainable stay frozen (list them with `frozen_parameter_names`).
+
+    With DistributedDataParallel, wrap the model before constructing the controller (DDP leaves parameters that
+    do not require grad at wrap time out of its gradient all-reduce for good, so a layer frozen then would train
+    unsynchronised on each rank later) and pass `find_unused_parameters=True` (frozen layers produce no
+    gradients). The controller may be given the wrapper or the model.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: LisaConfig, *, start_step: int = 0):
