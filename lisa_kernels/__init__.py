@@ -3,3 +3,8 @@
 Importing this package touches no GPU and compiles nothing: Triton kernels compile at their first launch and the
 C++ extension builds at first use.
 """
+
+from .adamw import adamw_reference, fused_adamw_
+from .optimizer import FusedAdamW
+
+__all__ = ["FusedAdamW", "adamw_reference", "fused_adamw_"]

@@ -1,0 +1,113 @@
+"""FusedAdamW against torch.optim.AdamW (foreach and fused) on the same tensors, side by side in one run.
+
+Sets: a LISA active set of Llama-2-7B shape (embedding, LM head, final norm and 2 decoder layers: ~666M
+elements) and a many-small-tensors set. Precisions: fp32 everywhere, and bf16 params and grads (ours with fp32
+moments; torch's AdamW keeps moments in the param dtype, so its bf16 rows move 14 bytes an element, ours 22).
+GB/s counts the fewest bytes each configuration must move per element; % is of the device-to-device copy
+bandwidth measured in the same run. On CPU the shapes shrink so the run takes seconds.
+
+    python benchmarks/bench_adamw.py            # prints a table, writes benchmarks/results/bench_adamw-<device>.json
+"""
+
+import argparse
+
+import torch
+from common import default_device, environment, measure_copy_bandwidth, print_table, time_fn, write_results
+
+from lisa_kernels import FusedAdamW
+
+# Llama-2-7B: hidden 4096, MLP 11008, vocab 32000.
+LLAMA_7B = dict(hidden=4096, intermediate=11008, vocab=32000)
+CPU_SHAPES = dict(hidden=256, intermediate=688, vocab=2000)
+
+
+def lisa_active_set(hidden, intermediate, vocab, layers=2):
+    """Embedding, LM head, final norm and `layers` decoder layers of a Llama model."""
+    layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)] + [(hidden,)] * 2
+    return [(vocab, hidden), (vocab, hidden), (hidden,)] + layer * layers
+
+
+def many_small_set(count, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(int(n),) for n in torch.randint(1_000, 65_000, (count,), generator=g)]
+
+
+def bytes_per_element(param_dtype, state_dtype):
+    """Read param, grad and both moments; write param and both moments."""
+    p, s = param_dtype.itemsize, state_dtype.itemsize
+    return 2 * p + p + 2 * s + 2 * s
+
+
+def optimizers(params, param_dtype, device):
+    ours = [("FusedAdamW (ours)", lambda: FusedAdamW(params, lr=1e-4), torch.float32)]
+    torch_rows = [("torch AdamW foreach", dict(foreach=True))]
+    if device.type == "cuda":
+        torch_rows.append(("torch AdamW fused", dict(fused=True)))
+    return ours + [(name, lambda kw=kw: torch.optim.AdamW(params, lr=1e-4, **kw), param_dtype)
+                   for name, kw in torch_rows]
+
+
+def bench_set(name, shapes, param_dtype, device, copy_gbps, repeats):
+    g = torch.Generator(device=device).manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device, generator=g).to(param_dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=g).mul_(1e-3).to(param_dtype)
+    elements = sum(p.numel() for p in params)
+    rows = []
+    for method, make, state_dtype in optimizers(params, param_dtype, device):
+        opt = make()
+        timing = time_fn(opt.step, warmup=3, repeats=repeats, device=device)
+        gbps = elements * bytes_per_element(param_dtype, state_dtype) / (timing["median_ms"] * 1e-3) / 1e9
+        rows.append(dict(set=name, params=str(param_dtype).removeprefix("torch."),
+                         moments=str(state_dtype).removeprefix("torch."), method=method, tensors=len(params),
+                         elements=elements, **timing, gbps=gbps, pct_copy_bw=100 * gbps / copy_gbps))
+        del opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    by_method = {r["method"]: r["median_ms"] for r in rows}
+    for r in rows:
+        r["ours_speedup"] = r["median_ms"] / by_method["FusedAdamW (ours)"]
+    return rows
+
+
+def targets(rows):
+    """The issue's goals, read off this run's rows (GPU only)."""
+    find = {(r["set"], r["params"], r["method"]): r for r in rows}
+    ours_fp32 = find[("lisa-7b", "float32", "FusedAdamW (ours)")]
+    return {
+        "7b_fp32_pct_copy_bw >= 90": ours_fp32["pct_copy_bw"],
+        "7b_fp32_speedup_vs_torch_fused >= 1.1": find[("lisa-7b", "float32", "torch AdamW fused")]["ours_speedup"],
+        "7b_bf16_speedup_vs_torch_foreach >= 1.3":
+            find[("lisa-7b", "bfloat16", "torch AdamW foreach")]["ours_speedup"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--small-tensors", type=int, default=None, help="tensors in the many-small set")
+    args = parser.parse_args(argv)
+    device = default_device()
+    on_gpu = device.type == "cuda"
+    shapes = LLAMA_7B if on_gpu else CPU_SHAPES
+    small = args.small_tensors or (2000 if on_gpu else 200)
+    copy = measure_copy_bandwidth(device)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows += bench_set("lisa-7b" if on_gpu else "lisa-7b-shape/16", lisa_active_set(**shapes), dtype, device,
+                          copy["gbps"], args.repeats)
+        rows += bench_set(f"many-small-{small}", many_small_set(small), dtype, device, copy["gbps"], args.repeats)
+    columns = ["set", "params", "moments", "method", "median_ms", "p20_ms", "p80_ms", "gbps", "pct_copy_bw",
+               "ours_speedup"]
+    print(f"device: {environment(device)['device']}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write)")
+    print_table(rows, columns)
+    result = dict(copy_bandwidth=copy, rows=rows)
+    if on_gpu:
+        result["targets"] = targets(rows)
+        for goal, value in result["targets"].items():
+            print(f"target {goal}: {value:.3g}")
+    print(f"wrote {write_results('bench_adamw', result, device)}")
+
+
+if __name__ == "__main__":
+    main()

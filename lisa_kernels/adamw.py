@@ -1,0 +1,307 @@
+"""AdamW over many tensors at once: Triton kernel -> launcher -> plain PyTorch reference and CPU path.
+
+One launch updates every active tensor of one (param, grad, state) dtype combination. The kernel reads a table
+of tensor addresses and a table of chunks (tensor index, first element), so a LISA active set of ~20 tensors or
+a full model of ~300 costs one launch, not one per tensor. Each element is read once (param, grad, moments) and
+written once (param, moments): 28 bytes per fp32 element, 22 for bf16 params with fp32 moments.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # macOS, or a CPU-only box without Triton: the PyTorch path does the work.
+    triton = None
+
+# Per-tensor scalars the kernel reads, in this order (see `adamw_hyperparameters`).
+# 1 - beta is computed in double on the host: in fp32, 1 - fp32(0.999) is off by ~1e-5 relative.
+HYPERPARAMETERS = ("grad_scale", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
+                   "bias_correction2_sqrt")
+# Per-tensor table row: five addresses, then the element count.
+_ROW = 6
+# 4096 fp32 elements a program is 16 per thread at 8 warps: four 16-byte loads per tensor, enough in flight to
+# stream at bandwidth without a loop. Triton's interpreter costs ~1 ms per program, so it gets big blocks.
+_CUDA_BLOCK = 4096
+_CUDA_WARPS = 8
+_INTERPRETER_BLOCK = 1 << 16
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class AdamWHyperparameters:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool = False
+
+
+def adamw_hyperparameters(h: AdamWHyperparameters, step: float, inv_grad_scale: float = 1.0) -> tuple:
+    """The per-tensor scalars of one step, computed in double precision on the host like torch.optim.AdamW."""
+    bias_correction1 = 1 - h.beta1**step
+    bias_correction2 = 1 - h.beta2**step
+    return (
+        -inv_grad_scale if h.maximize else inv_grad_scale,
+        1 - h.beta1,
+        h.beta2,
+        1 - h.beta2,
+        h.eps,
+        1 - h.lr * h.weight_decay,
+        h.lr / bias_correction1,
+        math.sqrt(bias_correction2),
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adamw_kernel(
+        table,  # int64 [tensors, 6]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses; numel
+        hyper,  # float32 [tensors, 8]: HYPERPARAMETERS
+        chunks,  # int64 [programs, 2]: tensor index, first element
+        seed,
+        PARAM: tl.constexpr,
+        GRAD: tl.constexpr,
+        STATE: tl.constexpr,
+        AMSGRAD: tl.constexpr,
+        STOCHASTIC_ROUNDING: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        tensor = tl.load(chunks + 2 * pid)
+        offsets = tl.load(chunks + 2 * pid + 1) + tl.arange(0, BLOCK)
+        row = table + tensor * 6
+        mask = offsets < tl.load(row + 5)
+        param_ptr = tl.load(row).to(tl.pointer_type(PARAM))
+        grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD))
+        exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE))
+        exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
+        h = hyper + tensor * 8
+        grad_scale = tl.load(h)
+        one_minus_beta1 = tl.load(h + 1)
+        beta2 = tl.load(h + 2)
+        one_minus_beta2 = tl.load(h + 3)
+        eps = tl.load(h + 4)
+        decay = tl.load(h + 5)
+        step_size = tl.load(h + 6)
+        bias_correction2_sqrt = tl.load(h + 7)
+
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
+        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+
+        param = param * decay
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+        if AMSGRAD:
+            max_ptr = tl.load(row + 4).to(tl.pointer_type(STATE))
+            max_exp_avg_sq = tl.maximum(tl.load(max_ptr + offsets, mask=mask).to(tl.float32), exp_avg_sq)
+            tl.store(max_ptr + offsets, max_exp_avg_sq.to(STATE), mask=mask)
+            denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        else:
+            denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param = param - step_size * (exp_avg / denom)
+
+        if STOCHASTIC_ROUNDING:
+            # Add 16 random bits below bf16's mantissa, then truncate: rounds up with probability equal to the
+            # distance, so updates smaller than half an ulp still move the weight on average.
+            noise = tl.randint(seed + tensor, offsets).to(tl.int32) & 0xFFFF
+            bits = (param.to(tl.int32, bitcast=True) + noise) & -65536
+            param = bits.to(tl.float32, bitcast=True)
+        tl.store(param_ptr + offsets, param.to(PARAM), mask=mask)
+        tl.store(exp_avg_ptr + offsets, exp_avg.to(STATE), mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(STATE), mask=mask)
+
+    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    # Triton decides at decoration time whether a kernel is interpreted (TRITON_INTERPRET=1): then it runs on
+    # CPU tensors, and only then.
+    KERNEL_RUNS_ON_CPU = type(_adamw_kernel).__name__ == "InterpretedFunction"
+else:
+    KERNEL_RUNS_ON_CPU = False
+
+
+def uses_kernel(param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor) -> bool:
+    """Whether the Triton kernel (rather than the PyTorch path) updates tensors of these dtypes and device."""
+    if triton is None or any(t.dtype not in KERNEL_DTYPES for t in (param, grad, state)):
+        return False
+    return param.device.type == ("cpu" if KERNEL_RUNS_ON_CPU else "cuda")
+
+
+_chunk_tables: dict = {}
+
+
+def _chunk_table(numels: tuple, block: int, device: torch.device) -> torch.Tensor:
+    """(tensor index, first element) of every block-sized chunk; cached, since the active set changes rarely."""
+    key = (numels, block, device)
+    table = _chunk_tables.get(key)
+    if table is None:
+        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+        tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first_chunk = torch.cumsum(counts, 0) - counts
+        start = (torch.arange(len(tensor_index)) - first_chunk[tensor_index]) * block
+        table = torch.stack([tensor_index, start], dim=1).to(device)
+        if len(_chunk_tables) >= 64:
+            _chunk_tables.clear()
+        _chunk_tables[key] = table
+    return table
+
+
+def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding, block):
+    device = params[0].device
+    block = block or (_INTERPRETER_BLOCK if KERNEL_RUNS_ON_CPU else _CUDA_BLOCK)
+    numels = tuple(p.numel() for p in params)
+    chunks = _chunk_table(numels, block, device)
+    if len(chunks) == 0:
+        return
+    for i, p in enumerate(params):
+        if not p.is_contiguous():
+            raise ValueError(f"FusedAdamW needs contiguous parameters; parameter {i} has strides {p.stride()}")
+    grads = [g.contiguous() for g in grads]
+    amsgrad = max_exp_avg_sqs is not None
+    rows = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs, numels)
+    table = torch.tensor(
+        [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), n] for p, g, m, v, vmax, n in rows],
+        dtype=torch.int64,
+    ).to(device, non_blocking=True)
+    hyper = torch.tensor(hypers, dtype=torch.float32).to(device, non_blocking=True)
+    seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic_rounding else 0
+    launch = _adamw_kernel[(len(chunks),)]
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        launch(
+            table,
+            hyper,
+            chunks,
+            seed,
+            PARAM=_TRITON_DTYPES[params[0].dtype],
+            GRAD=_TRITON_DTYPES[grads[0].dtype],
+            STATE=_TRITON_DTYPES[exp_avgs[0].dtype],
+            AMSGRAD=amsgrad,
+            STOCHASTIC_ROUNDING=stochastic_rounding and params[0].dtype == torch.bfloat16,
+            BLOCK=block,
+            num_warps=_CUDA_WARPS,
+        )
+
+
+def round_to_bfloat16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the distance to the next bf16 value."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _store(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool) -> None:
+    if stochastic_rounding and dst.dtype == torch.bfloat16 and value.dtype == torch.float32:
+        value = round_to_bfloat16_stochastic(value)
+    dst.copy_(value)
+
+
+def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding):
+    """The PyTorch path (CPU and devices without Triton): the same math as the kernel, in fp32, with foreach ops."""
+    scale, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt = map(list, zip(*hypers))
+    f32 = [p.float() for p in params]
+    g32 = torch._foreach_mul([g.float() for g in grads], scale)
+    m32 = [m.float() for m in exp_avgs]
+    v32 = [v.float() for v in exp_avg_sqs]
+    torch._foreach_mul_(f32, decay)
+    delta = torch._foreach_sub(g32, m32)
+    torch._foreach_mul_(delta, one_minus_beta1)
+    torch._foreach_add_(m32, delta)
+    torch._foreach_mul_(v32, beta2)
+    torch._foreach_addcmul_(v32, g32, g32, one_minus_beta2)
+    second_moment = v32
+    if max_exp_avg_sqs is not None:
+        second_moment = torch._foreach_maximum([v.float() for v in max_exp_avg_sqs], v32)
+        for dst, value in zip(max_exp_avg_sqs, second_moment):
+            dst.copy_(value)
+    denom = torch._foreach_sqrt(second_moment)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(f32, m32, denom, [-s for s in step_size])
+    for dst, value in zip(params, f32):
+        if dst is not value:
+            _store(dst, value, stochastic_rounding)
+    for dsts, values in ((exp_avgs, m32), (exp_avg_sqs, v32)):
+        for dst, value in zip(dsts, values):
+            if dst is not value:
+                dst.copy_(value)
+
+
+def adamw_update_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, *, stochastic_rounding=False,
+                  block_size=None):
+    """Update tensors of one device and one (param, grad, state) dtype combination: one kernel launch.
+
+    `hypers` holds one `adamw_hyperparameters` tuple per tensor; `max_exp_avg_sqs` is None without amsgrad.
+    """
+    if not params:
+        return
+    if uses_kernel(params[0], grads[0], exp_avgs[0]):
+        _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding, block_size)
+    else:
+        _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding)
+
+
+def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+                 amsgrad=False, max_exp_avg_sqs=None, maximize=False, grad_scale=None, found_inf=None,
+                 stochastic_rounding=False, block_size=None):
+    """Functional AdamW for trainers that keep their own state; updates params and moments in place.
+
+    `steps` are scalar tensors (as in torch.optim.AdamW's state), incremented here before use. With GradScaler
+    tensors, grads are unscaled in the kernel and nothing changes when `found_inf` is set (one host sync).
+    Tensors are grouped by device and dtype combination; each group is one kernel launch.
+    """
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps) + ((max_exp_avg_sqs,) if amsgrad else ())
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("amsgrad=True needs max_exp_avg_sqs")
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"params, grads, exp_avgs, exp_avg_sqs, steps differ in length: {[len(x) for x in lists]}")
+    inv_grad_scale = _unscale_factor(grad_scale, found_inf)
+    if inv_grad_scale is None:
+        return
+    h = AdamWHyperparameters(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), maximize)
+    groups = {}
+    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        step += 1
+        vmax = max_exp_avg_sqs[i] if amsgrad else None
+        group = groups.setdefault((p.device, p.dtype, g.dtype, m.dtype), ([], [], [], [], [], []))
+        for column, item in zip(group, (p, g, m, v, vmax, adamw_hyperparameters(h, float(step), inv_grad_scale))):
+            column.append(item)
+    for p, g, m, v, vmax, hypers in groups.values():
+        adamw_update_(p, g, m, v, vmax if amsgrad else None, hypers, stochastic_rounding=stochastic_rounding,
+                      block_size=block_size)
+
+
+def _unscale_factor(grad_scale, found_inf):
+    """1 / grad_scale, or None when the step must be skipped because GradScaler found an inf or a NaN."""
+    if found_inf is not None and bool(found_inf.item()):
+        return None
+    return 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+
+
+def adamw_reference(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay,
+                    max_exp_avg_sq=None, maximize=False, upcast=False):
+    """One AdamW step on one tensor, written as the paper states it; updates the tensors in place.
+
+    Computes in fp32 (like the kernel) or, with `upcast`, in fp64, and rounds once when writing back. `step` is the
+    step number after incrementing (1 on the first step).
+    """
+    compute = torch.float64 if upcast else torch.float32
+    g = grad.to(compute) * (-1 if maximize else 1)
+    p = param.to(compute) * (1 - lr * weight_decay)
+    m = exp_avg.to(compute) * beta1 + g * (1 - beta1)
+    v = exp_avg_sq.to(compute) * beta2 + g * g * (1 - beta2)
+    if max_exp_avg_sq is not None:
+        v_hat = torch.maximum(max_exp_avg_sq.to(compute), v)
+        max_exp_avg_sq.copy_(v_hat)
+    else:
+        v_hat = v
+    m_hat = m / (1 - beta1**step)
+    v_hat = v_hat / (1 - beta2**step)
+    param.copy_(p - lr * m_hat / (v_hat.sqrt() + eps))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)

@@ -1,0 +1,107 @@
+"""FusedAdamW: a drop-in torch.optim.AdamW that updates only the parameters with a gradient, in fused launches."""
+
+import torch
+
+from .adamw import AdamWHyperparameters, _unscale_factor, adamw_hyperparameters, adamw_update_
+
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class FusedAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW with the same signature, defaults, math, validation and `state_dict` layout, plus:
+
+    - parameters whose `.grad` is None are skipped entirely: no state is created, no byte is read or written, so
+      a LISA optimizer built over the whole model holds state only for the layers that have trained;
+    - one Triton launch per (param, grad, state) dtype combination covers every active tensor of every group;
+    - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
+    - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost.
+
+    `foreach` and `fused` are accepted for compatibility and ignored: the update is always fused. CUDA-graph
+    capture (`capturable`) and `differentiable` are not supported.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 state_dtype=None, stochastic_rounding=False):
+        if capturable:
+            raise ValueError("FusedAdamW does not support capturable=True; use torch.optim.AdamW for CUDA graphs")
+        if differentiable:
+            raise ValueError("FusedAdamW does not support differentiable=True; use torch.optim.AdamW")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach)
+        self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
+        self._step_supports_amp_scaling = True
+
+    def moment_dtype(self, param: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if param.dtype in _HALF_DTYPES else param.dtype
+
+    def _state_for_step(self, param: torch.Tensor, amsgrad: bool) -> dict:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=self.moment_dtype(param), device=param.device)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        inv_grad_scale = _unscale_factor(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        if inv_grad_scale is None:
+            return loss
+
+        launches = {}
+        for group in self.param_groups:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            h = AdamWHyperparameters(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                                     group["maximize"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FusedAdamW does not support sparse gradients")
+                if p.is_complex():
+                    raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
+                state = self._state_for_step(p, group["amsgrad"])
+                state["step"] += 1
+                key = (p.device, p.dtype, p.grad.dtype, state["exp_avg"].dtype, group["amsgrad"])
+                lists = launches.setdefault(key, ([], [], [], [], [], []))
+                row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                       adamw_hyperparameters(h, state["step"].item(), inv_grad_scale))
+                for column, item in zip(lists, row):
+                    column.append(item)
+
+        for (*_, amsgrad), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers) in launches.items():
+            adamw_update_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, hypers,
+                          stochastic_rounding=self.stochastic_rounding)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a FusedAdamW or torch.optim.AdamW state_dict.
+
+        torch casts loaded moments to the param dtype; ours keep `moment_dtype` (fp32 for bf16 params), so they are
+        re-read from the saved values, and `step` stays a CPU scalar since bias corrections are computed on the host.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            for key in _MOMENT_KEYS:
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=self.moment_dtype(p), copy=True)

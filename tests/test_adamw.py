@@ -1,0 +1,164 @@
+"""The Triton kernel and the PyTorch path against the plain reference, tensor by tensor."""
+
+import pytest
+import torch
+from reference_check import assert_matches_reference, devices, truncates_bf16
+
+from lisa_kernels import adamw_reference, fused_adamw_
+from lisa_kernels.adamw import (
+    AdamWHyperparameters,
+    _update_foreach,
+    adamw_hyperparameters,
+    adamw_update_,
+    round_to_bfloat16_stochastic,
+    triton,
+    uses_kernel,
+)
+
+BLOCK = 1024  # small enough that the largest test tensor spans several chunks, big enough for the interpreter
+SIZES = (0, 1, 7, 3 * BLOCK + 5)
+# Gradients and moments of the size-7 tensor are tiny, so that eps matters in its denominator.
+SCALES = (1.0, 1.0, 1e-5, 1.0)
+HYPERS = [
+    AdamWHyperparameters(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2),
+    AdamWHyperparameters(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, maximize=True),
+    AdamWHyperparameters(lr=5e-2, beta1=0.95, beta2=0.9, eps=1e-6, weight_decay=0.2),
+    AdamWHyperparameters(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.3),
+]
+
+
+def _check_steps(update, device, param_dtype, state_dtype, amsgrad, steps=3, seed=0):
+    """Runs `update` for `steps` steps on fresh random tensors; after each, compares every tensor with the
+    reference applied to the same inputs, in the same precision and in fp64."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g).to(device, param_dtype) for n in SIZES]
+    states = [[torch.randn(n, generator=g).mul_(0.1 * c).to(device, state_dtype) for n, c in zip(SIZES, SCALES)]
+              for _ in range(3)]
+    states[1] = [s * c for s, c in zip(states[1], SCALES)]
+    states[1] = [s.abs() for s in states[1]]
+    states[2] = [torch.maximum(s, v) for s, v in zip(states[2], states[1])]
+    tensors = [params, *states]
+    names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")[: 4 if amsgrad else 3]
+    for step in range(1, steps + 1):
+        grads = [torch.randn(n, generator=g).mul_(c).to(device, param_dtype) for n, c in zip(SIZES, SCALES)]
+        ref = [[t.clone() for t in ts] for ts in tensors]
+        ref64 = [[t.double() for t in ts] for ts in tensors]
+        p, m, v, vmax = tensors
+        update(p, grads, m, v, vmax if amsgrad else None,
+               [adamw_hyperparameters(HYPERS[i], step) for i in range(len(SIZES))])
+        for ts, upcast in ((ref, False), (ref64, True)):
+            for i, h in enumerate(HYPERS):
+                adamw_reference(ts[0][i], grads[i], ts[1][i], ts[2][i], step, lr=h.lr, beta1=h.beta1,
+                                beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay, maximize=h.maximize,
+                                max_exp_avg_sq=ts[3][i] if amsgrad else None, upcast=upcast)
+        for name, outs, refs, refs64 in zip(names, tensors, ref, ref64):
+            for n, out, r, r64 in zip(SIZES, outs, refs, refs64):
+                assert_matches_reference(out, r, r64, f"step {step} {name}[{n}]")
+
+
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("param_dtype,state_dtype", DTYPES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_kernel_matches_reference(device, param_dtype, state_dtype, amsgrad):
+    probe = torch.empty(1, device=device, dtype=param_dtype)
+    if not uses_kernel(probe, probe, probe.to(state_dtype)):
+        pytest.skip("the Triton kernel runs on CUDA, or on CPU only under TRITON_INTERPRET=1")
+
+    def kernel(*args):
+        adamw_update_(*args, block_size=BLOCK)
+
+    _check_steps(kernel, device, param_dtype, state_dtype, amsgrad)
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype", DTYPES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_pytorch_path_matches_reference(param_dtype, state_dtype, amsgrad):
+    def pytorch_path(*args):
+        _update_foreach(*args, stochastic_rounding=False)
+
+    _check_steps(pytorch_path, "cpu", param_dtype, state_dtype, amsgrad)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_functional_entry_point_matches_torch_adamw(device):
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(n, generator=g).to(device) for n in (5, 1000, 3)]
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch64 = [torch.nn.Parameter(p.double()) for p in params]
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, amsgrad=True)
+    reference = torch.optim.AdamW(torch_params, **kwargs)
+    reference64 = torch.optim.AdamW(torch64, **kwargs)
+    exp_avgs, exp_avg_sqs, maxes = ([torch.zeros_like(p) for p in params] for _ in range(3))
+    steps = [torch.tensor(0.0) for _ in params]
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g).to(device) for p in params]
+        for tp, tp64, grad in zip(torch_params, torch64, grads):
+            tp.grad, tp64.grad = grad.clone(), grad.double()
+        reference.step()
+        reference64.step()
+        fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                     weight_decay=0.05, amsgrad=True, max_exp_avg_sqs=maxes)
+    assert [s.item() for s in steps] == [4.0] * 3
+    for p, tp, tp64 in zip(params, torch_params, torch64):
+        assert_matches_reference(p, tp.detach(), tp64.detach())
+
+
+def test_functional_entry_point_skips_on_inf_and_unscales():
+    params, grads = [torch.ones(8)], [torch.full((8,), 4.0)]
+    exp_avgs, exp_avg_sqs, steps = [torch.zeros(8)], [torch.zeros(8)], [torch.tensor(0.0)]
+    kwargs = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, found_inf=torch.tensor(1.0), **kwargs)
+    assert steps[0].item() == 0 and torch.equal(params[0], torch.ones(8)) and not exp_avgs[0].any()
+    fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale=torch.tensor(4.0),
+                 found_inf=torch.tensor(0.0), **kwargs)
+    assert steps[0].item() == 1
+    torch.testing.assert_close(exp_avgs[0], torch.full((8,), 0.1))  # (1 - beta1) * grad / scale
+
+
+def test_functional_entry_point_rejects_mismatched_lists():
+    with pytest.raises(ValueError, match="differ in length"):
+        fused_adamw_([torch.ones(2)], [], [torch.zeros(2)], [torch.zeros(2)], [torch.tensor(0.0)], lr=0.1,
+                     beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ValueError, match="max_exp_avg_sqs"):
+        fused_adamw_([torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.tensor(0.0)],
+                     lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("path", ["dispatch", "pytorch"])
+def test_stochastic_rounding_keeps_tiny_updates(device, path):
+    # bf16 spacing at 1.0 is 2**-7; an update of 1e-3 is below half of it, so round-to-nearest never moves.
+    n, steps = 1 << 16, 4
+    h = AdamWHyperparameters(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    results = {}
+    for stochastic in (False, True):
+        p = torch.ones(n, dtype=torch.bfloat16, device=device)
+        grad, m, v = torch.ones_like(p), torch.zeros(n, device=device), torch.zeros(n, device=device)
+        for step in range(1, steps + 1):
+            args = ([p], [grad], [m], [v], None, [adamw_hyperparameters(h, step)])
+            if path == "dispatch":
+                adamw_update_(*args, stochastic_rounding=stochastic)
+            else:
+                _update_foreach(*args, stochastic_rounding=stochastic)
+        results[stochastic] = p.float()
+    if not (path == "dispatch" and truncates_bf16(results[True].bfloat16())):  # the interpreter truncates
+        assert torch.equal(results[False], torch.ones(n, device=device))
+    # Adam's first steps move by lr each: the mean must land on 1 - steps * lr within a few standard errors.
+    mean_move = 1 - results[True].mean().item()
+    assert abs(mean_move - steps * 1e-3) < 5 * 2**-7 / n**0.5 * steps
+
+
+def test_stochastic_rounding_is_unbiased_and_stays_on_neighbours():
+    x = torch.full((1 << 16,), 1.0 + 2**-9)  # a quarter of the way from 1.0 to the next bf16 value
+    rounded = round_to_bfloat16_stochastic(x, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs((rounded == 1.0 + 2**-7).float().mean().item() - 0.25) < 0.01
