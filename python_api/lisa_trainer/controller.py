@@ -1,0 +1,402 @@
+"""The LISA controller: which layers train when, and what happens to their optimizer state at a switch.
+
+Every `interval_steps` steps a new period starts and `LayerSampler` names its `n_active_layers` decoder layers.
+The controller then
+
+1. toggles `requires_grad`, so frozen layers get no gradients and cost no optimizer work (their `.grad` is set to
+   None: a zero gradient tensor would still move a weight through AdamW's momentum and weight decay);
+2. applies the state policy to the layers leaving the active set: "park" moves their AdamW moments into the host
+   state bank (`optimizer.park_state`), "reset" forgets them (`optimizer.drop_state`), "keep" leaves them on the
+   device (the public implementations' behaviour: quality kept, memory not);
+3. `prefetch_steps` steps before the switch, starts copying the next period's parked state back
+   (`optimizer.prefetch_state`), so the switch does not wait on PCIe (one LLaMA-7B layer's fp32 moments are
+   1.6 GB, ~30 ms);
+4. at each period's end records the norm of each trained layer's weight change over the period, and of the
+   always-on modules' (the skew that motivated LISA, and what a user needs to set importance weights).
+
+The anchors' bugs are ruled out by construction: the optimizer must hold every parameter (checked), so a layer that
+is frozen when the optimizer is built still trains when it is sampled; the schedule is a pure function of
+(seed, period), so every rank and every resumed run agree without communicating.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
+from .sampler import LayerSampler
+
+__all__ = ["LisaConfig", "LisaController", "build_optimizer", "STATE_POLICIES"]
+
+STATE_POLICIES = ("park", "reset", "keep")
+_STATE_DICT_FORMAT = 1
+# Update norms are computed on the parameter's device in chunks of this many elements, so a 128k x 4096 embedding
+# needs a 64 MiB fp32 temporary, not 2 GiB.
+_NORM_CHUNK = 1 << 24
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class LisaConfig:
+    """LISA settings. Every field is validated on construction; errors name the field.
+
+    n_active_layers: γ, decoder layers trained per period (the paper uses 1, 2, 4 or 8).
+    interval_steps: K, optimizer steps per period (the paper's typical value is 20).
+    layers_attribute: dotted path of the decoder-layer list; None finds it by structure.
+    seed: the layer schedule is a pure function of (seed, period).
+    layer_weights: per-layer importance weights (non-negative, one per layer); None samples uniformly.
+    state_policy: what happens to a deactivated layer's AdamW state: "park" (host memory, brought back when the
+        layer is sampled again), "reset" (dropped) or "keep" (stays on the device).
+    prefetch_steps: start bringing the next period's parked state back this many steps before the switch
+        (0 disables; only used with "park").
+    always_trainable: roles ("input_embeddings", "output_embeddings", "final_norm") and/or dotted module paths
+        trained in every period; None means all three roles; () means none.
+    track_update_norms: record per-layer weight-update norms per period (costs one host copy of the trained
+        weights per period).
+    """
+
+    n_active_layers: int = 2
+    interval_steps: int = 20
+    layers_attribute: str | None = None
+    seed: int = 0
+    layer_weights: Sequence[float] | None = None
+    state_policy: str = "park"
+    prefetch_steps: int = 1
+    always_trainable: Sequence[str] | None = None
+    track_update_norms: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.n_active_layers) or self.n_active_layers < 1:
+            raise ValueError(f"LisaConfig.n_active_layers must be a positive int, got {self.n_active_layers!r}")
+        if not _is_int(self.interval_steps) or self.interval_steps < 1:
+            raise ValueError(f"LisaConfig.interval_steps must be a positive int, got {self.interval_steps!r}")
+        if self.layers_attribute is not None and (not isinstance(self.layers_attribute, str) or not self.layers_attribute):
+            raise ValueError(
+                f"LisaConfig.layers_attribute must be None or a dotted module path, got {self.layers_attribute!r}"
+            )
+        if not _is_int(self.seed):
+            raise ValueError(f"LisaConfig.seed must be an int, got {self.seed!r}")
+        if self.layer_weights is not None:
+            if isinstance(self.layer_weights, str) or not isinstance(self.layer_weights, Sequence):
+                raise ValueError(f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}")
+            try:
+                weights = [float(w) for w in self.layer_weights]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}"
+                ) from None
+            bad = [i for i, w in enumerate(weights) if not math.isfinite(w) or w < 0]
+            if bad:
+                raise ValueError(f"LisaConfig.layer_weights must be finite and non-negative; bad entries at {bad}")
+            if sum(w > 0 for w in weights) < self.n_active_layers:
+                raise ValueError(
+                    f"LisaConfig.layer_weights has fewer non-zero entries than n_active_layers="
+                    f"{self.n_active_layers}; layers are chosen without replacement"
+                )
+            self.layer_weights = tuple(weights)
+        if self.state_policy not in STATE_POLICIES:
+            raise ValueError(f"LisaConfig.state_policy must be one of {STATE_POLICIES}, got {self.state_policy!r}")
+        if not _is_int(self.prefetch_steps) or self.prefetch_steps < 0:
+            raise ValueError(f"LisaConfig.prefetch_steps must be a non-negative int, got {self.prefetch_steps!r}")
+        if self.always_trainable is not None:
+            if isinstance(self.always_trainable, str) or not all(isinstance(a, str) for a in self.always_trainable):
+                raise ValueError(
+                    f"LisaConfig.always_trainable must be None or a sequence of roles {ALWAYS_TRAINABLE_DEFAULT} or "
+                    f"module paths, got {self.always_trainable!r}"
+                )
+            self.always_trainable = tuple(self.always_trainable)
+        if not isinstance(self.track_update_norms, bool):
+            raise ValueError(f"LisaConfig.track_update_norms must be a bool, got {self.track_update_norms!r}")
+
+
+def _unwrap_optimizer(optimizer):
+    """The optimizer that owns the state (accelerate's AcceleratedOptimizer wraps the real one)."""
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
+
+
+@dataclass
+class _OpenPeriod:
+    period: int
+    first_step: int
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> host copy at first_step
+
+
+class LisaController:
+    """Drives LISA on `model` with `optimizer` (which must hold every parameter of the model that LISA trains).
+
+    Call `on_step_begin(step)` before each optimizer step's forward pass and `on_step_end(step)` after
+    `optimizer.step()`; `step` counts optimizer steps from 0. Construction freezes everything except the starting
+    period's layers and the always-trainable modules; pass `start_step` when resuming (or use `load_state_dict`).
+    The controller owns `requires_grad` of every parameter: parameters that are neither in the decoder layers nor
+    always trainable stay frozen (list them with `frozen_parameter_names`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: LisaConfig, *, start_step: int = 0):
+        if not isinstance(config, LisaConfig):
+            raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
+        if not _is_int(start_step) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+        self.model = model
+        self.config = config
+        self.optimizer = optimizer
+        self._opt = _unwrap_optimizer(optimizer)
+
+        self.layers_path, self.layers = find_decoder_layers(model, config.layers_attribute)
+        self.n_layers = len(self.layers)
+        if config.n_active_layers > self.n_layers:
+            raise ValueError(
+                f"LisaConfig.n_active_layers={config.n_active_layers} exceeds the {self.n_layers} decoder layers "
+                f"found at {self.layers_path!r}"
+            )
+        try:
+            self.sampler = LayerSampler(self.n_layers, config.n_active_layers, config.seed, config.layer_weights)
+        except ValueError as err:
+            raise ValueError(f"LisaConfig.layer_weights does not fit the {self.n_layers} layers at "
+                             f"{self.layers_path!r}: {err}") from None
+
+        self.always_trainable = always_trainable_modules(model, config.always_trainable, self.layers_path)
+        self._layer_params = [unique_parameters([layer]) for layer in self.layers]
+        self._always_params = unique_parameters(self.always_trainable.values())
+        managed = {id(p) for ps in self._layer_params for p in ps} | {id(p) for p in self._always_params}
+        self._other_params = [p for p in model.parameters() if id(p) not in managed]
+        self._names = {id(p): n for n, p in model.named_parameters()}
+
+        self._check_optimizer()
+        self._period: int | None = None
+        self._active: tuple[int, ...] = ()
+        self._prefetched_for: int | None = None
+        self._open: _OpenPeriod | None = None
+        self.period_log: list[dict] = []
+
+        for p in self._other_params:
+            p.requires_grad_(False)
+            p.grad = None
+        for p in self._always_params:
+            p.requires_grad_(True)
+        self._enter_period(start_step // config.interval_steps, enforce_all=True)
+
+    # ----------------------------------------------------------------------------------------------- public API
+    @property
+    def active_layers(self) -> tuple[int, ...]:
+        """Indices of the decoder layers training in the current period."""
+        return self._active
+
+    @property
+    def period(self) -> int | None:
+        return self._period
+
+    @property
+    def frozen_parameter_names(self) -> list[str]:
+        """Parameters outside the decoder layers and the always-trainable modules: frozen for the whole run."""
+        return [self._names.get(id(p), "?") for p in self._other_params]
+
+    def layer_parameters(self, index: int) -> list[nn.Parameter]:
+        return list(self._layer_params[index])
+
+    def on_step_begin(self, step: int) -> None:
+        """Switch layers when `step` starts a new period; prefetch the next period's state when it is near."""
+        period = step // self.config.interval_steps
+        if period != self._period:
+            self._close_period(last_step=step - 1)
+            self._enter_period(period)
+        if self._open is None and self.config.track_update_norms:
+            self._open_period(step)
+        self._maybe_prefetch(step)
+
+    def on_step_end(self, step: int) -> None:
+        """After `optimizer.step()`: close the period (record update norms) when `step` is its last step."""
+        if (step + 1) % self.config.interval_steps == 0:
+            self._close_period(last_step=step)
+
+    def finish(self, last_step: int) -> None:
+        """Record the current period's update norms when training stops in the middle of a period."""
+        self._close_period(last_step=last_step)
+
+    def state_dict(self) -> dict:
+        """Plain ints, floats, strings and lists: safe for `torch.load(weights_only=True)` and JSON."""
+        c = self.config
+        return {
+            "format": _STATE_DICT_FORMAT,
+            "seed": c.seed,
+            "n_layers": self.n_layers,
+            "n_active_layers": c.n_active_layers,
+            "interval_steps": c.interval_steps,
+            "layer_weights": None if c.layer_weights is None else list(c.layer_weights),
+            "layers_attribute": self.layers_path,
+            "state_policy": c.state_policy,
+            "period": self._period,
+            "active_layers": list(self._active),
+            "prefetched_for": self._prefetched_for,
+            "period_log": [dict(entry) for entry in self.period_log],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: check the schedule matches and re-enter the saved period (without replaying it)."""
+        if state.get("format") != _STATE_DICT_FORMAT:
+            raise ValueError(f"unknown LisaController state format {state.get('format')!r}")
+        mine = self.state_dict()
+        for key in ("seed", "n_layers", "n_active_layers", "interval_steps", "layer_weights"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"the checkpoint was written with {key}={state[key]!r} but this run has {key}={mine[key]!r}: "
+                    f"the layer schedule would differ from the interrupted run"
+                )
+        self._open = None
+        self.period_log = [dict(entry) for entry in state["period_log"]]
+        if state["period"] is not None:
+            self._enter_period(int(state["period"]), enforce_all=True)
+        self._prefetched_for = state["prefetched_for"]
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _check_optimizer(self) -> None:
+        held = {id(p) for group in self._opt.param_groups for p in group["params"]}
+        missing = [p for ps in self._layer_params for p in ps if id(p) not in held]
+        missing += [p for p in self._always_params if id(p) not in held]
+        if missing:
+            example = self._names.get(id(missing[0]), "?")
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} parameters that LISA trains (e.g. {example!r}); "
+                f"a layer missing from it would never train when sampled. Build it over all parameters, frozen "
+                f"or not: build_optimizer(model, cfg, lr=...) or LisaCallback.optimizer_for(model, ...)"
+            )
+        policy = self.config.state_policy
+        if policy == "park":
+            absent = [h for h in ("park_state", "unpark_state") if not callable(getattr(self._opt, h, None))]
+            if absent:
+                raise ValueError(
+                    f"LisaConfig.state_policy='park' needs an optimizer with {' and '.join(absent)} "
+                    f"(lisa_kernels.FusedAdamW with its host state bank); {type(self._opt).__name__} has none. "
+                    f"Use build_optimizer(...), or state_policy='reset' or 'keep'"
+                )
+
+    def _params_of(self, layer_indices) -> list[nn.Parameter]:
+        return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
+
+    def _enter_period(self, period: int, enforce_all: bool = False) -> None:
+        new = self.sampler.layers_for_period(period)
+        old = set(range(self.n_layers)) if enforce_all else set(self._active)
+        leaving = sorted(old - set(new))
+        # At construction/resume nothing is known to be parked; FusedAdamW.step() unparks on demand anyway.
+        arriving = [] if enforce_all else sorted(set(new) - set(self._active))
+
+        for p in self._params_of(leaving):
+            p.requires_grad_(False)
+            p.grad = None
+        for p in self._params_of(new):
+            p.requires_grad_(True)
+
+        leaving_params = self._params_of(leaving)
+        if enforce_all:  # at construction/resume, only layers that actually hold state need the policy
+            leaving_params = [p for p in leaving_params if self._opt.state.get(p)]
+        self._apply_state_policy(leaving_params, self._params_of(arriving))
+        self._period = period
+        self._active = new
+
+    def _apply_state_policy(self, leaving: list[nn.Parameter], arriving: list[nn.Parameter]) -> None:
+        policy = self.config.state_policy
+        if policy == "park":
+            if leaving:
+                self._opt.park_state(leaving)
+            if arriving:
+                self._opt.unpark_state(arriving, non_blocking=True)
+        elif policy == "reset" and leaving:
+            drop = getattr(self._opt, "drop_state", None)
+            if callable(drop):
+                drop(leaving)
+            else:  # a plain torch optimizer: its state is a dict keyed by parameter
+                for p in leaving:
+                    self._opt.state.pop(p, None)
+
+    def _maybe_prefetch(self, step: int) -> None:
+        c = self.config
+        if c.state_policy != "park" or c.prefetch_steps == 0:
+            return
+        nxt = self._period + 1
+        if self._prefetched_for == nxt or step < nxt * c.interval_steps - c.prefetch_steps:
+            return
+        incoming = set(self.sampler.layers_for_period(nxt)) - set(self._active)
+        prefetch = getattr(self._opt, "prefetch_state", None)
+        if incoming and callable(prefetch):
+            prefetch(self._params_of(incoming))
+        self._prefetched_for = nxt
+
+    def _tracked(self) -> list[tuple[str, list[nn.Parameter]]]:
+        groups = [(f"layer{i}", self._layer_params[i]) for i in self._active]
+        seen = set()
+        for path, module in self.always_trainable.items():
+            ps = [p for p in module.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in ps)
+            groups.append((path, ps))
+        return groups
+
+    def _open_period(self, step: int) -> None:
+        opened = _OpenPeriod(self._period, step)
+        for _, params in self._tracked():
+            for p in params:
+                opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
+        self._open = opened
+
+    def _close_period(self, last_step: int) -> None:
+        opened, self._open = self._open, None
+        if opened is None or opened.period != self._period or last_step < opened.first_step:
+            return
+        norms = {}
+        for name, params in self._tracked():
+            total = torch.zeros((), dtype=torch.float64)
+            for p in params:
+                total += _sq_diff_norm(p.detach(), opened.snapshots[id(p)]).cpu()
+            norms[name] = math.sqrt(total.item())
+        start = opened.period * self.config.interval_steps
+        self.period_log.append({
+            "period": opened.period,
+            "first_step": opened.first_step,
+            "last_step": last_step,
+            "partial": opened.first_step != start or last_step != start + self.config.interval_steps - 1,
+            "layers": list(self._active),
+            "layer_update_norms": [norms[f"layer{i}"] for i in self._active],
+            "module_update_norms": {path: norms[path] for path in self.always_trainable},
+        })
+
+
+def _sq_diff_norm(current: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor:
+    """sum((current - snapshot)**2) in fp32 on `current`'s device, chunked to bound the temporary."""
+    flat_now, flat_then = current.reshape(-1), snapshot.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=current.device)
+    for start in range(0, flat_now.numel(), _NORM_CHUNK):
+        now = flat_now[start:start + _NORM_CHUNK].float()
+        then = flat_then[start:start + _NORM_CHUNK].to(current.device, non_blocking=True).float()
+        total += (now - then).square().sum()
+    return total
+
+
+def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float = 1e-5, weight_decay: float = 0.0,
+                    **adamw_kwargs):
+    """A `lisa_kernels.FusedAdamW` over ALL of `model`'s parameters, frozen or not.
+
+    Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
+    a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
+    only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`. `cfg` is accepted so the
+    call site reads the same as the rest of the API; the state bank is created lazily by FusedAdamW when
+    "park" first needs it.
+    """
+    from lisa_kernels import FusedAdamW  # imported here so lisa_trainer imports without the kernels built
+
+    if cfg is not None and not isinstance(cfg, LisaConfig):
+        raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)

@@ -1,0 +1,244 @@
+"""Find a causal LM's decoder layers and its always-trainable modules by structure, not by class name.
+
+LISA needs two things from a model: the list of N decoder blocks it samples from, and the modules that train in
+every period (input embeddings, output head, final norm). The public implementations look the layer list up in a
+table keyed by model class (LMFlow asserts on anything not in it) or take the first `nn.ModuleList` they meet
+(ms-swift, which picks a vision tower or an MoE expert list when one comes first). Here the layer list is the
+longest `nn.ModuleList` of two or more structurally identical blocks (same class, same parameter names and
+shapes) that is not nested inside another such list, so every decoder-only architecture in transformers is found
+without knowing its name; a user's dotted `layers_attribute` always wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate"]
+
+ALWAYS_TRAINABLE_DEFAULT = ("input_embeddings", "output_embeddings", "final_norm")
+_CHOOSE_HINT = (
+    "choose the list yourself with `--lisa_layers_attribute PATH` on the command line or "
+    "`layers_attribute=PATH` in LisaConfig / find_decoder_layers (PATH is a dotted module path such as "
+    "'model.layers')"
+)
+
+
+@dataclass(frozen=True)
+class LayerCandidate:
+    """One `nn.ModuleList` of the model, as discovery sees it."""
+
+    path: str
+    length: int
+    block_classes: tuple[str, ...]  # distinct class names of its elements
+    identical: bool  # all elements share class, parameter names and shapes
+    n_params: int
+
+    def describe(self) -> str:
+        kind = "identical blocks" if self.identical else "mixed blocks"
+        return f"{self.path!r}: {self.length} x {'/'.join(self.block_classes)} ({kind}, {self.n_params:,} params)"
+
+
+def _signature(module: nn.Module) -> tuple:
+    return (type(module), tuple((name, tuple(p.shape)) for name, p in module.named_parameters()))
+
+
+def _has_params(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def layer_candidates(model: nn.Module) -> list[LayerCandidate]:
+    """Every `nn.ModuleList` with at least two parameterised elements, in module order."""
+    found = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        blocks = list(module)
+        if not all(_has_params(b) for b in blocks):
+            continue
+        signatures = {_signature(b) for b in blocks}
+        classes = tuple(dict.fromkeys(type(b).__name__ for b in blocks))
+        n_params = sum(p.numel() for p in module.parameters())
+        found.append(LayerCandidate(path, len(blocks), classes, len(signatures) == 1, n_params))
+    return found
+
+
+def _is_nested(path: str, others: list[str]) -> bool:
+    return any(path != o and path.startswith(o + ".") for o in others)
+
+
+def find_decoder_layers(model: nn.Module, layers_attribute: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return `(dotted path, module list)` of the decoder layers LISA samples from.
+
+    With `layers_attribute` the list at that dotted path is used, whatever discovery would pick. Otherwise the
+    longest `nn.ModuleList` of >= 2 structurally identical blocks that is not inside another such list (an MoE
+    expert list inside each layer is longer than a tiny model's layer list, but nested). A list held by the same
+    module as the input embeddings comes first (a multimodal model's text decoder, not its longer vision tower);
+    ties go to the larger list. Lists whose blocks share a class but not all shapes (hybrid models) are used only when no fully identical
+    list exists.
+    """
+    if layers_attribute is not None:
+        return layers_attribute, _resolve_layers_attribute(model, layers_attribute)
+
+    candidates = layer_candidates(model)
+    for strict in (True, False):
+        pool = [c for c in candidates if (c.identical if strict else len(c.block_classes) == 1)]
+        paths = [c.path for c in pool]
+        pool = [c for c in pool if not _is_nested(c.path, paths)]
+        if pool:
+            beside_embeddings = _embedding_holder_paths(model)
+            best = max(pool, key=lambda c: (c.path.rpartition(".")[0] in beside_embeddings, c.length, c.n_params))
+            return best.path, model.get_submodule(best.path)
+
+    listing = "\n".join("  " + c.describe() for c in candidates) or "  (the model has no nn.ModuleList of >= 2 blocks)"
+    raise ValueError(
+        f"could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of two or more "
+        f"structurally identical blocks. Candidates:\n{listing}\nTo use one, {_CHOOSE_HINT}."
+    )
+
+
+def _resolve_layers_attribute(model: nn.Module, path: str) -> nn.ModuleList:
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError as err:
+        hint = ", ".join(repr(c.path) for c in layer_candidates(model)) or "none found"
+        raise ValueError(
+            f"layers_attribute={path!r} does not name a submodule of {type(model).__name__} ({err}); "
+            f"module lists in this model: {hint}"
+        ) from None
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) == 0:
+        raise ValueError(
+            f"layers_attribute={path!r} names a {type(module).__name__}, not a non-empty nn.ModuleList of "
+            f"decoder layers"
+        )
+    return module
+
+
+def _embedding_holder_paths(model: nn.Module) -> set[str]:
+    """Paths of the modules that directly hold the input embeddings (where the decoder layers usually sit)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return set()
+    holders = set()
+    for path, module in model.named_modules():
+        if any(child is emb for child in module.children()):
+            holders.add(path)
+    return holders
+
+
+def _is_norm_like(module: nn.Module) -> bool:
+    """A normalisation module: LayerNorm/RMSNorm/GroupNorm, or any leaf whose parameters are all 1-D.
+
+    Custom RMSNorm classes (LlamaRMSNorm, GemmaRMSNorm, ...) are plain modules with one 1-D weight, so the
+    structural rule catches them without a name list. Embeddings and Linear have 2-D weights; dropout and rotary
+    embeddings have no parameters.
+    """
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return True
+    if any(_has_params(child) for child in module.children()):
+        return False
+    params = list(module.parameters(recurse=False))
+    return bool(params) and all(p.dim() == 1 for p in params)
+
+
+def _find_final_norms(model: nn.Module, layers_path: str) -> list[str]:
+    """Norm-like children of the module holding the layer list (the final norm), outside the layers.
+
+    When there are several (Bloom has a norm after its embeddings and one after its layers), the ones registered
+    after the layer list are the final norm by every transformers convention; if none is registered after it (OPT
+    registers `final_layer_norm` before `layers`), all of them are returned.
+    """
+    holder_path, _, attr = layers_path.rpartition(".")
+    holder = model.get_submodule(holder_path) if holder_path else model
+    norms, after = [], []
+    seen_layers = False
+    for name, child in holder.named_children():
+        if name == attr:
+            seen_layers = True
+            continue
+        if _is_norm_like(child):
+            full = f"{holder_path}.{name}" if holder_path else name
+            norms.append(full)
+            if seen_layers:
+                after.append(full)
+    return after or norms
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str | None:
+    for path, module in model.named_modules():
+        if module is target:
+            return path
+    return None
+
+
+def always_trainable_modules(
+    model: nn.Module,
+    include: tuple[str, ...] | list[str] | None = None,
+    layers_attribute: str | None = None,
+) -> dict[str, nn.Module]:
+    """Modules that train in every LISA period, as `{dotted path: module}` in a stable order.
+
+    `include` holds roles and/or dotted module paths; `None` means the paper's set plus the final norm:
+    `"input_embeddings"` (`model.get_input_embeddings()`), `"output_embeddings"` (`model.get_output_embeddings()`,
+    the LM head) and `"final_norm"` (found structurally next to the decoder layers). An empty sequence makes
+    nothing always trainable. A head whose parameters are all tied to the input embeddings is left out, so a tied
+    weight is never counted or toggled twice.
+    """
+    include = ALWAYS_TRAINABLE_DEFAULT if include is None else tuple(include)
+    if isinstance(include, str):
+        raise TypeError("always_trainable must be a sequence of roles or module paths, not a single string")
+    layers_path, layers = find_decoder_layers(model, layers_attribute)
+    in_layers = {id(p) for p in layers.parameters()}
+
+    result: dict[str, nn.Module] = {}
+    seen_params: set[int] = set()
+
+    def add(path: str, module: nn.Module) -> None:
+        params = [p for p in module.parameters() if id(p) not in seen_params]
+        if not params or any(id(p) in in_layers for p in params):
+            return  # tied away entirely, or part of the decoder layers (those are LISA's to toggle)
+        seen_params.update(id(p) for p in params)
+        result[path] = module
+
+    for entry in include:
+        if entry in ("input_embeddings", "output_embeddings"):
+            getter = model.get_input_embeddings if entry == "input_embeddings" else model.get_output_embeddings
+            try:
+                module = getter()
+            except (AttributeError, NotImplementedError):
+                module = None
+            if module is None:
+                continue  # e.g. a base model without an LM head
+            add(_module_path(model, module) or entry, module)
+        elif entry == "final_norm":
+            for path in _find_final_norms(model, layers_path):
+                add(path, model.get_submodule(path))
+        else:
+            try:
+                module = model.get_submodule(entry)
+            except AttributeError:
+                raise ValueError(
+                    f"always_trainable entry {entry!r} is neither a role ({', '.join(ALWAYS_TRAINABLE_DEFAULT)}) "
+                    f"nor a submodule of {type(model).__name__}"
+                ) from None
+            if any(id(p) in in_layers for p in module.parameters()):
+                raise ValueError(
+                    f"always_trainable entry {entry!r} lies inside the decoder layers {layers_path!r}; LISA samples "
+                    f"those, so they cannot be always trainable"
+                )
+            add(entry, module)
+    return result
+
+
+def unique_parameters(modules) -> list[torch.nn.Parameter]:
+    """Parameters of `modules`, each shared (tied) parameter once, in first-seen order."""
+    out, seen = [], set()
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out

@@ -1,0 +1,411 @@
+"""LisaController and LisaConfig: the switch, the state policies, prefetching, update norms, ranks and resume.
+
+A tiny random-weight Llama (4 layers) trains on fixed random token batches with the real FusedAdamW (the CPU
+path). Where the optimizer's parking hooks are not available yet, `_DictParkingAdamW` stands in for them.
+"""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import transformers
+
+from lisa_kernels import FusedAdamW
+from lisa_trainer import LisaConfig, LisaController, build_optimizer
+
+N_LAYERS = 4
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu(monkeypatch):
+    """One torch thread (on a loaded 2-core box, two threads make a 4-layer forward 100x slower) and FusedAdamW's
+    PyTorch CPU path instead of the Triton interpreter (~0.5 s a step; the kernel itself is tested in
+    test_adamw.py). Neither changes what the controller does."""
+    import lisa_kernels.adamw
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _DictParkingAdamW(FusedAdamW):
+    """FusedAdamW with the park/unpark/prefetch/drop interface over a plain dict (parked moments leave
+    `optimizer.state`, `step` stays), for when the state-bank hooks are not in FusedAdamW."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parked = {}
+
+    def park_state(self, params):
+        for p in params:
+            state = self.state.get(p)
+            if p in self.parked or not state:
+                continue
+            self.parked[p] = {k: state.pop(k).clone() for k in [k for k in state if k != "step"]}
+
+    def unpark_state(self, params, non_blocking=True):
+        for p in params:
+            if p in self.parked:
+                self.state[p].update(self.parked.pop(p))
+
+    def prefetch_state(self, params):
+        pass
+
+    def drop_state(self, params):
+        for p in params:
+            self.parked.pop(p, None)
+            self.state.pop(p, None)
+
+    def state_dict(self):
+        # Checkpoints hold parked moments too, as the real hooks' state_dict does.
+        saved = super().state_dict()
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state = dict(saved["state"])
+        for p, moments in self.parked.items():
+            state[index[p]] = {**state[index[p]], **moments}
+        return {**saved, "state": state}
+
+    def step(self, closure=None):
+        waiting = [p for p in self.parked if p.grad is not None]
+        if waiting:
+            self.unpark_state(waiting)
+        return super().step(closure)
+
+
+ParkingAdamW = FusedAdamW if hasattr(FusedAdamW, "park_state") else _DictParkingAdamW
+
+
+class _RecordingAdamW(ParkingAdamW):
+    """Records which hook was called with which params."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def park_state(self, params):
+        self.calls.append(("park", list(params)))
+        super().park_state(params)
+
+    def unpark_state(self, params, non_blocking=True):
+        if params:  # FusedAdamW.step() unparks what it needs; only the controller's calls are of interest
+            self.calls.append(("unpark", list(params)))
+        super().unpark_state(params, non_blocking=non_blocking)
+
+    def prefetch_state(self, params):
+        self.calls.append(("prefetch", list(params)))
+        super().prefetch_state(params)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def make_optimizer(model, cls=None):
+    # Weight decay > 0: a frozen weight that wrongly reached the optimizer would visibly shrink.
+    params = list(model.parameters())
+    return (cls or ParkingAdamW)(params, lr=1e-2, weight_decay=0.1)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(3, 64, (2, 8), generator=g)
+
+
+def train_step(model, optimizer, controller, step, set_to_none=True):
+    controller.on_step_begin(step)
+    ids = batch(step)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    controller.on_step_end(step)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def layer_of(name):
+    prefix = "model.layers."
+    return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+
+
+def state_layers(controller, optimizer):
+    """Layers with at least one parameter whose AdamW moments sit in `optimizer.state`."""
+    return {i for i in range(controller.n_layers)
+            if any("exp_avg" in optimizer.state.get(p, {}) for p in controller.layer_parameters(i))}
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("field, value", [
+    ("n_active_layers", 0), ("n_active_layers", 1.5), ("interval_steps", 0), ("interval_steps", True),
+    ("layers_attribute", ""), ("seed", "0"), ("layer_weights", [1, -1, 1]), ("layer_weights", [1, 0, 0]),
+    ("layer_weights", "1,1"), ("layer_weights", [1, float("nan"), 1]), ("state_policy", "offload"),
+    ("prefetch_steps", -1), ("always_trainable", "lm_head"), ("track_update_norms", 1),
+])
+def test_config_errors_name_the_field(field, value):
+    kwargs = {"n_active_layers": 2, field: value}
+    with pytest.raises(ValueError, match=f"LisaConfig.{field}"):
+        LisaConfig(**kwargs)
+
+
+def test_controller_errors_name_the_problem():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"n_active_layers=5 exceeds the 4 decoder layers found at 'model.layers'"):
+        LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=5))
+    with pytest.raises(ValueError, match="layer_weights does not fit the 4 layers"):
+        LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=1, layer_weights=[1, 1, 1]))
+    # torch's AdamW has no parking hooks: "park" is refused up front, "reset" and "keep" work.
+    plain = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="state_policy='park' needs an optimizer with park_state"):
+        LisaController(model, plain, LisaConfig(n_active_layers=1))
+    LisaController(model, plain, LisaConfig(n_active_layers=1, state_policy="reset"))
+
+
+def test_optimizer_missing_frozen_layers_is_refused():
+    # The ms-swift bug: freeze first, then build the optimizer over requires_grad params only. Later-sampled
+    # layers would never train, so the controller refuses such an optimizer.
+    model = tiny_llama()
+    for p in model.model.layers[1:].parameters():
+        p.requires_grad_(False)
+    trainable_only = FusedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match=r"does not hold \d+ parameters that LISA trains .*model\.layers\.1\."):
+        LisaController(model, trainable_only, LisaConfig(n_active_layers=1, state_policy="keep"))
+
+
+def test_build_optimizer_holds_every_parameter_with_no_decay_group():
+    model = tiny_llama()
+    model.model.layers[2].requires_grad_(False)  # frozen now, still in the optimizer
+    opt = build_optimizer(model, LisaConfig(), lr=3e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    assert isinstance(opt, FusedAdamW)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()} and len(held) == len(set(map(id, held)))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["lr"] == 3e-4 and decay["betas"] == (0.9, 0.95)
+
+
+# ------------------------------------------------------------------------------------------------------ the switch
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_only_active_layers_and_always_on_modules_change(set_to_none):
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=2, seed=3, state_policy="keep"))
+    always = {n for n, _ in model.named_parameters() if layer_of(n) is None}
+    assert always == {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    periods = set()
+    for step in range(8):
+        before = snapshot(model)
+        train_step(model, opt, ctrl, step, set_to_none=set_to_none)
+        active = set(ctrl.active_layers)
+        periods.add(ctrl.active_layers)
+        for name, p in model.named_parameters():
+            layer = layer_of(name)
+            changed = not torch.equal(p, before[name])
+            if layer is None or layer in active:
+                assert changed, f"step {step}: {name} should have trained (active {sorted(active)})"
+            else:
+                assert not changed, f"step {step}: frozen {name} changed (active {sorted(active)})"
+                assert not p.requires_grad and p.grad is None
+    assert len(periods) > 1, "the schedule never switched"
+
+
+def test_every_layer_trains_over_enough_periods():
+    model = tiny_llama()
+    initial = snapshot(model)
+    opt = build_optimizer(model, lr=1e-2)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=1, interval_steps=1, seed=0, state_policy="reset"))
+    assert ctrl.active_layers != (0,), "pick a seed whose first period is not layer 0"
+    seen = set()
+    for step in range(12):
+        train_step(model, opt, ctrl, step)
+        seen.update(ctrl.active_layers)
+    assert seen == set(range(N_LAYERS))
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, initial[name]), f"{name} never trained"
+
+
+@pytest.mark.parametrize("policy", ["park", "reset", "keep"])
+def test_optimizer_state_follows_policy(policy):
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=1, interval_steps=2, seed=1, state_policy=policy))
+    ever = set()
+    for step in range(10):
+        train_step(model, opt, ctrl, step)
+        ever.update(ctrl.active_layers)
+        held = state_layers(ctrl, opt)
+        if policy == "keep":
+            assert held == ever
+        else:
+            assert held == set(ctrl.active_layers), f"step {step}: state held for {held}"
+    assert len(ever) > 2
+    always = [p for m in ctrl.always_trainable.values() for p in m.parameters()]
+    assert all("exp_avg" in opt.state[p] for p in always)
+
+
+def test_park_is_bit_identical_to_keep_and_reset_is_not():
+    # Parking only moves the moments; a parked layer resumes exactly where it stopped.
+    finals = {}
+    for policy in ("keep", "park", "reset"):
+        model = tiny_llama()
+        opt = make_optimizer(model)
+        ctrl = LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=2, seed=5, state_policy=policy))
+        for step in range(10):
+            train_step(model, opt, ctrl, step)
+        finals[policy] = snapshot(model)
+    assert all(torch.equal(finals["keep"][n], finals["park"][n]) for n in finals["keep"])
+    assert any(not torch.equal(finals["keep"][n], finals["reset"][n]) for n in finals["keep"])
+
+
+@pytest.mark.parametrize("prefetch_steps", [0, 1, 2])
+def test_hooks_park_unpark_and_prefetch_ahead_of_the_switch(prefetch_steps):
+    K = 4
+    model = tiny_llama()
+    opt = make_optimizer(model, _RecordingAdamW)
+    cfg = LisaConfig(n_active_layers=2, interval_steps=K, seed=2, prefetch_steps=prefetch_steps)
+    ctrl = LisaController(model, opt, cfg)
+    ids = {id(p): i for i in range(N_LAYERS) for p in ctrl.layer_parameters(i)}
+    layers_in = lambda params: {ids[id(p)] for p in params}
+    log = []
+    for step in range(3 * K):
+        opt.calls.clear()
+        train_step(model, opt, ctrl, step)
+        log.append((step, [(kind, layers_in(params)) for kind, params in opt.calls]))
+
+    schedule = [ctrl.sampler.layers_for_period(p) for p in range(3)]
+    for step, calls in log:
+        period, offset = divmod(step, K)
+        expected = []
+        if offset == 0 and period > 0:
+            old, new = set(schedule[period - 1]), set(schedule[period])
+            expected += [("park", old - new)] if old - new else []
+            expected += [("unpark", new - old)] if new - old else []
+        incoming = set(schedule[period + 1]) - set(schedule[period]) if period + 1 < 3 else set()
+        if prefetch_steps and offset == K - prefetch_steps and incoming:
+            expected.append(("prefetch", incoming))
+        assert calls == expected, f"step {step}"
+
+
+# --------------------------------------------------------------------------------------------------- update norms
+def test_period_log_records_update_norms():
+    K = 3
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=K, seed=4, state_policy="keep"))
+    starts = {}
+    for step in range(2 * K + 1):  # two full periods and the first step of a third
+        if step % K == 0:
+            starts[step // K] = snapshot(model)
+        train_step(model, opt, ctrl, step)
+    ctrl.finish(2 * K)
+    end = snapshot(model)
+    log = ctrl.period_log
+    assert [e["period"] for e in log] == [0, 1, 2]
+    assert [e["partial"] for e in log] == [False, False, True]
+    assert [(e["first_step"], e["last_step"]) for e in log] == [(0, K - 1), (K, 2 * K - 1), (2 * K, 2 * K)]
+    json.dumps(log)
+    # Check period 1 against norms computed here from the weights at its start and end (period 2's start).
+    entry, before, after = log[1], starts[1], starts[2]
+    assert entry["layers"] == list(ctrl.sampler.layers_for_period(1))
+    for layer, norm in zip(entry["layers"], entry["layer_update_norms"]):
+        names = [n for n in before if layer_of(n) == layer]
+        expected = math.sqrt(sum(((after[n] - before[n]).double() ** 2).sum().item() for n in names))
+        assert norm == pytest.approx(expected, rel=1e-5) and norm > 0
+    assert set(entry["module_update_norms"]) == {"model.embed_tokens", "lm_head", "model.norm"}
+    expected = (after["lm_head.weight"] - before["lm_head.weight"]).double().norm().item()
+    assert entry["module_update_norms"]["lm_head"] == pytest.approx(expected, rel=1e-5)
+    assert log[2]["module_update_norms"]["model.norm"] == pytest.approx(
+        (end["model.norm.weight"] - starts[2]["model.norm.weight"]).double().norm().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- ranks and resume
+def test_two_simulated_ranks_agree():
+    ranks = []
+    for _ in range(2):
+        model = tiny_llama()
+        opt = make_optimizer(model)
+        ranks.append((model, opt, LisaController(model, opt, LisaConfig(n_active_layers=2, interval_steps=2, seed=9))))
+    for step in range(8):
+        for model, opt, ctrl in ranks:
+            train_step(model, opt, ctrl, step)
+        assert ranks[0][2].active_layers == ranks[1][2].active_layers
+    a, b = (snapshot(r[0]) for r in ranks)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert ranks[0][2].period_log == ranks[1][2].period_log
+
+
+@pytest.mark.parametrize("policy", ["park", "keep"])
+def test_resume_from_state_dict_equals_uninterrupted(policy):
+    cfg = LisaConfig(n_active_layers=2, interval_steps=3, seed=11, state_policy=policy)
+    total, stop = 10, 4  # stop in the middle of period 1
+
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, cfg)
+    schedule = []
+    for step in range(total):
+        train_step(model, opt, ctrl, step)
+        schedule.append(ctrl.active_layers)
+    uninterrupted = snapshot(model)
+
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, cfg)
+    for step in range(stop):
+        train_step(model, opt, ctrl, step)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), ctrl.state_dict()))
+    json.dumps(saved[2])  # plain types only
+
+    model = tiny_llama(seed=123)  # different init: everything must come from the checkpoint
+    model.load_state_dict(saved[0])
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, cfg, start_step=stop)
+    opt.load_state_dict(saved[1])
+    ctrl.load_state_dict(saved[2])
+    resumed = schedule[:stop]
+    for step in range(stop, total):
+        train_step(model, opt, ctrl, step)
+        resumed.append(ctrl.active_layers)
+    assert resumed == schedule
+    final = snapshot(model)
+    assert all(torch.equal(final[n], uninterrupted[n]) for n in final)
+    if policy == "park":
+        assert state_layers(ctrl, opt) == set(ctrl.active_layers)
+
+
+def test_load_state_dict_refuses_a_different_schedule():
+    model = tiny_llama()
+    opt = make_optimizer(model)
+    state = LisaController(model, opt, LisaConfig(n_active_layers=2, seed=1)).state_dict()
+    other = LisaController(model, opt, LisaConfig(n_active_layers=2, seed=2))
+    with pytest.raises(ValueError, match="written with seed=1 but this run has seed=2"):
+        other.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------ importance weights
+def test_zero_weight_layers_never_train():
+    model = tiny_llama()
+    initial = snapshot(model)
+    opt = make_optimizer(model)
+    cfg = LisaConfig(n_active_layers=1, interval_steps=1, seed=0, layer_weights=[0, 1, 0, 3], state_policy="reset")
+    ctrl = LisaController(model, opt, cfg)
+    seen = set()
+    for step in range(10):
+        train_step(model, opt, ctrl, step)
+        seen.update(ctrl.active_layers)
+    assert seen == {1, 3}
+    final = snapshot(model)
+    for name in final:
+        if layer_of(name) in (0, 2):
+            assert torch.equal(final[name], initial[name]), name
+        elif layer_of(name) in (1, 3):
+            assert not torch.equal(final[name], initial[name]), name
