@@ -3,19 +3,22 @@
 import torch
 
 from .adamw import AdamWHyperparameters, _unscale_factor, adamw_hyperparameters, adamw_update_
+from .state_parking import StateParkingMixin
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-class FusedAdamW(torch.optim.AdamW):
+class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
     """torch.optim.AdamW with the same signature, defaults, math, validation and `state_dict` layout, plus:
 
     - parameters whose `.grad` is None are skipped entirely: no state is created, no byte is read or written, so
       a LISA optimizer built over the whole model holds state only for the layers that have trained;
     - one Triton launch per (param, grad, state) dtype combination covers every active tensor of every group;
     - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
-    - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost.
+    - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
+    - `park_state` / `unpark_state` / `prefetch_state` / `drop_state` move frozen params' moments to and from a
+      HostStateBank (`state_bank`, created on first use); see `state_parking.py`.
 
     `foreach` and `fused` are accepted for compatibility and ignored: the update is always fused. CUDA-graph
     capture (`capturable`) and `differentiable` are not supported.
@@ -23,7 +26,7 @@ class FusedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None, stochastic_rounding=False):
+                 state_dtype=None, stochastic_rounding=False, state_bank=None):
         if capturable:
             raise ValueError("FusedAdamW does not support capturable=True; use torch.optim.AdamW for CUDA graphs")
         if differentiable:
@@ -35,6 +38,7 @@ class FusedAdamW(torch.optim.AdamW):
         self.stochastic_rounding = stochastic_rounding
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
+        self._init_state_parking(state_bank)
 
     def moment_dtype(self, param: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
@@ -61,6 +65,7 @@ class FusedAdamW(torch.optim.AdamW):
         if inv_grad_scale is None:
             return loss
 
+        self._unpark_for_step()
         launches = {}
         for group in self.param_groups:
             beta1, beta2 = (float(b) for b in group["betas"])
@@ -87,12 +92,14 @@ class FusedAdamW(torch.optim.AdamW):
                           stochastic_rounding=self.stochastic_rounding)
         return loss
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a FusedAdamW or torch.optim.AdamW state_dict.
+    def load_state_dict(self, state_dict: dict, *, park=None) -> None:
+        """Load a FusedAdamW or torch.optim.AdamW state_dict; `park` ("frozen": params with requires_grad=False,
+        or a list of params) sends those params' state straight into the state bank, never onto the GPU.
 
         torch casts loaded moments to the param dtype; ours keep `moment_dtype` (fp32 for bf16 params), so they are
         re-read from the saved values, and `step` stays a CPU scalar since bias corrections are computed on the host.
         """
+        state_dict, parked = self._split_parked_state(state_dict, park)
         super().load_state_dict(state_dict)
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
@@ -105,3 +112,4 @@ class FusedAdamW(torch.optim.AdamW):
             for key in _MOMENT_KEYS:
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=self.moment_dtype(p), copy=True)
+        self._park_loaded(parked, self.moment_dtype)

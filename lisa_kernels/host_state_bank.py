@@ -1,0 +1,509 @@
+"""Host storage for optimizer state that is not needed on the GPU right now (LISA's frozen layers).
+
+`HostStateBank` keeps named tensors in host memory and moves them to and from the device asynchronously:
+
+- `offload(name, tensor)` copies device -> host on a dedicated copy stream. The caller drops its reference and the
+  device memory goes back to PyTorch's caching allocator at once; `record_stream` keeps the block from being reused
+  before the copy has read it.
+- `restore(name, device)` copies host -> device on the copy stream and makes the current stream wait on the copy's
+  event, so the result can be used straight away on the current stream. `prefetch(name, device)` starts that copy
+  early (while compute runs); the `restore` that follows returns the prefetched tensor.
+- `discard(name)` forgets a tensor; `read(name)` gives a CPU copy without taking it out (checkpoints).
+
+Host memory is one arena of large chunks, sub-allocated with a free list that coalesces neighbours
+(`_Arena`). Pinning costs ~ms per `cudaHostAlloc`, so chunks are allocated rarely and reused: hundreds of
+park/unpark cycles do not grow it. Chunks come from the native extension when it builds (`csrc/host_arena.cpp`:
+exactly the size asked for) or from the pure-PyTorch fallback (`torch.empty(pin_memory=True)`, which PyTorch's
+caching host allocator rounds up to a power of two, so the fallback asks for powers of two and wastes nothing).
+Both share every other line of this file, so they behave identically.
+
+When the arena cannot grow (the `max_pinned_bytes` cap, or pinning refused: `cudaHostAlloc` failure, tight
+`ulimit -l`), tensors go to ordinary pageable memory with ONE warning: copies get slower, no state is lost.
+
+Without CUDA, "device" tensors are CPU tensors and every copy is synchronous. Nothing can be pinned then: the arena
+is plain page-aligned memory standing in for pinned memory, so the cap, the fallback to pageable memory and the
+bookkeeping behave (and are tested) exactly as on a GPU machine; `bank.pinned` says which it is.
+
+Not thread-safe: use one bank from one thread (the training loop), like the optimizer that owns it.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import warnings
+from typing import Iterator
+
+import torch
+
+from lisa_kernels import _native
+
+__all__ = ["HostStateBank"]
+
+# Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
+_ALIGN = 256
+_PAGE = 4096
+_DEFAULT = object()  # "use the bank's storage_dtype" for offload(..., storage_dtype=...)
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------------- chunks
+
+
+class _ChunkSource:
+    """Where the arena's chunks come from: the native extension or plain PyTorch, pinned or not."""
+
+    def __init__(self, ops, pinned: bool):
+        self.ops = ops          # torch.ops.lisa_kernels, or None for the fallback
+        self.pinned = pinned
+
+    @property
+    def name(self) -> str:
+        return "native" if self.ops is not None else "fallback"
+
+    def size_for(self, nbytes: int) -> int:
+        """The bytes a request of `nbytes` really takes, so the arena can count (and cap) what it holds."""
+        if self.ops is None and self.pinned:
+            # PyTorch's caching host allocator rounds pinned requests up to a power of two; ask for that directly.
+            return max(_next_pow2(nbytes), _PAGE)
+        return _round_up(max(nbytes, 1), _PAGE)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A 1-D uint8 CPU tensor of `nbytes`; raises RuntimeError when the memory (or the pinning) is refused."""
+        if self.ops is not None:
+            return self.ops.host_alloc(nbytes, self.pinned)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+
+class _Chunk:
+    __slots__ = ("data", "free")
+
+    def __init__(self, data: torch.Tensor):
+        self.data = data
+        self.free: list[tuple[int, int]] = [(0, data.numel())]  # (offset, size), sorted by offset, never adjacent
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    chunk: _Chunk
+    offset: int
+    size: int  # bytes reserved (aligned), >= the bytes used
+
+
+class _ArenaFull(Exception):
+    """The arena cannot hold a request: `reason` says why (cap reached, pinning refused)."""
+
+
+class _Arena:
+    """Chunks of host memory sub-allocated best-fit, with freed ranges merged back into their neighbours."""
+
+    def __init__(self, source: _ChunkSource, chunk_bytes: int, max_bytes: int | None):
+        self.source = source
+        self.chunk_bytes = chunk_bytes
+        self.max_bytes = max_bytes
+        self.chunks: list[_Chunk] = []
+        self.reserved = 0                 # bytes of all chunks
+        self.refused: str | None = None   # set once pinning has been refused; later requests fail fast
+
+    def alloc(self, nbytes: int) -> _Slot:
+        size = _round_up(max(nbytes, 1), _ALIGN)
+        slot = self._best_fit(size)
+        if slot is None:
+            self.grow(size)
+            slot = self._best_fit(size)
+        return slot
+
+    def free(self, slot: _Slot) -> None:
+        free = slot.chunk.free
+        off, size = slot.offset, slot.size
+        i = bisect.bisect_left(free, (off, 0))
+        if i < len(free) and off + size == free[i][0]:        # merge with the range after
+            size += free.pop(i)[1]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # merge with the range before
+            off, size = free[i - 1][0], free[i - 1][1] + size
+            free[i - 1] = (off, size)
+        else:
+            free.insert(i, (off, size))
+
+    def _best_fit(self, size: int) -> _Slot | None:
+        best = None  # (range size, chunk, index in its free list)
+        for chunk in self.chunks:
+            for i, (_, free_size) in enumerate(chunk.free):
+                if free_size >= size and (best is None or free_size < best[0]):
+                    best = (free_size, chunk, i)
+        if best is None:
+            return None
+        free_size, chunk, i = best
+        off = chunk.free[i][0]
+        if free_size == size:
+            chunk.free.pop(i)
+        else:
+            chunk.free[i] = (off + size, free_size - size)
+        return _Slot(chunk, off, size)
+
+    def grow(self, size: int) -> None:
+        """Add a chunk that can hold `size` bytes, or raise _ArenaFull saying why not."""
+        if self.refused is not None:
+            raise _ArenaFull(self.refused)
+        room = None if self.max_bytes is None else self.max_bytes - self.reserved
+        wants = [max(size, self.chunk_bytes), size]  # a large chunk; failing that, just this request
+        tried = []
+        for want in dict.fromkeys(self.source.size_for(w) for w in wants):
+            if room is not None and want > room:
+                continue
+            try:
+                data = self.source.alloc(want)
+            except RuntimeError as e:
+                tried.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                continue
+            self.chunks.append(_Chunk(data))
+            self.reserved += want
+            return
+        if tried:
+            self.refused = f"pinning refused ({tried[-1]})" if self.source.pinned else f"allocation refused ({tried[-1]})"
+            raise _ArenaFull(self.refused)
+        raise _ArenaFull(f"max_pinned_bytes={self.max_bytes} reached ({self.reserved} bytes in the arena)")
+
+    def trim(self) -> int:
+        """Give wholly free chunks back to the OS; returns the bytes released."""
+        keep, released = [], 0
+        for chunk in self.chunks:
+            if chunk.free == [(0, chunk.data.numel())]:
+                released += chunk.data.numel()
+            else:
+                keep.append(chunk)
+        self.chunks = keep
+        self.reserved -= released
+        return released
+
+
+# ------------------------------------------------------------------------------------------------------ bank
+
+
+@dataclasses.dataclass(eq=False)
+class _Parked:
+    shape: torch.Size
+    dtype: torch.dtype               # the tensor's own dtype: restore gives this back
+    device: torch.device             # where it came from: restore's default destination
+    host: torch.Tensor               # the stored bytes, viewed as (shape, storage dtype), contiguous
+    slot: _Slot | None               # its arena range; None when pageable (or zero-size)
+    ready: object | None = None      # torch.cuda.Event: the device-to-host copy has finished
+    prefetched: tuple | None = None  # (device tensor, torch.cuda.Event or None) of an early restore
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
+
+
+class HostStateBank:
+    """Named tensors parked in host memory, moved to and from the device asynchronously.
+
+    Args:
+        max_pinned_bytes: cap on the arena (pinned memory). Beyond it tensors go to pageable memory, with one
+            warning. None: no cap (pinning refused by the system still falls back the same way).
+        storage_dtype: e.g. torch.bfloat16 to halve host RAM for fp32 moments while parked (rounded to nearest
+            even; restore casts back). Applies to floating tensors wider than it; others are stored as they are.
+        chunk_bytes: arena growth step. Each growth is one allocation (~ms when pinned); a request larger than this
+            gets a chunk of its own size. `reserve(nbytes)` sizes the arena exactly in one go.
+        backend: "auto" (native extension when it builds, else fallback), "native" (raise if unavailable) or
+            "fallback" (pure PyTorch).
+        pin: page-lock the arena; default: when CUDA is available.
+    """
+
+    def __init__(self, *, max_pinned_bytes: int | None = None, storage_dtype: torch.dtype | None = None,
+                 chunk_bytes: int = 64 << 20, backend: str = "auto", pin: bool | None = None):
+        if max_pinned_bytes is not None and max_pinned_bytes < 0:
+            raise ValueError(f"max_pinned_bytes must be >= 0 or None, got {max_pinned_bytes}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if storage_dtype is not None and not (isinstance(storage_dtype, torch.dtype)
+                                              and storage_dtype.is_floating_point):
+            raise ValueError(f"storage_dtype must be None or a floating dtype, got {storage_dtype}")
+        if backend not in ("auto", "native", "fallback"):
+            raise ValueError(f"backend must be 'auto', 'native' or 'fallback', got {backend!r}")
+        if pin is None:
+            pin = torch.cuda.is_available()
+        if pin and not torch.cuda.is_available():
+            raise ValueError("pin=True needs CUDA")
+        ops = None
+        if backend != "fallback":
+            ops = _native.load()
+            if ops is None and backend == "native":
+                raise RuntimeError(f"native host arena unavailable: {_native.failure_reason()}")
+        self.storage_dtype = storage_dtype
+        self._arena = _Arena(_ChunkSource(ops, pin), chunk_bytes, max_pinned_bytes)
+        self._entries: dict[str, _Parked] = {}
+        self._pending: list[tuple[list, object]] = []  # (events, slot or tensor): freed once all events are done
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._warned = False
+
+    # ----------------------------------------------------------------------------------------- reporting
+
+    @property
+    def backend(self) -> str:
+        """'native' or 'fallback'."""
+        return self._arena.source.name
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the arena is page-locked memory (False without CUDA: plain memory stands in for it)."""
+        return self._arena.source.pinned
+
+    @property
+    def max_pinned_bytes(self) -> int | None:
+        return self._arena.max_bytes
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of parked data (as stored: halved by a bf16 storage_dtype), pinned plus pageable."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of parked data held in the arena."""
+        return sum(e.nbytes for e in self._entries.values() if e.slot is not None)
+
+    @property
+    def pageable_bytes(self) -> int:
+        """Bytes of parked data in pageable memory (the arena was full or pinning was refused)."""
+        return sum(e.nbytes for e in self._entries.values() if e.slot is None)
+
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes the arena has taken from the system (held or free for reuse)."""
+        return self._arena.reserved
+
+    def stats(self) -> dict:
+        return {"backend": self.backend, "pinned": self.pinned, "tensors": len(self._entries),
+                "bytes_held": self.bytes_held, "pinned_bytes": self.pinned_bytes,
+                "pageable_bytes": self.pageable_bytes, "arena_bytes": self.arena_bytes}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __repr__(self) -> str:
+        return (f"HostStateBank(backend={self.backend!r}, pinned={self.pinned}, tensors={len(self)}, "
+                f"bytes_held={self.bytes_held}, arena_bytes={self.arena_bytes})")
+
+    # --------------------------------------------------------------------------------------------- moves
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the arena once so that `nbytes` more fit (e.g. every frozen layer's state, known up front)."""
+        free = sum(size for chunk in self._arena.chunks for _, size in chunk.free)
+        if nbytes > free:
+            try:
+                self._arena.grow(_round_up(nbytes - free, _ALIGN))
+            except _ArenaFull as e:
+                self._warn_pageable(str(e), nbytes - free, stacklevel=3)
+
+    def offload(self, name: str, tensor: torch.Tensor, *, storage_dtype=_DEFAULT) -> None:
+        """Park `tensor` under `name` (replacing what was there). Drop your reference afterwards and do not write to
+        `tensor` again: on a GPU the copy is still running; its memory is reusable as soon as the copy has read it.
+
+        `storage_dtype` overrides the bank's for this tensor (None: store exactly)."""
+        tensor = tensor.detach()
+        if name in self._entries:
+            self.discard(name)
+        stored = self._stored_dtype(tensor.dtype, storage_dtype)
+        host, slot = self._host_buffer(tensor.shape, stored)
+        entry = _Parked(tensor.shape, tensor.dtype, tensor.device, host, slot)
+        if tensor.numel() > 0:
+            if tensor.is_cuda:
+                stream = self._copy_stream(tensor.device)
+                stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor's producers first
+                with torch.cuda.stream(stream):
+                    src = tensor if stored == tensor.dtype else tensor.to(stored)
+                    host.copy_(src, non_blocking=True)  # truly async only into pinned memory
+                    entry.ready = torch.cuda.Event()
+                    entry.ready.record(stream)
+                # The caller frees `tensor` now; the allocator must not hand its block out before the copy read it.
+                tensor.record_stream(stream)
+            else:
+                host.copy_(tensor)
+        self._entries[name] = entry
+
+    def prefetch(self, name: str, device: torch.device | str | None = None) -> None:
+        """Start bringing `name` back to `device` (default: where it came from) without waiting for it."""
+        entry = self._entries[name]
+        device = self._device(device, entry)
+        if device.type != "cuda" or entry.host.numel() == 0:
+            return  # a synchronous copy gains nothing from starting early
+        if entry.prefetched is not None:
+            if entry.prefetched[0].device == device:
+                return
+            entry.prefetched[1].synchronize()  # rare: prefetched to another device; let that copy finish reading
+            entry.prefetched = None
+        entry.prefetched = self._to_device(entry, device)
+
+    def restore(self, name: str, device: torch.device | str | None = None, non_blocking: bool = True
+                ) -> torch.Tensor:
+        """Take `name` out of the bank as a tensor on `device` (default: where it came from), in its own dtype.
+
+        On a GPU the copy runs on the copy stream and the current stream waits for it, so the result is ready for
+        anything queued on the current stream; `non_blocking=False` also waits on the host."""
+        entry = self._entries.pop(name)
+        device = self._device(device, entry)
+        stale = None  # a prefetch to another device: still reading the host memory
+        if entry.prefetched is not None and entry.prefetched[0].device == device:
+            out, done = entry.prefetched
+        else:
+            if entry.prefetched is not None:
+                stale = entry.prefetched[1]
+            out, done = self._to_device(entry, device)
+        entry.prefetched = None
+        if done is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(done)
+            if out.numel() > 0:
+                out.record_stream(current)  # allocated on the copy stream, used (and freed) on this one
+            if not non_blocking:
+                done.synchronize()
+        self._release(entry, done, stale)
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        """A CPU copy of `name` in its own dtype, leaving it parked (for checkpoints)."""
+        entry = self._entries[name]
+        if entry.ready is not None:
+            entry.ready.synchronize()
+        if entry.host.dtype == entry.dtype:
+            return entry.host.clone()
+        return entry.host.to(entry.dtype)
+
+    def discard(self, name: str) -> None:
+        """Forget `name` (a no-op when absent); its host memory is reused once no copy needs it."""
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        done = entry.prefetched[1] if entry.prefetched is not None else None
+        entry.prefetched = None
+        self._release(entry, done)
+
+    def clear(self) -> None:
+        for name in list(self._entries):
+            self.discard(name)
+
+    def synchronize(self) -> None:
+        """Wait for every copy the bank started, and recycle the memory they held."""
+        for entry in self._entries.values():
+            if entry.ready is not None:
+                entry.ready.synchronize()
+            if entry.prefetched is not None and entry.prefetched[1] is not None:
+                entry.prefetched[1].synchronize()
+        self._wait_pending()
+
+    def trim(self) -> int:
+        """Give wholly free arena chunks back to the system; returns the bytes released."""
+        self.synchronize()
+        return self._arena.trim()
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _stored_dtype(self, dtype: torch.dtype, override) -> torch.dtype:
+        target = self.storage_dtype if override is _DEFAULT else override
+        if target is None or not dtype.is_floating_point or target.itemsize >= dtype.itemsize:
+            return dtype
+        return target
+
+    def _device(self, device, entry: _Parked) -> torch.device:
+        device = entry.device if device is None else torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _host_buffer(self, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, _Slot | None]:
+        """Host memory for one tensor: an arena range, or pageable memory when the arena cannot grow."""
+        nbytes = shape.numel() * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype), None
+        self._reap()
+        try:
+            slot = self._alloc_slot(nbytes)
+        except _ArenaFull as e:
+            self._warn_pageable(str(e), nbytes)
+            return torch.empty(shape, dtype=dtype, pin_memory=False), None
+        view = slot.chunk.data[slot.offset:slot.offset + nbytes].view(dtype).view(shape)
+        return view, slot
+
+    def _alloc_slot(self, nbytes: int) -> _Slot:
+        try:
+            return self._arena.alloc(nbytes)
+        except _ArenaFull:
+            if not self._pending:
+                raise
+        # Ranges still read by in-flight copies may fit: wait for those copies rather than grow the arena.
+        self._wait_pending()
+        return self._arena.alloc(nbytes)
+
+    def _warn_pageable(self, reason: str, nbytes: int, stacklevel: int = 4) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(f"HostStateBank: {reason}; parking {nbytes} bytes and anything else that does not fit in "
+                      f"pageable host memory (slower copies, no state lost). This warning is shown once per bank.",
+                      RuntimeWarning, stacklevel=stacklevel)
+
+    def _to_device(self, entry: _Parked, device: torch.device) -> tuple[torch.Tensor, object | None]:
+        """Start copying `entry` to `device`: (tensor, event that marks the copy done; None if synchronous)."""
+        host = entry.host
+        if device.type != "cuda":
+            if entry.ready is not None:
+                entry.ready.synchronize()  # a synchronous read of data still arriving from a GPU
+            out = torch.empty(entry.shape, dtype=entry.dtype, device=device)
+            out.copy_(host)  # converts a narrower storage dtype back
+            return out, None
+        stream = self._copy_stream(device)
+        if entry.ready is not None:
+            stream.wait_event(entry.ready)  # parked from another device, or still on its way in
+        with torch.cuda.stream(stream):
+            # Allocated on the copy stream; restore() hands it to the current stream with record_stream.
+            staged = torch.empty(entry.shape, dtype=host.dtype, device=device)
+            staged.copy_(host, non_blocking=True)
+            out = staged if host.dtype == entry.dtype else staged.to(entry.dtype)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done
+
+    def _release(self, entry: _Parked, *copies) -> None:
+        """Free `entry`'s host memory once every copy that reads or writes it (`copies`, entry.ready: CUDA events,
+        None for synchronous ones) is done."""
+        events = [e for e in (entry.ready, *copies) if e is not None]
+        if events:
+            self._pending.append((events, entry.slot if entry.slot is not None else entry.host))
+            self._reap()
+        elif entry.slot is not None:
+            self._arena.free(entry.slot)
+
+    def _reap(self) -> None:
+        still = []
+        for events, held in self._pending:
+            if all(e.query() for e in events):
+                if isinstance(held, _Slot):
+                    self._arena.free(held)
+            else:
+                still.append((events, held))
+        self._pending = still
+
+    def _wait_pending(self) -> None:
+        for events, _ in self._pending:
+            for e in events:
+                e.synchronize()
+        self._reap()

@@ -1,0 +1,483 @@
+"""HostStateBank and FusedAdamW state parking.
+
+Every bank test runs on both backends: the native extension (skipped only when it genuinely cannot be built here,
+with the reason) and the pure-PyTorch fallback. Without a GPU the "device" is the CPU and every copy is
+synchronous; the `cuda`-marked tests check the asynchronous path, device memory and stream ordering.
+"""
+import copy
+import random
+import warnings
+
+import pytest
+import torch
+
+from lisa_kernels import _native
+from lisa_kernels.host_state_bank import _ALIGN, HostStateBank, _Arena, _ArenaFull, _ChunkSource
+from lisa_kernels.optimizer import FusedAdamW
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(params=["fallback", "native"])
+def backend(request):
+    if request.param == "native" and _native.load() is None:
+        pytest.skip(f"native extension cannot be built here: {_native.failure_reason()}")
+    return request.param
+
+
+def make_bank(backend, **kwargs):
+    kwargs.setdefault("chunk_bytes", 1 << 20)
+    return HostStateBank(backend=backend, **kwargs)
+
+
+def sample(shape, dtype, device=DEVICE, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        t = torch.randint(0, 2, shape, generator=g).bool()
+    elif dtype.is_floating_point:
+        # Values spanning many binades, plus the specials, so "exact" means every bit.
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-20, 20, shape,
+                                                                                              generator=g))
+        t = t.to(dtype)
+        if t.numel() >= 3:
+            t.view(-1)[:3] = torch.tensor([float("inf"), float("-inf"), -0.0], dtype=dtype)
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.randint(max(info.min, -(2**31)), min(info.max, 2**31 - 1), shape, generator=g, dtype=torch.int64)
+        t = t.to(dtype)
+    return t.to(device)
+
+
+def assert_bitwise_equal(actual, expected):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape and actual.device == expected.device
+    if expected.dtype.is_floating_point:
+        # Compare bit patterns: equal() would call -0.0 == 0.0 and nan != nan.
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[expected.element_size()]
+        actual, expected = actual.view(bits), expected.view(bits)
+    mismatch = (actual != expected).sum().item()
+    assert mismatch == 0, f"{mismatch} of {expected.numel()} elements differ"
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8,
+          torch.bool]
+SHAPES = [(5, 123), (1,), (), (0,), (3, 0, 7), (2, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_exact(backend, dtype):
+    bank = make_bank(backend)
+    tensors = {f"t{i}": sample(shape, dtype, seed=i) for i, shape in enumerate(SHAPES)}
+    for name, t in tensors.items():
+        bank.offload(name, t.clone())
+    assert bank.bytes_held == sum(t.numel() * t.element_size() for t in tensors.values())
+    for name, t in tensors.items():
+        assert_bitwise_equal(bank.restore(name), t)
+    assert len(bank) == 0 and bank.bytes_held == 0
+
+
+def test_many_tensors_any_order(backend):
+    bank = make_bank(backend, chunk_bytes=64 << 10)
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float16]
+    tensors = {f"p{i}": sample((rng.randint(0, 3000),), rng.choice(dtypes), seed=i) for i in range(300)}
+    for name, t in tensors.items():
+        bank.offload(name, t)
+    assert len(bank) == 300 and all(name in bank for name in tensors)
+    assert bank.pinned_bytes == bank.bytes_held and bank.pageable_bytes == 0
+    order = list(tensors)
+    rng.shuffle(order)
+    for name in order:
+        assert_bitwise_equal(bank.restore(name), tensors[name])
+    assert bank.bytes_held == 0
+
+
+def test_non_contiguous_comes_back_contiguous(backend):
+    bank = make_bank(backend)
+    t = sample((64, 48), torch.float32)
+    bank.offload("t", t.t())
+    out = bank.restore("t")
+    assert out.is_contiguous()
+    assert_bitwise_equal(out, t.t().contiguous())
+
+
+def test_read_discard_replace(backend):
+    bank = make_bank(backend)
+    a, b = sample((100,), torch.float32, seed=1), sample((7, 3), torch.int32, seed=2)
+    bank.offload("x", a)
+    copy_ = bank.read("x")
+    assert copy_.device.type == "cpu"
+    assert_bitwise_equal(copy_, a.cpu())
+    assert "x" in bank  # read leaves it parked
+    bank.offload("x", b)  # same name: replaces
+    assert len(bank) == 1 and bank.bytes_held == b.numel() * 4
+    assert_bitwise_equal(bank.restore("x"), b)
+    bank.offload("y", a)
+    bank.discard("y")
+    bank.discard("never-there")
+    assert "y" not in bank and bank.bytes_held == 0
+    with pytest.raises(KeyError):
+        bank.restore("y")
+
+
+# ------------------------------------------------------------------------------------------ storage dtype
+
+
+def test_bf16_storage_halves_bytes_and_rounds_to_nearest(backend):
+    bank = make_bank(backend, storage_dtype=torch.bfloat16)
+    moments = sample((257, 31), torch.float32, seed=3)
+    half = sample((9,), torch.float16, seed=4)
+    ints = sample((11,), torch.int64, seed=5)
+    step = torch.tensor(12345.0)
+    bank.offload("m", moments)
+    bank.offload("h", half)
+    bank.offload("i", ints)
+    bank.offload("step", step, storage_dtype=None)  # exact, whatever the bank's default
+    assert bank.bytes_held == moments.numel() * 2 + half.numel() * 2 + ints.numel() * 8 + 4
+    assert_bitwise_equal(bank.read("m"), moments.to(torch.bfloat16).to(torch.float32).cpu())
+    assert_bitwise_equal(bank.restore("m"), moments.to(torch.bfloat16).to(torch.float32))
+    assert_bitwise_equal(bank.restore("h"), half)  # not wider than bf16: stored as it is
+    assert_bitwise_equal(bank.restore("i"), ints)
+    assert bank.restore("step").item() == 12345.0
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError):
+        HostStateBank(backend="fallback", storage_dtype=torch.int8)
+    with pytest.raises(ValueError):
+        HostStateBank(backend="fallback", max_pinned_bytes=-1)
+    with pytest.raises(ValueError):
+        HostStateBank(backend="bogus")
+    with pytest.raises(ValueError):
+        HostStateBank(backend="fallback", chunk_bytes=0)
+
+
+# ------------------------------------------------------------------------------- arena: cap, refusal, growth
+
+
+def test_cap_reached_goes_pageable_with_one_warning(backend):
+    cap = 256 << 10
+    bank = make_bank(backend, max_pinned_bytes=cap, chunk_bytes=64 << 10)
+    tensors = {f"t{i}": sample((10_000,), torch.float32, seed=i) for i in range(20)}  # 800 KB in all
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, t in tensors.items():
+            bank.offload(name, t)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "max_pinned_bytes" in messages[0], messages
+    assert bank.arena_bytes <= cap
+    assert 0 < bank.pinned_bytes <= cap and bank.pageable_bytes > 0
+    assert bank.pinned_bytes + bank.pageable_bytes == bank.bytes_held == 20 * 40_000
+    for name, t in tensors.items():
+        assert_bitwise_equal(bank.restore(name), t)
+
+
+def test_pinning_refused_goes_pageable_with_one_warning(backend, monkeypatch):
+    bank = make_bank(backend)
+    calls = []
+
+    def refuse(nbytes):
+        calls.append(nbytes)
+        raise RuntimeError("cudaHostAlloc failed: out of memory (simulated)")
+
+    monkeypatch.setattr(bank._arena.source, "alloc", refuse)
+    tensors = [sample((1000 + i,), torch.float32, seed=i) for i in range(10)]
+    with pytest.warns(RuntimeWarning, match="simulated") as record:
+        for i, t in enumerate(tensors):
+            bank.offload(f"t{i}", t)
+    assert len(record) == 1
+    assert len(calls) == 2  # one large chunk, then one the size of the request; later requests do not retry
+    assert bank.pageable_bytes == bank.bytes_held and bank.arena_bytes == 0
+    for i, t in enumerate(tensors):
+        assert_bitwise_equal(bank.restore(f"t{i}"), t)
+
+
+def test_hundreds_of_cycles_do_not_grow_the_arena(backend):
+    bank = make_bank(backend, chunk_bytes=256 << 10)
+    rng = random.Random(1)
+    tensors = {f"l{i}.{k}": sample((rng.randint(1, 6000),), torch.float32, seed=i * 3 + j)
+               for i in range(8) for j, k in enumerate(("exp_avg", "exp_avg_sq"))}
+    names = list(tensors)
+    sizes = []
+    for cycle in range(300):
+        rng.shuffle(names)
+        for name in names[: rng.randint(1, len(names))]:  # a different subset, in a different order, each time
+            bank.offload(name, tensors[name])
+        for name in list(bank):
+            assert_bitwise_equal(bank.restore(name), tensors[name])
+        sizes.append(bank.arena_bytes)
+    assert len(set(sizes[1:])) == 1 and sizes[-1] == 256 << 10, sorted(set(sizes))
+    # Every range went back and merged with its neighbours: each chunk is one free range again.
+    assert all(chunk.free == [(0, chunk.data.numel())] for chunk in bank._arena.chunks)
+    assert bank.trim() == 256 << 10 and bank.arena_bytes == 0
+
+
+class _FakeSource(_ChunkSource):
+    def __init__(self):
+        super().__init__(None, False)
+
+
+def test_arena_best_fit_and_coalescing():
+    arena = _Arena(_FakeSource(), chunk_bytes=16 * _ALIGN, max_bytes=None)
+    a, b, c, d = (arena.alloc(n) for n in (_ALIGN, 2 * _ALIGN, 1, 3 * _ALIGN))
+    assert [s.offset for s in (a, b, c, d)] == [0, _ALIGN, 3 * _ALIGN, 4 * _ALIGN]
+    chunk = a.chunk
+    arena.free(b)
+    arena.free(d)
+    assert chunk.free == [(_ALIGN, 2 * _ALIGN), (4 * _ALIGN, 12 * _ALIGN)]
+    e = arena.alloc(2 * _ALIGN)  # best fit: the hole b left, not the big tail
+    assert e.offset == _ALIGN
+    arena.free(a)
+    arena.free(c)
+    assert chunk.free == [(0, _ALIGN), (3 * _ALIGN, 13 * _ALIGN)]
+    arena.free(e)
+    assert chunk.free == [(0, 16 * _ALIGN)] and len(arena.chunks) == 1
+    big = arena.alloc(40 * _ALIGN)  # larger than a chunk: a chunk of its own
+    assert len(arena.chunks) == 2 and big.chunk.data.numel() >= 40 * _ALIGN
+
+
+def test_arena_cap_counts_what_the_source_really_takes():
+    arena = _Arena(_ChunkSource(None, True), chunk_bytes=3000, max_bytes=6000)  # fallback pinned: powers of two
+    assert arena.source.size_for(3000) == 4096 and arena.source.size_for(5000) == 8192
+    arena.source.alloc = lambda n: torch.empty(n, dtype=torch.uint8)  # no CUDA here: pretend to pin
+    arena.alloc(3000)
+    assert arena.reserved == 4096
+    with pytest.raises(_ArenaFull, match="max_pinned_bytes"):
+        arena.alloc(2000)  # 4096 more would pass the cap
+
+
+def test_reserve_sizes_the_arena_in_one_go(backend):
+    bank = make_bank(backend, chunk_bytes=4096)
+    tensors = [sample((1000,), torch.float32, seed=i) for i in range(50)]
+    bank.reserve(50 * 4096)
+    assert len(bank._arena.chunks) == 1
+    for i, t in enumerate(tensors):
+        bank.offload(str(i), t)
+    assert len(bank._arena.chunks) == 1 and bank.pageable_bytes == 0
+
+
+def test_native_and_fallback_agree():
+    if _native.load() is None:
+        pytest.skip(f"native extension cannot be built here: {_native.failure_reason()}")
+    results = {}
+    for backend in ("native", "fallback"):
+        bank = make_bank(backend, max_pinned_bytes=96 << 10, chunk_bytes=32 << 10, storage_dtype=torch.bfloat16)
+        rng = random.Random(7)
+        out, stats = [], []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for step in range(200):
+                name = f"t{rng.randint(0, 30)}"
+                if name in bank and rng.random() < 0.5:
+                    out.append(bank.restore(name))
+                else:
+                    dtype = rng.choice([torch.float32, torch.float16, torch.int32])
+                    bank.offload(name, sample((rng.randint(0, 5000),), dtype, seed=step))
+                stats.append((bank.bytes_held, bank.pinned_bytes, bank.pageable_bytes, bank.arena_bytes))
+        results[backend] = (out, stats)
+    (out_n, stats_n), (out_f, stats_f) = results["native"], results["fallback"]
+    assert stats_n == stats_f
+    for a, b in zip(out_n, out_f, strict=True):
+        assert_bitwise_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- FusedAdamW parking
+
+
+def inputs(dtype=torch.float32, seed=1):
+    return torch.randn(8, 16, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(16, 16) for _ in range(4)]
+    return torch.nn.Sequential(*layers).to(device=DEVICE, dtype=dtype)
+
+
+def train_step(model, opt, x):
+    opt.zero_grad(set_to_none=True)
+    model(x).float().pow(2).mean().backward()
+    opt.step()
+
+
+def lisa_run(policy, backend, steps=12, switch_every=3, amsgrad=False, dtype=torch.float32, prefetch=False):
+    """A LISA-shaped run: one of the 4 layers trains at a time; at a switch the others' state is parked (or kept)."""
+    model = make_model(dtype=dtype)
+    bank = make_bank(backend) if policy == "park" else None
+    opt = FusedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, state_bank=bank)
+    x = inputs(dtype)
+    order = [0, 2, 1, 2, 0, 3]
+    for step in range(steps):
+        active = order[step // switch_every % len(order)]
+        if step % switch_every == 0:
+            for i, layer in enumerate(model):
+                layer.requires_grad_(i == active)
+                if i != active and policy == "park":
+                    opt.park_state(layer.parameters())
+        if prefetch and policy == "park" and step % switch_every == switch_every - 1:
+            nxt = order[(step + 1) // switch_every % len(order)]
+            opt.prefetch_state(model[nxt].parameters())
+        train_step(model, opt, x)
+    return model, opt
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_park_unpark_is_bit_identical(backend, amsgrad):
+    model = make_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-2, amsgrad=amsgrad, state_bank=make_bank(backend))
+    x = inputs()
+    for _ in range(3):
+        train_step(model, opt, x)
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    n_moments = 3 if amsgrad else 2
+    opt.park_state(model[1:].parameters())
+    parked = list(model[1:].parameters())
+    assert all(opt.is_parked(p) and list(opt.state[p]) == ["step"] for p in parked)
+    assert opt.state_bank.bytes_held == sum(p.numel() * 4 * n_moments for p in parked)
+    opt.unpark_state(parked)
+    assert opt.state_bank.bytes_held == 0 and not opt.parked_params
+    for p in model.parameters():
+        assert list(opt.state[p]) == list(before[p])
+        for k, v in before[p].items():
+            assert_bitwise_equal(opt.state[p][k], v)
+
+
+@pytest.mark.parametrize("dtype,amsgrad", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)],
+                         ids=["fp32", "fp32-amsgrad", "bf16"])
+def test_lisa_run_with_parking_equals_keeping(backend, dtype, amsgrad):
+    kept_model, kept_opt = lisa_run("keep", backend, amsgrad=amsgrad, dtype=dtype)
+    park_model, park_opt = lisa_run("park", backend, amsgrad=amsgrad, dtype=dtype, prefetch=True)
+    assert len(park_opt.parked_params) > 0  # something is parked at the end...
+    for a, b in zip(park_model.parameters(), kept_model.parameters()):
+        assert_bitwise_equal(a.detach(), b.detach())  # ...and the weights are exactly those of a never-parked run
+
+
+def test_state_dict_includes_parked_state(backend):
+    kept_model, kept_opt = lisa_run("keep", backend)
+    park_model, park_opt = lisa_run("park", backend)
+    kept_sd, park_sd = kept_opt.state_dict(), park_opt.state_dict()
+    assert park_sd["param_groups"] == kept_sd["param_groups"]
+    assert park_sd["state"].keys() == kept_sd["state"].keys()
+    for i, entry in kept_sd["state"].items():
+        assert list(park_sd["state"][i]) == list(entry)
+        for k, v in entry.items():
+            assert_bitwise_equal(park_sd["state"][i][k].to(v.device), v)
+    # Saving did not unpark or mutate anything.
+    assert len(park_opt.parked_params) > 0 and all(list(park_opt.state[p]) == ["step"]
+                                                   for p in park_opt.parked_params)
+
+
+def test_load_state_dict_parks_frozen_params(backend):
+    src_model, src_opt = lisa_run("keep", backend)
+    sd = copy.deepcopy(src_opt.state_dict())
+    model = copy.deepcopy(src_model)
+    for i, layer in enumerate(model):
+        layer.requires_grad_(i == 2)
+    opt = FusedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_bank=make_bank(backend))
+    opt.load_state_dict(sd, park="frozen")
+    frozen_with_state = [p for layer in model[:2] for p in layer.parameters()]  # layer 3 never trained
+    assert set(opt.parked_params) == set(frozen_with_state) and opt.state_bank.bytes_held > 0
+    for p in model[2].parameters():
+        assert not opt.is_parked(p) and "exp_avg" in opt.state[p]
+    reloaded = opt.state_dict()  # parked state still in the checkpoint, exactly
+    for i, entry in sd["state"].items():
+        for k, v in entry.items():
+            assert_bitwise_equal(reloaded["state"][i][k].to(v.device), v)
+    # Loading again replaces everything, including what was parked.
+    opt.load_state_dict(sd)
+    assert not opt.parked_params and opt.state_bank.bytes_held == 0
+
+
+def test_drop_state_resets(backend):
+    model = make_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-2, state_bank=make_bank(backend))
+    x = inputs()
+    train_step(model, opt, x)
+    opt.park_state(model[0].parameters())
+    opt.drop_state(model.parameters())
+    assert opt.state_bank.bytes_held == 0 and not opt.parked_params and len(opt.state) == 0
+    train_step(model, opt, x)
+    assert all(opt.state[p]["step"].item() == 1.0 for p in model.parameters())
+
+
+def test_bank_created_on_first_park():
+    model = make_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    train_step(model, opt, inputs())
+    assert opt._state_bank is None
+    opt.park_state(model.parameters())
+    assert isinstance(opt.state_bank, HostStateBank) and len(opt.state_bank) == 8 * 2
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_parking_frees_device_memory(backend):
+    model = make_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-2, state_bank=make_bank(backend))
+    big = torch.nn.Parameter(torch.randn(4096, 1024, device="cuda"))  # 16 MiB: 32 MiB of moments
+    opt.add_param_group({"params": [big]})
+    big.grad = torch.randn_like(big)
+    opt.step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt.park_state([big])
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    assert freed >= 2 * big.numel() * 4, freed
+    assert opt.state_bank.pinned and opt.state_bank.pinned_bytes == 2 * big.numel() * 4
+    opt.unpark_state([big])
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < big.numel()  # back, and nothing left over
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_restore_then_step_equals_synchronous(backend):
+    results = []
+    for non_blocking in (False, True):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
+        opt = FusedAdamW([p], lr=1e-2, state_bank=make_bank(backend, chunk_bytes=64 << 20))
+        for step in range(4):
+            p.grad = torch.randn_like(p)
+            opt.step()
+            opt.park_state([p])
+            # Keep the current stream busy so an unordered copy would be caught reading/writing too early.
+            busy = torch.randn(2048, 2048, device="cuda")
+            for _ in range(20):
+                busy = busy @ busy / 2048 ** 0.5
+            if step % 2:
+                opt.prefetch_state([p])
+            opt.unpark_state([p], non_blocking=non_blocking)
+            p.grad = torch.randn_like(p)
+            opt.step()
+        torch.cuda.synchronize()
+        results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p_sync, s_sync), (p_async, s_async) = results
+    assert_bitwise_equal(p_async, p_sync)
+    for k in s_sync:
+        assert_bitwise_equal(s_async[k], s_sync[k])
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_offload_of_tensor_still_being_written(backend):
+    """offload must wait for the producer on the current stream, not copy whatever is in memory at launch."""
+
+    def produce(x):
+        for _ in range(30):
+            x = torch.tanh(x @ x / 2048 ** 0.5)  # queued work: x is final only when all of it has run
+        return x
+
+    bank = make_bank(backend, chunk_bytes=64 << 20)
+    x0 = torch.randn(2048, 2048, device="cuda")
+    x = produce(x0.clone())
+    bank.offload("x", x)
+    del x
+    expected = produce(x0).cpu()
+    assert_bitwise_equal(bank.restore("x").cpu(), expected)

@@ -1,0 +1,102 @@
+"""The optional C++ extension: builds (or explains why not), loads once, can be switched off."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_kernels import _native
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code, **env):
+    """Run `code` in a fresh interpreter (the native library loads once per process) and return it."""
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+@pytest.fixture
+def ops():
+    ops = _native.load()
+    if ops is None:
+        pytest.skip(f"native extension cannot be built here: {_native.failure_reason()}")
+    return ops
+
+
+def test_build_info_matches_this_torch(ops):
+    flavour = "cuda" if _native.with_cuda() else "cpu"
+    assert ops.build_info() == f"torch {torch.__version__.split('+')[0]}; {flavour}"
+    assert _native.is_available()
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 1 << 20])
+def test_host_alloc_is_page_aligned_and_exact(ops, nbytes):
+    t = ops.host_alloc(nbytes, False)
+    assert t.dtype == torch.uint8 and t.device.type == "cpu" and t.numel() == nbytes
+    if nbytes:
+        assert t.data_ptr() % ops.page_size() == 0
+        t.fill_(7)
+        assert int(t[-1]) == 7
+
+
+@pytest.mark.skipif(_native.with_cuda(), reason="checks the CPU-only build")
+def test_cpu_only_build_refuses_to_pin(ops):
+    with pytest.raises(RuntimeError, match="cannot pin"):
+        ops.host_alloc(4096, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_build_pins(ops):
+    t = ops.host_alloc(1 << 20, True)
+    assert t.is_pinned()
+
+
+def test_env_var_forces_fallback_without_warning():
+    out = run_python("""
+        import warnings
+        warnings.simplefilter("error")
+        from lisa_kernels import _native
+        from lisa_kernels.host_state_bank import HostStateBank
+        assert _native.load() is None and not _native.is_available()
+        print(HostStateBank().backend, _native.failure_reason())
+    """, LISA_KERNELS_NO_NATIVE="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fallback", "disabled", "by", "LISA_KERNELS_NO_NATIVE"]
+
+
+def test_no_compiler_gives_one_clear_warning(tmp_path):
+    out = run_python("""
+        import warnings
+        from lisa_kernels import _native
+        from lisa_kernels.host_state_bank import HostStateBank
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            banks = [HostStateBank() for _ in range(3)]
+        print(len(caught), banks[0].backend)
+        print(caught[0].message)
+    """, CXX="/nonexistent/c++", LISA_KERNELS_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    count, backend, message = out.stdout.splitlines()[0].split() + [out.stdout.splitlines()[1]]
+    assert (count, backend) == ("1", "fallback")
+    assert "no C++ compiler" in message and "/nonexistent/c++" in message
+
+
+def test_import_builds_nothing(tmp_path):
+    out = run_python("""
+        import lisa_kernels, lisa_kernels.host_state_bank, lisa_kernels._native as n
+        print(n._ops is n._UNSET)
+    """, LISA_KERNELS_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True" and not any(tmp_path.iterdir())
+
+
+def test_build_command_prints_where(ops):
+    out = run_python("from lisa_kernels.build import main; raise SystemExit(main([]))")
+    assert out.returncode == 0, out.stderr
+    assert str(_native.build_dir()) in out.stdout
