@@ -151,8 +151,12 @@ def setup_method(method: str, model, args, device):
         from lisa_trainer import LisaConfig, LisaController, build_optimizer
 
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
-                         state_policy=method.removeprefix("lisa-"))
+                         state_policy=method.removeprefix("lisa-"), track_update_norms=args.track_update_norms)
         optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
+        if cfg.state_policy == "park":
+            # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
+            # that is not a switch stall. `python -m lisa_kernels.build` does the compile ahead of time.
+            optimizer.state_bank
         return model, optimizer, LisaController(model, optimizer, cfg)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -256,8 +260,9 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
             loss_first=losses[0], loss_final=losses[-1],
             losses=losses, step_times_ms=times_ms,
         )
-        bank = getattr(optimizer, "state_bank", None)
-        result["host_state_gb"] = getattr(bank, "bytes_held", 0) / GB if bank is not None else None
+        # `state_bank` is created on first access, so only ask the method that parks.
+        result["host_state_gb"] = optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None
+        result["bank_backend"] = optimizer.state_bank.backend if method == "lisa-park" else None
     if device.type == "cuda":
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
@@ -294,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--n-active", type=int, default=2, help="LISA γ: middle layers trained per period")
     p.add_argument("--interval", type=int, default=20, help="LISA K: steps per period")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-update-norms", dest="track_update_norms", action="store_false",
+                   help="LisaConfig(track_update_norms=False): no per-period host snapshot of the trained weights")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on CPU: 1; shared 2-core machines make 2 threads erratic)")
     p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
@@ -432,6 +439,7 @@ def main(argv=None) -> int:
                        seq_len=args.seq_len, batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
                        lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
                        n_active=args.n_active, interval=args.interval, seed=args.seed, isolated=isolated,
+                       track_update_norms=args.track_update_norms,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),
         "comparisons": add_comparisons(results),
