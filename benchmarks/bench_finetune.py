@@ -309,6 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; methods not started in time are recorded as skipped")
     p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
+    p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -458,11 +459,11 @@ def main(argv=None) -> int:
         if r["status"] != "ok":
             print(f"  {r['method']}: {r['status']}")
     name = args.name or f"finetune-{args.shape}"
-    path = write_results(name, payload, device)
+    path = write_results(name, payload, device, results_dir=args.results_dir)
     print(f"results: {path}")
     if not args.no_plot:
         try:
-            png = results_path(name, device, ".png")
+            png = results_path(name, device, ".png", results_dir=args.results_dir)
             plot(results, payload, png)
             copy_to_out(png)
             print(f"chart:   {png}")
