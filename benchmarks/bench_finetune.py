@@ -200,7 +200,7 @@ def _rss_bytes() -> int:
 def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
     shape = SHAPES[args.shape]
     result = {"method": method, "status": "ok"}
-    model = optimizer = controller = None
+    model = optimizer = controller = loss = None
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -270,7 +270,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         result["peak_allocated_gb"] = result["peak_reserved_gb"] = None
     result["peak_rss_delta_gb"] = (
         (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB if rss0 is not None else None)
-    del model, optimizer, controller
+    del model, optimizer, controller, loss
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -331,6 +331,8 @@ def parse_args(argv=None):
 
 def resolve(args):
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:  # parameters report cuda:0, and cuda != cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
