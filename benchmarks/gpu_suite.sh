@@ -75,7 +75,13 @@ step bench_offload 75 "$PY" benchmarks/bench_offload.py
 # bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
 # under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
 limit=$(( $(left) < 240 ? $(left) : 240 ))
-step finetune-1b "$limit" "$PY" benchmarks/bench_finetune.py --shape 1b --steps 45 --time-budget $((limit - 40))
+if ((limit >= 100)); then
+    step finetune-1b "$limit" "$PY" benchmarks/bench_finetune.py --shape 1b --steps 45 --time-budget $((limit - 40))
+else
+    log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
+    STEPS+=("finetune-1b skipped 0")
+    FAILED+=("finetune-1b (skipped: budget)")
+fi
 # 7B where time allows, the methods that answer the package's claims first.
 limit=$(($(left) - 15))
 if ((limit >= 100)); then
