@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     bank = HostStateBank(backend=args.backend)
     state = layer_state(n_params, device)
     n = nbytes(state)
-    bank.reserve(n)
+    bank.reserve(state.values())
     pinned = copy_bandwidth(n, device, pinned=gpu, repeats=repeats)
     pageable = copy_bandwidth(n, device, pinned=False, repeats=repeats) if gpu else pinned
     moved = bank_bandwidth(state, bank, device, repeats)

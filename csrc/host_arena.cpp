@@ -3,25 +3,24 @@
 //
 // Why native at all: torch.empty(..., pin_memory=True) goes through PyTorch's caching host allocator, which rounds
 // every request up to a power of two (a 40 GiB arena would take 64 GiB of page-locked RAM) and never gives pinned
-// memory back to the OS. Here a chunk is exactly the size asked for (rounded to a page), and goes back to the OS
+// memory back to the OS. Here a chunk is exactly the size asked for (rounded to a page) and goes back to the OS
 // when its last tensor dies. A refused pin (cudaHostAlloc error, tight `ulimit -l`) is an ordinary exception the
 // caller turns into a pageable fallback; the CUDA error is cleared so it cannot surface in a later, unrelated call.
 //
-// Built with -DLISA_WITH_CUDA (and linked against cudart) when torch has CUDA; otherwise CPU-only, where
-// `pinned=True` is refused and `pinned=False` gives page-aligned malloc memory.
+// The CUDA runtime is found at run time (dlopen) rather than linked: the library then builds with nothing but a
+// host C++ compiler, the same on GPU and CPU-only machines, with no CUDA toolkit and no nvcc/torch CUDA version
+// check. It prefers the libcudart torch already loaded (RTLD_NOLOAD), so pinned memory comes from the same runtime
+// that torch's copies use.
 
 #include <ATen/ops/from_blob.h>
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <string>
-
-#ifdef LISA_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 namespace {
 
@@ -33,8 +32,46 @@ int64_t page_size() {
   return page;
 }
 
-// One chunk of host memory as a 1-D uint8 CPU tensor of `nbytes` elements. Its deleter frees the chunk, so the
-// memory lives exactly as long as the tensor and every view of it.
+// The four CUDA runtime entry points we need. cudaError_t is an int-sized enum, cudaSuccess == 0.
+struct CudaRuntime {
+  int (*host_alloc)(void**, size_t, unsigned int) = nullptr;
+  int (*free_host)(void*) = nullptr;
+  const char* (*error_string)(int) = nullptr;
+  int (*get_last_error)() = nullptr;
+  std::string missing;  // why the runtime is unusable; empty when it is usable
+};
+
+const CudaRuntime& cuda_runtime() {
+  static const CudaRuntime rt = [] {
+    CudaRuntime rt;
+    const char* names[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so"};
+    void* lib = nullptr;
+    for (const char* name : names) {  // the runtime already in this process (torch's), whichever version it is
+      if ((lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD)) != nullptr) break;
+    }
+    for (const char* name : names) {  // else any we can find
+      if (lib == nullptr) lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+    }
+    if (lib == nullptr) {
+      rt.missing = "no CUDA runtime library (libcudart) found";
+      return rt;
+    }
+    rt.host_alloc = reinterpret_cast<decltype(rt.host_alloc)>(dlsym(lib, "cudaHostAlloc"));
+    rt.free_host = reinterpret_cast<decltype(rt.free_host)>(dlsym(lib, "cudaFreeHost"));
+    rt.error_string = reinterpret_cast<decltype(rt.error_string)>(dlsym(lib, "cudaGetErrorString"));
+    rt.get_last_error = reinterpret_cast<decltype(rt.get_last_error)>(dlsym(lib, "cudaGetLastError"));
+    if (!rt.host_alloc || !rt.free_host || !rt.error_string || !rt.get_last_error) {
+      rt.missing = "libcudart lacks cudaHostAlloc/cudaFreeHost/cudaGetErrorString/cudaGetLastError";
+    }
+    return rt;
+  }();
+  return rt;
+}
+
+constexpr unsigned int kCudaHostAllocPortable = 1;  // page-locked for every CUDA context: one bank, many GPUs
+
+// One chunk of host memory as a 1-D uint8 CPU tensor of `nbytes` elements, page-locked when `pinned`. Its deleter
+// frees the chunk, so the memory lives exactly as long as the tensor and every view of it.
 at::Tensor host_alloc(int64_t nbytes, bool pinned) {
   TORCH_CHECK(nbytes >= 0, "host_alloc: nbytes must be >= 0, got ", nbytes);
   const int64_t page = page_size();
@@ -43,18 +80,15 @@ at::Tensor host_alloc(int64_t nbytes, bool pinned) {
   void* ptr = nullptr;
   std::function<void(void*)> deleter;
   if (pinned) {
-#ifdef LISA_WITH_CUDA
-    // Portable: page-locked for every CUDA context, so a bank can serve several devices.
-    cudaError_t err = cudaHostAlloc(&ptr, rounded, cudaHostAllocPortable);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();  // clear it: a refused pin is handled, not a sticky error
-      TORCH_CHECK(false, "cudaHostAlloc(", rounded, " bytes) failed: ", cudaGetErrorString(err));
+    const CudaRuntime& rt = cuda_runtime();
+    TORCH_CHECK(rt.missing.empty(), "host_alloc: cannot pin memory: ", rt.missing);
+    const int err = rt.host_alloc(&ptr, rounded, kCudaHostAllocPortable);
+    if (err != 0) {
+      (void)rt.get_last_error();  // clear it: a refused pin is handled, not a sticky error
+      TORCH_CHECK(false, "cudaHostAlloc(", rounded, " bytes) failed: ", rt.error_string(err));
     }
     // cudaFreeHost synchronizes the device; chunks are freed rarely (bank trimmed or destroyed), so that is fine.
-    deleter = [](void* p) { (void)cudaFreeHost(p); };
-#else
-    TORCH_CHECK(false, "host_alloc: this build of the lisa_kernels extension has no CUDA and cannot pin memory");
-#endif
+    deleter = [free_host = rt.free_host](void* p) { (void)free_host(p); };
   } else {
     ptr = std::aligned_alloc(static_cast<size_t>(page), rounded);
     TORCH_CHECK(ptr != nullptr, "host_alloc: aligned_alloc(", rounded, " bytes) failed");
@@ -63,15 +97,9 @@ at::Tensor host_alloc(int64_t nbytes, bool pinned) {
   return at::from_blob(ptr, {nbytes}, std::move(deleter), at::TensorOptions().dtype(at::kByte).device(at::kCPU));
 }
 
-// What this library was compiled against, so a stale build is recognised instead of misbehaving.
+// The torch this library was compiled against, so a stale build is recognised instead of misbehaving.
 std::string build_info() {
-  std::string info = std::string("torch ") + TORCH_VERSION;
-#ifdef LISA_WITH_CUDA
-  info += "; cuda";
-#else
-  info += "; cpu";
-#endif
-  return info;
+  return std::string("torch ") + TORCH_VERSION;
 }
 
 }  // namespace

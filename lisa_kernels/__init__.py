@@ -5,6 +5,7 @@ C++ extension builds at first use.
 """
 
 from .adamw import adamw_reference, fused_adamw_
+from .host_state_bank import HostStateBank
 from .optimizer import FusedAdamW
 
-__all__ = ["FusedAdamW", "adamw_reference", "fused_adamw_"]
+__all__ = ["FusedAdamW", "HostStateBank", "adamw_reference", "fused_adamw_"]

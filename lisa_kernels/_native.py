@@ -4,8 +4,10 @@
 (no C++ compiler, no ninja, a build error, a library built for another torch). `LISA_KERNELS_NO_NATIVE=1` forces
 `None` without a warning. Importing this module compiles nothing and touches no GPU.
 
-Builds live in `$LISA_KERNELS_CACHE` (default `~/.cache/lisa_kernels`), one folder per torch version, CUDA/CPU
-flavour and Python version, so upgrading torch builds afresh instead of loading a library made for another ABI.
+The library needs only a host C++ compiler and ninja: it finds the CUDA runtime at run time, so the same build
+serves GPU and CPU-only machines and no CUDA toolkit is needed. Builds live in `$LISA_KERNELS_CACHE` (default
+`~/.cache/lisa_kernels`), one folder per torch and Python version, so upgrading torch builds afresh instead of
+loading a library made for another ABI.
 A file lock serialises concurrent builds (several ranks of one job start at once); the loser of the race finds
 the finished library and only loads it.
 """
@@ -33,19 +35,13 @@ def disabled_by_env() -> bool:
     return os.environ.get(_NO_NATIVE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def with_cuda() -> bool:
-    """Whether the build compiles the CUDA path (pinned allocation); decided by the installed torch."""
-    return torch.version.cuda is not None and torch.cuda.is_available()
-
-
 def cache_root() -> Path:
     root = os.environ.get(_CACHE_ENV)
     return Path(root).expanduser() if root else Path.home() / ".cache" / "lisa_kernels"
 
 
 def build_dir() -> Path:
-    flavour = f"cuda{torch.version.cuda}" if with_cuda() else "cpu"
-    tag = f"torch{torch.__version__.replace('+', '_')}-{flavour}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
     return cache_root() / tag
 
 
@@ -86,24 +82,22 @@ def _build_and_load(verbose: bool = False):
     src = source_dir()
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    cflags = ["-O2"]
-    if with_cuda():
-        cflags.append("-DLISA_WITH_CUDA")
     with filelock.FileLock(str(out / "build.lock")):
         cpp_extension.load(
             name=_EXT_NAME,
             sources=[str(src / s) for s in _SOURCES],
-            extra_cflags=cflags,
+            extra_cflags=["-O2"],
+            extra_ldflags=["-ldl"],
             build_directory=str(out),
-            with_cuda=with_cuda(),
+            with_cuda=False,  # the CUDA runtime is dlopen-ed at run time: no toolkit needed to build
             is_python_module=False,
             verbose=verbose,
         )
     ops = torch.ops.lisa_kernels
     built_for = ops.build_info()
     expected = f"torch {torch.__version__.split('+')[0]}"
-    if not built_for.startswith(expected + ";"):
-        raise _StaleBuild(f"built for {built_for.split(';')[0]}, you have torch {torch.__version__} "
+    if built_for != expected:
+        raise _StaleBuild(f"built for {built_for}, you have torch {torch.__version__} "
                           f"(delete {out} to rebuild)")
     return ops
 

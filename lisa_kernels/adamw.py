@@ -61,6 +61,59 @@ def adamw_hyperparameters(h: AdamWHyperparameters, step: float, inv_grad_scale: 
 if triton is not None:
 
     @triton.jit
+    def _address(row, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        ptr = tl.load(row + column).to(tl.pointer_type(DTYPE))
+        if ALIGNED:  # loaded addresses carry no alignment facts; without this hint every access is scalar
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _load_chunk(ptr, offsets, numel, MASKED: tl.constexpr):
+        if MASKED:
+            return tl.load(ptr + offsets, mask=offsets < numel).to(tl.float32)
+        else:
+            return tl.load(ptr + offsets).to(tl.float32)
+
+    @triton.jit
+    def _store_chunk(ptr, offsets, numel, value, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=offsets < numel)
+        else:
+            tl.store(ptr + offsets, value.to(ptr.dtype.element_ty))
+
+    @triton.jit
+    def _adamw_chunk(row, h, offsets, numel, seed, PARAM: tl.constexpr, GRAD: tl.constexpr, STATE: tl.constexpr,
+                     AMSGRAD: tl.constexpr, STOCHASTIC_ROUNDING: tl.constexpr, ALIGNED: tl.constexpr,
+                     MASKED: tl.constexpr):
+        param_ptr = _address(row, 0, PARAM, ALIGNED)
+        exp_avg_ptr = _address(row, 2, STATE, ALIGNED)
+        exp_avg_sq_ptr = _address(row, 3, STATE, ALIGNED)
+        grad = _load_chunk(_address(row, 1, GRAD, ALIGNED), offsets, numel, MASKED) * tl.load(h)
+        param = _load_chunk(param_ptr, offsets, numel, MASKED)
+        exp_avg = _load_chunk(exp_avg_ptr, offsets, numel, MASKED)
+        exp_avg_sq = _load_chunk(exp_avg_sq_ptr, offsets, numel, MASKED)
+
+        param = param * tl.load(h + 5)
+        exp_avg = exp_avg + tl.load(h + 1) * (grad - exp_avg)
+        exp_avg_sq = exp_avg_sq * tl.load(h + 2) + tl.load(h + 3) * grad * grad
+        second_moment = exp_avg_sq
+        if AMSGRAD:
+            max_ptr = _address(row, 4, STATE, ALIGNED)
+            second_moment = tl.maximum(_load_chunk(max_ptr, offsets, numel, MASKED), exp_avg_sq)
+            _store_chunk(max_ptr, offsets, numel, second_moment, MASKED)
+        denom = tl.sqrt(second_moment) / tl.load(h + 7) + tl.load(h + 4)
+        param = param - tl.load(h + 6) * (exp_avg / denom)
+
+        if STOCHASTIC_ROUNDING:
+            # Add 16 random bits below bf16's mantissa, then truncate: rounds up with probability equal to the
+            # distance, so updates smaller than half an ulp still move the weight on average.
+            noise = tl.randint(seed, offsets).to(tl.int32) & 0xFFFF
+            param = ((param.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
+        _store_chunk(param_ptr, offsets, numel, param, MASKED)
+        _store_chunk(exp_avg_ptr, offsets, numel, exp_avg, MASKED)
+        _store_chunk(exp_avg_sq_ptr, offsets, numel, exp_avg_sq, MASKED)
+
+    @triton.jit
     def _adamw_kernel(
         table,  # int64 [tensors, 6]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses; numel
         hyper,  # float32 [tensors, 8]: HYPERPARAMETERS
@@ -71,53 +124,23 @@ if triton is not None:
         STATE: tl.constexpr,
         AMSGRAD: tl.constexpr,
         STOCHASTIC_ROUNDING: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every address is a multiple of 16 bytes: vector loads and stores
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
         tensor = tl.load(chunks + 2 * pid)
-        offsets = tl.load(chunks + 2 * pid + 1) + tl.arange(0, BLOCK)
+        start = tl.multiple_of(tl.load(chunks + 2 * pid + 1), BLOCK)
+        offsets = start + tl.arange(0, BLOCK)
         row = table + tensor * 6
-        mask = offsets < tl.load(row + 5)
-        param_ptr = tl.load(row).to(tl.pointer_type(PARAM))
-        grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD))
-        exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE))
-        exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE))
+        numel = tl.load(row + 5)
         h = hyper + tensor * 8
-        grad_scale = tl.load(h)
-        one_minus_beta1 = tl.load(h + 1)
-        beta2 = tl.load(h + 2)
-        one_minus_beta2 = tl.load(h + 3)
-        eps = tl.load(h + 4)
-        decay = tl.load(h + 5)
-        step_size = tl.load(h + 6)
-        bias_correction2_sqrt = tl.load(h + 7)
-
-        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32) * grad_scale
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-
-        param = param * decay
-        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-        if AMSGRAD:
-            max_ptr = tl.load(row + 4).to(tl.pointer_type(STATE))
-            max_exp_avg_sq = tl.maximum(tl.load(max_ptr + offsets, mask=mask).to(tl.float32), exp_avg_sq)
-            tl.store(max_ptr + offsets, max_exp_avg_sq.to(STATE), mask=mask)
-            denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        # Masks on a size known only at run time defeat vectorisation, so only a tensor's last chunk uses them.
+        if start + BLOCK <= numel:
+            _adamw_chunk(row, h, offsets, numel, seed + tensor, PARAM, GRAD, STATE, AMSGRAD, STOCHASTIC_ROUNDING,
+                         ALIGNED, False)
         else:
-            denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        param = param - step_size * (exp_avg / denom)
-
-        if STOCHASTIC_ROUNDING:
-            # Add 16 random bits below bf16's mantissa, then truncate: rounds up with probability equal to the
-            # distance, so updates smaller than half an ulp still move the weight on average.
-            noise = tl.randint(seed + tensor, offsets).to(tl.int32) & 0xFFFF
-            bits = (param.to(tl.int32, bitcast=True) + noise) & -65536
-            param = bits.to(tl.float32, bitcast=True)
-        tl.store(param_ptr + offsets, param.to(PARAM), mask=mask)
-        tl.store(exp_avg_ptr + offsets, exp_avg.to(STATE), mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(STATE), mask=mask)
+            _adamw_chunk(row, h, offsets, numel, seed + tensor, PARAM, GRAD, STATE, AMSGRAD, STOCHASTIC_ROUNDING,
+                         ALIGNED, True)
 
     _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
     # Triton decides at decoration time whether a kernel is interpreted (TRITON_INTERPRET=1): then it runs on
@@ -165,12 +188,11 @@ def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers
             raise ValueError(f"FusedAdamW needs contiguous parameters; parameter {i} has strides {p.stride()}")
     grads = [g.contiguous() for g in grads]
     amsgrad = max_exp_avg_sqs is not None
-    rows = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs, numels)
-    table = torch.tensor(
-        [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), n] for p, g, m, v, vmax, n in rows],
-        dtype=torch.int64,
-    ).to(device, non_blocking=True)
+    rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), n]
+            for p, g, m, v, vmax, n in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs, numels)]
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     hyper = torch.tensor(hypers, dtype=torch.float32).to(device, non_blocking=True)
+    aligned = all(address % 16 == 0 for row in rows for address in row[:5])
     seed = int(torch.randint(0, 2**31 - 1, ())) if stochastic_rounding else 0
     launch = _adamw_kernel[(len(chunks),)]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -184,6 +206,7 @@ def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers
             STATE=_TRITON_DTYPES[exp_avgs[0].dtype],
             AMSGRAD=amsgrad,
             STOCHASTIC_ROUNDING=stochastic_rounding and params[0].dtype == torch.bfloat16,
+            ALIGNED=aligned,
             BLOCK=block,
             num_warps=_CUDA_WARPS,
         )
@@ -195,7 +218,7 @@ def round_to_bfloat16_stochastic(x: torch.Tensor, generator: torch.Generator | N
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _store(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool) -> None:
+def _write_param(dst: torch.Tensor, value: torch.Tensor, stochastic_rounding: bool) -> None:
     if stochastic_rounding and dst.dtype == torch.bfloat16 and value.dtype == torch.float32:
         value = round_to_bfloat16_stochastic(value)
     dst.copy_(value)
@@ -225,7 +248,7 @@ def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper
     torch._foreach_addcdiv_(f32, m32, denom, [-s for s in step_size])
     for dst, value in zip(params, f32):
         if dst is not value:
-            _store(dst, value, stochastic_rounding)
+            _write_param(dst, value, stochastic_rounding)
     for dsts, values in ((exp_avgs, m32), (exp_avg_sqs, v32)):
         for dst, value in zip(dsts, values):
             if dst is not value:

@@ -299,9 +299,15 @@ class HostStateBank:
 
     # --------------------------------------------------------------------------------------------- moves
 
-    def reserve(self, nbytes: int) -> None:
-        """Grow the arena once so that `nbytes` more fit (e.g. every frozen layer's state, known up front)."""
-        free = sum(size for chunk in self._arena.chunks for _, size in chunk.free)
+    def reserve(self, size) -> None:
+        """Grow the arena once so that `size` more bytes fit, e.g. every frozen layer's state, known up front.
+        `size` is a byte count or the tensors to be parked (then their storage dtype and alignment are counted)."""
+        if isinstance(size, int):
+            nbytes = size
+        else:
+            nbytes = sum(_round_up(t.numel() * self._stored_dtype(t.dtype, _DEFAULT).itemsize, _ALIGN)
+                         for t in size)
+        free = sum(free_size for chunk in self._arena.chunks for _, free_size in chunk.free)
         if nbytes > free:
             try:
                 self._arena.grow(_round_up(nbytes - free, _ALIGN))

@@ -162,3 +162,21 @@ def test_stochastic_rounding_is_unbiased_and_stays_on_neighbours():
     rounded = round_to_bfloat16_stochastic(x, torch.Generator().manual_seed(0)).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs((rounded == 1.0 + 2**-7).float().mean().item() - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("device", devices())
+def test_unaligned_tensors_match_reference(device):
+    """Views that start 4 bytes into their storage take the kernel's narrow-access path."""
+    g = torch.Generator().manual_seed(7)
+    storage = [torch.randn(4 * BLOCK + 1, generator=g).to(device) for _ in range(4)]
+    param, grad, exp_avg, exp_avg_sq = (t[1:] for t in storage)
+    exp_avg_sq.abs_()
+    assert param.data_ptr() % 16 != 0
+    ref, ref64 = ([t.clone().to(dtype) for t in (param, exp_avg, exp_avg_sq)] for dtype in (None, torch.float64))
+    h = HYPERS[0]
+    adamw_update_([param], [grad], [exp_avg], [exp_avg_sq], None, [adamw_hyperparameters(h, 1)], block_size=BLOCK)
+    for tensors, upcast in ((ref, False), (ref64, True)):
+        adamw_reference(tensors[0], grad, tensors[1], tensors[2], 1, lr=h.lr, beta1=h.beta1, beta2=h.beta2,
+                        eps=h.eps, weight_decay=h.weight_decay, upcast=upcast)
+    for out, r, r64 in zip((param, exp_avg, exp_avg_sq), ref, ref64):
+        assert_matches_reference(out, r, r64)

@@ -194,6 +194,22 @@ def test_pinning_refused_goes_pageable_with_one_warning(backend, monkeypatch):
         assert_bitwise_equal(bank.restore(f"t{i}"), t)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs cudaHostAlloc to fail for want of a GPU")
+def test_real_pinning_refusal_without_a_gpu():
+    """The native path asks the real CUDA runtime to pin, which fails without a GPU: pageable, one warning."""
+    if _native.load() is None:
+        pytest.skip(f"native extension cannot be built here: {_native.failure_reason()}")
+    bank = make_bank("native")
+    bank._arena.source.pinned = True  # what a GPU machine would ask for
+    tensors = [sample((100 + i,), torch.float32, seed=i) for i in range(5)]
+    with pytest.warns(RuntimeWarning, match="pinning refused") as record:
+        for i, t in enumerate(tensors):
+            bank.offload(str(i), t)
+    assert len(record) == 1 and bank.pageable_bytes == bank.bytes_held > 0
+    for i, t in enumerate(tensors):
+        assert_bitwise_equal(bank.restore(str(i)), t)
+
+
 def test_hundreds_of_cycles_do_not_grow_the_arena(backend):
     bank = make_bank(backend, chunk_bytes=256 << 10)
     rng = random.Random(1)
@@ -249,13 +265,15 @@ def test_arena_cap_counts_what_the_source_really_takes():
 
 
 def test_reserve_sizes_the_arena_in_one_go(backend):
-    bank = make_bank(backend, chunk_bytes=4096)
-    tensors = [sample((1000,), torch.float32, seed=i) for i in range(50)]
-    bank.reserve(50 * 4096)
-    assert len(bank._arena.chunks) == 1
+    bank = make_bank(backend, chunk_bytes=4096, storage_dtype=torch.bfloat16)
+    tensors = [sample((1000 + i,), torch.float32, seed=i) for i in range(50)]
+    bank.reserve(tensors)  # counts bf16 storage and per-tensor alignment
+    assert len(bank._arena.chunks) == 1 and bank.arena_bytes < 50 * 4096
     for i, t in enumerate(tensors):
         bank.offload(str(i), t)
     assert len(bank._arena.chunks) == 1 and bank.pageable_bytes == 0
+    bank.reserve(bank.arena_bytes)  # more than is free: one more chunk
+    assert len(bank._arena.chunks) == 2
 
 
 def test_native_and_fallback_agree():

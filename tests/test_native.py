@@ -29,8 +29,7 @@ def ops():
 
 
 def test_build_info_matches_this_torch(ops):
-    flavour = "cuda" if _native.with_cuda() else "cpu"
-    assert ops.build_info() == f"torch {torch.__version__.split('+')[0]}; {flavour}"
+    assert ops.build_info() == f"torch {torch.__version__.split('+')[0]}"
     assert _native.is_available()
 
 
@@ -44,10 +43,12 @@ def test_host_alloc_is_page_aligned_and_exact(ops, nbytes):
         assert int(t[-1]) == 7
 
 
-@pytest.mark.skipif(_native.with_cuda(), reason="checks the CPU-only build")
-def test_cpu_only_build_refuses_to_pin(ops):
-    with pytest.raises(RuntimeError, match="cannot pin"):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_pinning_without_a_gpu_is_refused_cleanly(ops):
+    # Either no libcudart at all, or cudaHostAlloc's own error (no device): an exception, never a crash.
+    with pytest.raises(RuntimeError, match="cannot pin memory|cudaHostAlloc"):
         ops.host_alloc(4096, True)
+    assert ops.host_alloc(4096, False).numel() == 4096  # and nothing is left broken
 
 
 @pytest.mark.cuda
