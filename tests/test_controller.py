@@ -1,7 +1,7 @@
 """LisaController and LisaConfig: the switch, the state policies, prefetching, update norms, ranks and resume.
 
-A tiny random-weight Llama (4 layers) trains on fixed random token batches with the real FusedAdamW (the CPU
-path). Where the optimizer's parking hooks are not available yet, `_DictParkingAdamW` stands in for them.
+A tiny random-weight Llama (4 layers) trains on fixed random token batches with the real FusedAdamW (its PyTorch
+CPU path) and its real state-bank hooks.
 """
 
 import copy
@@ -32,54 +32,7 @@ def _fast_cpu(monkeypatch):
     torch.set_num_threads(threads)
 
 
-class _DictParkingAdamW(FusedAdamW):
-    """FusedAdamW with the park/unpark/prefetch/drop interface over a plain dict (parked moments leave
-    `optimizer.state`, `step` stays), for when the state-bank hooks are not in FusedAdamW."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.parked = {}
-
-    def park_state(self, params):
-        for p in params:
-            state = self.state.get(p)
-            if p in self.parked or not state:
-                continue
-            self.parked[p] = {k: state.pop(k).clone() for k in [k for k in state if k != "step"]}
-
-    def unpark_state(self, params, non_blocking=True):
-        for p in params:
-            if p in self.parked:
-                self.state[p].update(self.parked.pop(p))
-
-    def prefetch_state(self, params):
-        pass
-
-    def drop_state(self, params):
-        for p in params:
-            self.parked.pop(p, None)
-            self.state.pop(p, None)
-
-    def state_dict(self):
-        # Checkpoints hold parked moments too, as the real hooks' state_dict does.
-        saved = super().state_dict()
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state = dict(saved["state"])
-        for p, moments in self.parked.items():
-            state[index[p]] = {**state[index[p]], **moments}
-        return {**saved, "state": state}
-
-    def step(self, closure=None):
-        waiting = [p for p in self.parked if p.grad is not None]
-        if waiting:
-            self.unpark_state(waiting)
-        return super().step(closure)
-
-
-ParkingAdamW = FusedAdamW if hasattr(FusedAdamW, "park_state") else _DictParkingAdamW
-
-
-class _RecordingAdamW(ParkingAdamW):
+class _RecordingAdamW(FusedAdamW):
     """Records which hook was called with which params."""
 
     def __init__(self, *args, **kwargs):
@@ -111,7 +64,7 @@ def tiny_llama(seed=0):
 def make_optimizer(model, cls=None):
     # Weight decay > 0: a frozen weight that wrongly reached the optimizer would visibly shrink.
     params = list(model.parameters())
-    return (cls or ParkingAdamW)(params, lr=1e-2, weight_decay=0.1)
+    return (cls or FusedAdamW)(params, lr=1e-2, weight_decay=0.1)
 
 
 def batch(step):
@@ -233,6 +186,21 @@ def test_every_layer_trains_over_enough_periods():
         assert not torch.equal(p, initial[name]), f"{name} never trained"
 
 
+def test_parameters_outside_layers_and_always_on_stay_frozen():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=16, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    before = snapshot(model)
+    opt = make_optimizer(model)
+    ctrl = LisaController(model, opt, LisaConfig(n_active_layers=1, interval_steps=1, state_policy="keep"))
+    assert ctrl.frozen_parameter_names == ["transformer.wpe.weight"]  # learned positions: not E, H or norm
+    for step in range(2):
+        train_step(model, opt, ctrl, step)
+    assert not model.transformer.wpe.weight.requires_grad
+    assert torch.equal(model.transformer.wpe.weight, before["transformer.wpe.weight"])
+    assert not torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])  # tied to the head
+
+
 @pytest.mark.parametrize("policy", ["park", "reset", "keep"])
 def test_optimizer_state_follows_policy(policy):
     model = tiny_llama()
@@ -341,6 +309,37 @@ def test_two_simulated_ranks_agree():
     a, b = (snapshot(r[0]) for r in ranks)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert ranks[0][2].period_log == ranks[1][2].period_log
+
+
+def test_under_distributed_data_parallel(tmp_path):
+    # A one-process gloo group: DDP must accept layers that stop producing gradients mid-run (Axolotl's "parameters
+    # that were not used in producing loss"), given find_unused_parameters=True, and the controller must see
+    # through the wrapper to the model's embeddings and head.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        before = snapshot(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = make_optimizer(model)
+        ctrl = LisaController(ddp, opt, LisaConfig(n_active_layers=1, interval_steps=1, seed=3))
+        assert list(ctrl.always_trainable) == ["model.embed_tokens", "lm_head", "model.norm"]
+        seen = set()
+        for step in range(3):  # layers 0, 3, 1 with this seed: layer 2 must stay untouched
+            ctrl.on_step_begin(step)
+            ids = batch(step)
+            ddp(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ctrl.on_step_end(step)
+            seen.update(ctrl.active_layers)
+        after = snapshot(model)
+        assert seen == {0, 1, 3}
+        for name in after:
+            assert torch.equal(after[name], before[name]) == (layer_of(name) not in seen | {None}), name
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("policy", ["park", "keep"])

@@ -125,6 +125,16 @@ def _unwrap_optimizer(optimizer):
     return inner
 
 
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself, not a DistributedDataParallel/FSDP `.module` or torch.compile `._orig_mod` wrapper: the
+    parameters are the same objects, but only the model has `get_input_embeddings` and the familiar paths."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 @dataclass
 class _OpenPeriod:
     period: int
@@ -147,7 +157,7 @@ class LisaController:
             raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
         if not _is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
-        self.model = model
+        self.model = model = _unwrap_model(model)
         self.config = config
         self.optimizer = optimizer
         self._opt = _unwrap_optimizer(optimizer)
@@ -237,7 +247,6 @@ class LisaController:
             "state_policy": c.state_policy,
             "period": self._period,
             "active_layers": list(self._active),
-            "prefetched_for": self._prefetched_for,
             "period_log": [dict(entry) for entry in self.period_log],
         }
 
@@ -256,7 +265,8 @@ class LisaController:
         self.period_log = [dict(entry) for entry in state["period_log"]]
         if state["period"] is not None:
             self._enter_period(int(state["period"]), enforce_all=True)
-        self._prefetched_for = state["prefetched_for"]
+        # A prefetch issued before the checkpoint did not survive it; issue it again if the window is open.
+        self._prefetched_for = None
 
     # ------------------------------------------------------------------------------------------------ internals
     def _check_optimizer(self) -> None:

@@ -11,6 +11,7 @@ without knowing its name; a user's dotted `layers_attribute` always wins.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -187,9 +188,9 @@ def always_trainable_modules(
     nothing always trainable. A head whose parameters are all tied to the input embeddings is left out, so a tied
     weight is never counted or toggled twice.
     """
-    include = ALWAYS_TRAINABLE_DEFAULT if include is None else tuple(include)
     if isinstance(include, str):
         raise TypeError("always_trainable must be a sequence of roles or module paths, not a single string")
+    include = ALWAYS_TRAINABLE_DEFAULT if include is None else tuple(include)
     layers_path, layers = find_decoder_layers(model, layers_attribute)
     in_layers = {id(p) for p in layers.parameters()}
 
@@ -211,6 +212,9 @@ def always_trainable_modules(
             except (AttributeError, NotImplementedError):
                 module = None
             if module is None:
+                if entry == "input_embeddings" or include is not ALWAYS_TRAINABLE_DEFAULT:
+                    warnings.warn(f"always_trainable: {type(model).__name__} has no {entry} "
+                                  f"(get_{entry}() is missing or returns None); nothing added for it", stacklevel=2)
                 continue  # e.g. a base model without an LM head
             add(_module_path(model, module) or entry, module)
         elif entry == "final_norm":

@@ -1,0 +1,156 @@
+"""LisaCallback inside a real transformers.Trainer run (CPU, tiny random Llama, in-memory data)."""
+
+import pytest
+import torch
+import transformers
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from lisa_kernels import FusedAdamW
+from lisa_trainer import LisaCallback, LisaConfig
+
+N_LAYERS = 4
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu(monkeypatch):
+    """One torch thread and FusedAdamW's PyTorch CPU path (the interpreted kernel is tested in test_adamw.py)."""
+    import lisa_kernels.adamw
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=32, length=8):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, 64, (n, length), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def training_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                  learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                  save_strategy="no", logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def layer_of(name):
+    prefix = "model.layers."
+    return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
+
+
+class _FrozenLayersStayPut(TrainerCallback):
+    """Checks, around every optimizer step, that only the active layers and the always-on modules changed."""
+
+    def __init__(self, lisa):
+        self.lisa, self.before, self.steps, self.failures = lisa, None, 0, []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps += 1
+        active = set(self.lisa.controller.active_layers)
+        for name, p in model.named_parameters():
+            layer = layer_of(name)
+            changed = not torch.equal(p, self.before[name])
+            if changed != (layer is None or layer in active):
+                self.failures.append((state.global_step, name, sorted(active), changed))
+
+
+def run_trainer(tmp_path, lisa, optimizer="fused"):
+    model = tiny_llama()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = training_args(tmp_path)
+    checker = _FrozenLayersStayPut(lisa)
+    # The two lines an existing Trainer script gains: the callback and the optimizer.
+    optimizers = (LisaCallback.optimizer_for(model, args), None) if optimizer == "fused" else (None, None)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[lisa, checker],
+                      optimizers=optimizers)
+    trainer.train()
+    return model, initial, checker, trainer
+
+
+def check_lisa_run(model, initial, checker, lisa):
+    assert checker.steps == 12 and checker.failures == []
+    log = lisa.controller.period_log
+    assert [e["period"] for e in log] == list(range(6)) and not any(e["partial"] for e in log)
+    assert len({tuple(e["layers"]) for e in log}) > 1, "layers never switched"
+    trained = {i for e in log for i in e["layers"]}
+    assert trained == set(range(N_LAYERS))
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, initial[name]), f"{name} never trained"
+    assert all(n > 0 for e in log for n in e["layer_update_norms"])
+
+
+@pytest.mark.parametrize("policy", ["reset", "keep"])
+def test_trainer_with_lisa_callback_and_fused_adamw(tmp_path, policy):
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy=policy)
+    model, initial, checker, trainer = run_trainer(tmp_path, lisa)
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      FusedAdamW)
+    check_lisa_run(model, initial, checker, lisa)
+
+
+def test_trainer_with_parked_state(tmp_path):
+    lisa = LisaCallback(LisaConfig(n_active_layers=1, interval_steps=2, seed=3))  # default policy: park
+    model, initial, checker, trainer = run_trainer(tmp_path, lisa)
+    check_lisa_run(model, initial, checker, lisa)
+    ctrl, opt = lisa.controller, lisa.controller._opt
+    on_device = {i for i in range(N_LAYERS)
+                 if any("exp_avg" in opt.state.get(p, {}) for p in ctrl.layer_parameters(i))}
+    assert on_device == set(ctrl.active_layers)
+
+
+def test_trainer_default_optimizer_holds_every_layer(tmp_path):
+    # Without optimizers=..., Trainer builds torch AdamW before on_train_begin, i.e. before LISA freezes anything,
+    # so every layer is in it; "park" needs FusedAdamW, "keep" works with it.
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy="keep")
+    model, initial, checker, _ = run_trainer(tmp_path, lisa, optimizer="trainer")
+    check_lisa_run(model, initial, checker, lisa)
+
+
+def test_optimizer_for_uses_training_arguments(tmp_path):
+    model = tiny_llama()
+    args = training_args(tmp_path, learning_rate=3e-4, weight_decay=0.05, adam_beta1=0.8, adam_epsilon=1e-6)
+    opt = LisaCallback.optimizer_for(model, args, lr=1e-3)  # keywords override the arguments
+    assert isinstance(opt, FusedAdamW)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-3, 0.05, (0.8, 0.999), 1e-6)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens())
+    assert LisaCallback.optimizer_for(trainer) is trainer.optimizer
+
+
+def test_resumed_trainer_continues_the_schedule(tmp_path):
+    model = tiny_llama()
+    lisa = LisaCallback(n_active_layers=2, interval_steps=3, seed=4, state_policy="keep")
+    opt = LisaCallback.optimizer_for(model, lr=1e-3)
+    args, control = training_args(tmp_path), TrainerControl()
+    lisa.on_train_begin(args, TrainerState(global_step=7), control, model=model, optimizer=opt)
+    assert lisa.controller.period == 2
+    assert lisa.controller.active_layers == lisa.controller.sampler.layers_for_period(2)
+
+
+def test_callback_arguments():
+    with pytest.raises(TypeError, match="either a LisaConfig or LisaConfig fields"):
+        LisaCallback(LisaConfig(), seed=1)
+    with pytest.raises(ValueError, match="LisaConfig.interval_steps"):
+        LisaCallback(interval_steps=0)
