@@ -205,6 +205,16 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    # Import what the method needs before taking the RSS baseline: library code is not training memory.
+    from transformers import LlamaForCausalLM  # noqa: F401
+    try:
+        if method == "lora":
+            import peft  # noqa: F401
+        elif method.startswith("lisa-") and method != "lisa-public":
+            import lisa_kernels  # noqa: F401
+            import lisa_trainer  # noqa: F401
+    except ImportError:
+        pass  # reported as "unavailable" by setup_method
     rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
     try:
         batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
