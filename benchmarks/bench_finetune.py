@@ -200,6 +200,10 @@ def _rss_bytes() -> int:
 def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
     shape = SHAPES[args.shape]
     result = {"method": method, "status": "ok"}
+    # Resolved here, not in the driver: with one process per method the driver must not create a CUDA context
+    # (~0.5 GB of GPU memory the workers would lose) until they are done. Parameters report cuda:0; cuda != cuda:0.
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model = optimizer = controller = loss = None
     if device.type == "cuda":
         gc.collect()
@@ -341,8 +345,6 @@ def parse_args(argv=None):
 
 def resolve(args):
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:  # parameters report cuda:0, and cuda != cuda:0
-        device = torch.device("cuda", torch.cuda.current_device())
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
