@@ -255,8 +255,11 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
     except torch.cuda.OutOfMemoryError:
         result = {"method": method, "status": "OOM"}
     except Exception as exc:  # recorded as the method's result; the other methods still run
-        traceback.print_exc()
-        result = {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
+        if "out of memory" in str(exc).lower():  # cuBLAS / Triton allocation failures are not OutOfMemoryError
+            result = {"method": method, "status": "OOM"}
+        else:
+            traceback.print_exc()
+            result = {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
     if result["status"] == "ok":
         tokens = args.batch_size * args.seq_len
         timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
