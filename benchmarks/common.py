@@ -196,16 +196,20 @@ def copy_to_out(path: Path) -> Path | None:
     return dest
 
 
-def results_path(name: str, device: torch.device | str | None = None, suffix: str = ".json") -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    return RESULTS_DIR / f"{name}-{device_slug(device)}{suffix}"
+def results_path(name: str, device: torch.device | str | None = None, suffix: str = ".json",
+                 results_dir: Path | str | None = None) -> Path:
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{device_slug(device)}{suffix}"
 
 
-def write_results(name: str, payload: dict, device: torch.device | str | None = None) -> Path:
-    """Write `payload` (plus an `environment` entry unless it has one) as JSON; copy it to $OUT when set."""
+def write_results(name: str, payload: dict, device: torch.device | str | None = None,
+                  results_dir: Path | str | None = None) -> Path:
+    """Write `payload` (plus an `environment` entry unless it has one) as JSON to `results_dir` (default
+    benchmarks/results); copy it to $OUT when set."""
     payload = dict(payload)
     payload.setdefault("environment", environment(device))
-    path = results_path(name, device)
+    path = results_path(name, device, results_dir=results_dir)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     copy_to_out(path)
     return path

@@ -228,7 +228,9 @@ def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper
     """The PyTorch path (CPU and devices without Triton): the same math as the kernel, in fp32, with foreach ops."""
     scale, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bc2_sqrt = map(list, zip(*hypers))
     f32 = [p.float() for p in params]
-    g32 = torch._foreach_mul([g.float() for g in grads], scale)
+    g32 = [g.float() for g in grads]
+    if any(s != 1.0 for s in scale):  # GradScaler or maximize: one more pass, only when needed
+        g32 = torch._foreach_mul(g32, scale)
     m32 = [m.float() for m in exp_avgs]
     v32 = [v.float() for v in exp_avg_sqs]
     torch._foreach_mul_(f32, decay)

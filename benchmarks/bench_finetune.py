@@ -1,0 +1,493 @@
+"""End to end: full fine-tuning, LoRA and LISA side by side on one Llama-architecture model.
+
+Every method trains a fresh model built from the same config and seed (random weights, real shapes) on the same
+synthetic token batches, and reports peak GPU memory (allocated / reserved), the training state it keeps on the
+device (parameters + gradients + optimizer state, measured after each optimizer step), median step time, tokens/s,
+the stall at a LISA switch (median of switch steps minus median of the other steps) and the loss after N steps.
+
+Methods:
+  full         full fine-tuning, torch.optim.AdamW (fused=True on CUDA, foreach on CPU)
+  lora         peft LoRA, rank 128 on all linear layers, torch AdamW over the adapters
+  lisa-park    ours: lisa_trainer.build_optimizer (FusedAdamW) + LisaController, frozen layers' state parked on host
+  lisa-reset   ours, state dropped at every switch
+  lisa-keep    ours, state kept on the device
+  lisa-public  LISA as LMFlow / Axolotl ship it: requires_grad toggled every K steps, a plain torch AdamW over all
+               parameters whose state for every layer ever sampled stays on the device
+
+By default each method runs in its own process on a GPU (so one method's peak or OOM cannot pollute the next) and
+in this process on CPU (where importing torch + transformers costs more than the tiny run itself).
+
+    python benchmarks/bench_finetune.py                        # tiny model, CPU or GPU
+    python benchmarks/bench_finetune.py --shape 1b             # Llama-3.2-1B-like
+    python benchmarks/bench_finetune.py --shape 7b --methods lisa-park,lora,full
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_to_out, environment, print_table, results_path, summarize, synchronize, write_results  # noqa: E402
+
+METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
+GB = 1e9
+
+# Llama configs. "1b" follows Llama-3.2-1B (GQA, tied embeddings, 128k vocab), "7b" follows Llama-2-7B.
+# LoRA rank 128 is the paper's comparison at 7B (1/32 of the hidden size); on the tiny model rank 128 would equal
+# the hidden size and give adapters larger than the layers, so it uses rank 8 there.
+SHAPES = {
+    "tiny": dict(
+        config=dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=8,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+        seq_len=64, batch_size=4, steps=45, lora_rank=8),
+    "1b": dict(
+        config=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+        seq_len=1024, batch_size=4, steps=60, lora_rank=128),
+    "7b": dict(
+        config=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+        seq_len=1024, batch_size=2, steps=45, lora_rank=128),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, data, methods
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape]["config"], max_position_embeddings=4096, use_cache=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    # Built directly on the device in the training dtype: a 7B model built in fp32 first would need 27 GB more.
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    model.train()
+    return model
+
+
+def make_batches(vocab: int, batch_size: int, seq_len: int, n: int, seed: int) -> list[torch.Tensor]:
+    """A few fixed batches cycled through: the loss falls as the model memorises them, so it tells methods apart."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch_size, seq_len), generator=g) for _ in range(n)]
+
+
+class PublicLisa:
+    """LISA as the public implementations do it: every K steps set requires_grad on γ sampled layers (plus embedding,
+    head and final norm) and off on the rest. The optimizer is never told, so its state for every layer ever sampled
+    stays on the device."""
+
+    def __init__(self, model, n_active: int, interval: int, seed: int):
+        self.layers = model.model.layers
+        self.n_active, self.interval, self.seed = n_active, interval, seed
+        self.always = [model.get_input_embeddings(), model.get_output_embeddings(), model.model.norm]
+        try:  # the same layer sequence as ours when the core package is there, so losses are comparable
+            from lisa_trainer import LayerSampler
+            self._sampler = LayerSampler(len(self.layers), n_active, seed)
+        except ImportError:
+            self._sampler = None
+        self.active_layers: tuple[int, ...] = ()
+
+    def _layers_for_period(self, period: int) -> tuple[int, ...]:
+        if self._sampler is not None:
+            return tuple(self._sampler.layers_for_period(period))
+        return tuple(sorted(random.Random(self.seed * 1_000_003 + period).sample(range(len(self.layers)),
+                                                                                 self.n_active)))
+
+    def on_step_begin(self, step: int) -> None:
+        if step % self.interval:
+            return
+        self.active_layers = self._layers_for_period(step // self.interval)
+        for i, layer in enumerate(self.layers):
+            layer.requires_grad_(i in self.active_layers)
+        for module in self.always:
+            module.requires_grad_(True)
+
+    def on_step_end(self, step: int) -> None:
+        pass
+
+
+def torch_adamw(params, args, device):
+    kw = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **kw)
+
+
+def setup_method(method: str, model, args, device):
+    """-> (model, optimizer, controller or None). Raises ImportError when a method's package is missing."""
+    if method == "full":
+        return model, torch_adamw(model.parameters(), args, device), None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, lora_dropout=0.0,
+                          target_modules="all-linear", bias="none")
+        model = get_peft_model(model, lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch_adamw(params, args, device), None
+    if method == "lisa-public":
+        controller = PublicLisa(model, args.n_active, args.interval, args.seed)
+        # Built over all parameters before anything is frozen, as those callbacks do.
+        return model, torch_adamw(model.parameters(), args, device), controller
+    if method.startswith("lisa-"):
+        from lisa_trainer import LisaConfig, LisaController, build_optimizer
+
+        cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
+                         state_policy=method.removeprefix("lisa-"), track_update_norms=args.track_update_norms)
+        optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
+        if cfg.state_policy == "park":
+            # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
+            # that is not a switch stall. `python -m lisa_kernels.build` does the compile ahead of time.
+            optimizer.state_bank
+        return model, optimizer, LisaController(model, optimizer, cfg)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def is_switch_step(method: str, step: int, interval: int) -> bool:
+    return method.startswith("lisa") and step > 0 and step % interval == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One method
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def device_state_bytes(model, optimizer, device) -> int:
+    """Parameters + gradients + optimizer state that live on the training device right now (scalar `step`
+    counters excluded). Deterministic and device-independent: the CPU stand-in for the GPU peak."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:  # tied embeddings count once
+            continue
+        seen.add(id(p))
+        if p.device == device:
+            total += _tensor_bytes(p)
+            if p.grad is not None:
+                total += _tensor_bytes(p.grad)
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor) and t.device == device and t.dim() > 0:
+                total += _tensor_bytes(t)
+    return total
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
+    shape = SHAPES[args.shape]
+    result = {"method": method, "status": "ok"}
+    # Resolved here, not in the driver: with one process per method the driver must not create a CUDA context
+    # (~0.5 GB of GPU memory the workers would lose) until they are done. Parameters report cuda:0; cuda != cuda:0.
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = optimizer = controller = loss = None
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    # Import what the method needs before taking the RSS baseline: library code is not training memory.
+    from transformers import LlamaForCausalLM  # noqa: F401
+    try:
+        if method == "lora":
+            import peft  # noqa: F401
+        elif method.startswith("lisa-") and method != "lisa-public":
+            import lisa_kernels  # noqa: F401
+            import lisa_trainer  # noqa: F401
+    except ImportError:
+        pass  # reported as "unavailable" by setup_method
+    rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
+    try:
+        batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
+                                                      args.n_batches, args.seed)]
+        model = build_model(args.shape, device, dtype, args.seed)
+        result["model_params"] = sum(p.numel() for p in model.parameters())
+        if device.type == "cuda":
+            result["model_gb"] = torch.cuda.memory_allocated(device) / GB
+        try:
+            model, optimizer, controller = setup_method(method, model, args, device)
+        except ImportError as exc:
+            return {"method": method, "status": f"unavailable: {exc}"}
+        trainable_ever = set()
+        losses, times_ms, state_peak = [], [], 0
+        for step in range(args.steps):
+            batch = batches[step % len(batches)]
+            synchronize(device)
+            # Wall clock around the whole step, controller hooks included: a switch that blocks on host copies
+            # must show up in the step time, and per-step synchronize costs nothing next to a training step.
+            t0 = time.perf_counter()
+            if controller is not None:
+                controller.on_step_begin(step)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            state_peak = max(state_peak, device_state_bytes(model, optimizer, device))
+            trainable_ever.update(id(p) for p in model.parameters() if p.grad is not None)
+            optimizer.zero_grad(set_to_none=True)
+            if controller is not None:
+                controller.on_step_end(step)
+            losses.append(loss.item())
+            synchronize(device)
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+    except torch.cuda.OutOfMemoryError:
+        result = {"method": method, "status": "OOM"}
+    except Exception as exc:  # recorded as the method's result; the other methods still run
+        if "out of memory" in str(exc).lower():  # cuBLAS / Triton allocation failures are not OutOfMemoryError
+            result = {"method": method, "status": "OOM"}
+        else:
+            traceback.print_exc()
+            result = {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
+    if result["status"] == "ok":
+        tokens = args.batch_size * args.seq_len
+        timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
+        plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
+        switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
+        stats = summarize(plain)
+        result.update(
+            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            params_ever_updated=sum(p.numel() for p in model.parameters() if id(p) in trainable_ever),
+            device_state_gb=state_peak / GB,
+            median_step_ms=stats["median_ms"], p20_step_ms=stats["p20_ms"], p80_step_ms=stats["p80_ms"],
+            tokens_per_s=tokens / (stats["median_ms"] * 1e-3),
+            switch_steps=[s for s, _ in timed if is_switch_step(method, s, args.interval)],
+            switch_stall_ms=(summarize(switch)["median_ms"] - stats["median_ms"]) if switch else None,
+            loss_first=losses[0], loss_final=losses[-1],
+            losses=losses, step_times_ms=times_ms,
+        )
+        # `state_bank` is created on first access, so only ask the method that parks.
+        result["host_state_gb"] = optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None
+        result["bank_backend"] = optimizer.state_bank.backend if method == "lisa-park" else None
+    if device.type == "cuda":
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
+    else:
+        result["peak_allocated_gb"] = result["peak_reserved_gb"] = None
+    result["peak_rss_delta_gb"] = (
+        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB if rss0 is not None else None)
+    del model, optimizer, controller, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: per shape)")
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the step-time figures")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--n-batches", type=int, default=4, help="distinct synthetic batches, cycled")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="model dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, default=None, help="default: 128 (8 on the tiny shape)")
+    p.add_argument("--n-active", type=int, default=2, help="LISA γ: middle layers trained per period")
+    p.add_argument("--interval", type=int, default=20, help="LISA K: steps per period")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-update-norms", dest="track_update_norms", action="store_false",
+                   help="LisaConfig(track_update_norms=False): no per-period host snapshot of the trained weights")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on CPU: 1; shared 2-core machines make 2 threads erratic)")
+    p.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
+                   help="one process per method (auto: yes on CUDA, no on CPU)")
+    p.add_argument("--method-timeout", type=float, default=600.0, help="seconds per isolated method")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; methods not started in time are recorded as skipped")
+    p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
+    p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    args.steps = args.steps if args.steps is not None else shape["steps"]
+    args.seq_len = args.seq_len or shape["seq_len"]
+    args.batch_size = args.batch_size or shape["batch_size"]
+    args.lora_rank = args.lora_rank or shape["lora_rank"]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    args.warmup = min(args.warmup, args.steps - 1)
+    return args
+
+
+def resolve(args):
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    isolated = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda")
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    return device, dtype, isolated
+
+
+def run_isolated(method: str, argv: list[str], timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method, "--worker-out", str(out)]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"method": method, "status": f"timeout after {timeout:.0f} s"}
+        if out.exists():
+            return json.loads(out.read_text())
+        return {"method": method, "status": f"crashed (exit code {proc.returncode})"}
+
+
+def add_comparisons(results: list[dict]) -> dict:
+    """Ratios the package's claims are judged by, from whatever methods ran and finished."""
+    by = {r["method"]: r for r in results if r.get("status") == "ok"}
+    mem_key = "peak_allocated_gb" if any(r.get("peak_allocated_gb") for r in by.values()) else "device_state_gb"
+    out = {"memory_figure": mem_key}
+    for r in results:
+        if r.get("status") != "ok":
+            continue
+        for ref in ("full", "lora"):
+            if ref in by and by[ref].get(mem_key):
+                r[f"mem_vs_{ref}"] = r[mem_key] / by[ref][mem_key]
+    park, lora, full = by.get("lisa-park"), by.get("lora"), by.get("full")
+    if park and lora:
+        out["park_memory_at_or_below_lora"] = park[mem_key] <= lora[mem_key]
+        out["park_step_time_at_or_below_lora"] = park["median_step_ms"] <= lora["median_step_ms"]
+    if park and full:
+        out["park_memory_vs_full"] = park[mem_key] / full[mem_key]
+        out["park_memory_at_most_45pct_of_full"] = park[mem_key] <= 0.45 * full[mem_key]
+    return out
+
+
+def plot(results: list[dict], payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mem_key = payload["comparisons"]["memory_figure"]
+    names = [r["method"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, key, label in ((axes[0], mem_key, mem_key.replace("_gb", " (GB)").replace("_", " ")),
+                           (axes[1], "median_step_ms", "median step time (ms)")):
+        values = [r.get(key) if r.get("status") == "ok" else None for r in results]
+        bars = ax.bar(names, [v or 0 for v in values], color="tab:blue")
+        for bar, r, v in zip(bars, results, values):
+            text = f"{v:.3g}" if v is not None else r["status"].split(":")[0]
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30)
+    for r in results:
+        if r.get("status") == "ok":
+            axes[2].plot(r["losses"], label=r["method"])
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("training loss")
+    axes[2].legend(fontsize=8)
+    env = payload["environment"]
+    fig.suptitle(f"bench_finetune --shape {payload['config']['shape']} on {env['device']} "
+                 f"(seq {payload['config']['seq_len']} x batch {payload['config']['batch_size']}, "
+                 f"{payload['config']['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device, dtype, isolated = resolve(args)
+    if args.worker:  # child process: one method, result as JSON
+        result = run_method(args.worker, args, device, dtype, isolated=True)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+
+    start = time.monotonic()
+    results = []
+    for method in args.methods:
+        elapsed = time.monotonic() - start
+        if args.time_budget is not None and elapsed > args.time_budget:
+            results.append({"method": method, "status": "skipped: time budget"})
+            continue
+        print(f"[bench_finetune] {method} ({args.shape}, {args.steps} steps, {device.type})", flush=True)
+        if isolated:
+            timeout = args.method_timeout
+            if args.time_budget is not None:
+                timeout = max(1.0, min(timeout, args.time_budget - elapsed))
+            results.append(run_isolated(method, argv, timeout))
+        else:
+            results.append(run_method(method, args, device, dtype, isolated=False))
+
+    payload = {
+        "benchmark": "finetune",
+        "config": dict(shape=args.shape, model=SHAPES[args.shape]["config"], steps=args.steps, warmup=args.warmup,
+                       seq_len=args.seq_len, batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
+                       lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
+                       n_active=args.n_active, interval=args.interval, seed=args.seed, isolated=isolated,
+                       track_update_norms=args.track_update_norms,
+                       torch_threads=torch.get_num_threads()),
+        "environment": environment(device),
+        "comparisons": add_comparisons(results),
+        "results": results,
+    }
+    columns = ["method", "status", "peak_allocated_gb", "peak_reserved_gb", "device_state_gb", "mem_vs_full",
+               "mem_vs_lora", "median_step_ms", "tokens_per_s", "switch_stall_ms", "loss_final"]
+    if device.type != "cuda":  # no GPU peaks; a fresh process per method makes the RSS growth meaningful
+        columns = [c for c in columns if c not in ("peak_allocated_gb", "peak_reserved_gb")]
+        if isolated:
+            columns.insert(2, "peak_rss_delta_gb")
+    print_table([{**r, "status": r["status"].split(":")[0]} for r in results], columns,
+                title=f"\nfinetune {args.shape} on {payload['environment']['device']}, {dtype}, "
+                      f"seq {args.seq_len} x batch {args.batch_size}, {args.steps} steps")
+    for r in results:
+        if r["status"] != "ok":
+            print(f"  {r['method']}: {r['status']}")
+    name = args.name or f"finetune-{args.shape}"
+    path = write_results(name, payload, device, results_dir=args.results_dir)
+    print(f"results: {path}")
+    if not args.no_plot:
+        try:
+            png = results_path(name, device, ".png", results_dir=args.results_dir)
+            plot(results, payload, png)
+            copy_to_out(png)
+            print(f"chart:   {png}")
+        except ImportError as exc:
+            print(f"chart skipped: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The GPU suite: one command for a session that is lent a GPU (no network needed).
+#
+#   bash benchmarks/gpu_suite.sh
+#
+# Installs the package from this working tree without downloads, builds the native host arena, runs the
+# CUDA-marked tests and every benchmark, each under its own timeout, all within SUITE_BUDGET_S seconds (default 540:
+# the device machine allows 10 minutes a command). A failing or timed-out step does not stop the others; the exit
+# status is non-zero when any step failed. Results: benchmarks/results/*.json (+ .png charts, git-ignored), the
+# full log in benchmarks/results/gpu_suite.log and a per-step summary in benchmarks/results/gpu_suite-<device>.json;
+# everything is also copied to $OUT/benchmarks/results/ when $OUT is set. Commit the JSON files afterwards.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python}"
+BUDGET="${SUITE_BUDGET_S:-540}"
+RESULTS="benchmarks/results"
+LOG="$RESULTS/gpu_suite.log"
+START=$SECONDS
+mkdir -p "$RESULTS"
+: > "$LOG"
+# Imports come from this tree whether or not the editable install below succeeds.
+export PYTHONPATH="$ROOT:$ROOT/python_api${PYTHONPATH:+:$PYTHONPATH}"
+
+STEPS=()     # "name rc seconds" per step
+FAILED=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# step NAME CAP_SECONDS COMMAND...: run COMMAND under min(CAP, time left in the budget); record its outcome.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local left
+    left=$(left)
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        log "=== [$name] skipped: suite budget spent"
+        STEPS+=("$name skipped 0")
+        FAILED+=("$name (skipped: budget)")
+        return
+    fi
+    log "=== [$name] timeout ${limit}s: $*"
+    local t0=$SECONDS
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local took=$((SECONDS - t0))
+    STEPS+=("$name $rc $took")
+    if ((rc == 124 || rc == 137)); then
+        log "=== [$name] TIMED OUT after ${took}s"
+        FAILED+=("$name (timeout ${limit}s)")
+    elif ((rc != 0)); then
+        log "=== [$name] FAILED rc=$rc after ${took}s"
+        FAILED+=("$name (rc=$rc)")
+    else
+        log "=== [$name] ok in ${took}s"
+    fi
+}
+
+log "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s, commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG" || true
+# SUITE_ALLOW_CPU=1 runs the suite's own logic on a CPU machine (to check this script; the figures mean nothing).
+if [[ "${SUITE_ALLOW_CPU:-0}" != 1 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    log "gpu_suite: torch sees no CUDA device; this suite is for GPU machines (on CPU: python -m pytest)"
+    exit 2
+fi
+
+step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
+step native-build 150 "$PY" -m lisa_kernels.build
+step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
+step bench_adamw 75 "$PY" benchmarks/bench_adamw.py
+step bench_offload 75 "$PY" benchmarks/bench_offload.py
+# bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
+# under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
+limit=$(( $(left) < 240 ? $(left) : 240 ))
+if ((limit >= 100)); then
+    step finetune-1b "$limit" "$PY" benchmarks/bench_finetune.py --shape 1b --steps 45 --time-budget $((limit - 40))
+else
+    log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
+    STEPS+=("finetune-1b skipped 0")
+    FAILED+=("finetune-1b (skipped: budget)")
+fi
+# 7B where time allows, the methods that answer the package's claims first.
+limit=$(($(left) - 15))
+if ((limit >= 100)); then
+    step finetune-7b "$limit" "$PY" benchmarks/bench_finetune.py --shape 7b --steps 30 --time-budget $((limit - 40)) \
+        --methods lisa-park,lora,full,lisa-public,lisa-keep,lisa-reset
+else
+    log "=== [finetune-7b] skipped: only ${limit}s left in the budget"
+    STEPS+=("finetune-7b skipped 0")
+fi
+
+# Per-step summary with the environment, through the same harness the benchmarks use.
+"$PY" - "${STEPS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import sys
+sys.path.insert(0, "benchmarks")
+from common import print_table, write_results
+
+steps = []
+for entry in sys.argv[1:]:
+    name, rc, seconds = entry.split()
+    status = "skipped" if rc == "skipped" else "ok" if rc == "0" else "timeout" if rc in ("124", "137") else "failed"
+    steps.append({"step": name, "status": status, "rc": None if rc == "skipped" else int(rc), "seconds": int(seconds)})
+print_table(steps, title="\ngpu_suite")
+print("summary:", write_results("gpu_suite", {"benchmark": "gpu_suite", "steps": steps}))
+EOF
+
+if ((${#FAILED[@]})); then
+    log "gpu_suite: FAILED after $((SECONDS - START))s: ${FAILED[*]}"
+    status=1
+else
+    log "gpu_suite: all steps passed in $((SECONDS - START))s"
+    status=0
+fi
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT/benchmarks/results"
+    cp -r "$RESULTS"/. "$OUT/benchmarks/results/"
+fi
+exit $status

@@ -1,0 +1,117 @@
+"""The benchmark harness and bench_finetune at its tiny CPU size: every method runs and reports every figure."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+def test_percentiles_and_summary():
+    assert common.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert common.percentile([5.0], 20) == 5.0
+    s = common.summarize([float(x) for x in range(1, 11)])
+    assert (s["median_ms"], s["p20_ms"], s["p80_ms"], s["repeats"]) == (5.5, 2.8, 8.2, 10)
+    with pytest.raises(ValueError):
+        common.percentile([], 50)
+
+
+def test_time_fn_and_copy_bandwidth_on_cpu():
+    calls = []
+    t = common.time_fn(lambda: calls.append(1), warmup=2, repeats=5, device="cpu")
+    assert len(calls) == 7 and t["repeats"] == 5
+    assert 0 <= t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
+    with pytest.raises(ValueError):
+        common.time_fn(lambda: None, repeats=0, device="cpu")
+    bw = common.measure_copy_bandwidth("cpu", nbytes=1 << 20, repeats=3)
+    assert bw["bytes"] == 1 << 20 and bw["gbps"] > 0
+
+
+def test_write_results_environment_and_out_copy(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("OUT", str(out))
+    path = common.write_results("unit", {"rows": [1, 2]}, device="cpu", results_dir=tmp_path / "res")
+    assert path == tmp_path / "res" / "unit-cpu.json"
+    data = json.loads(path.read_text())
+    assert data["rows"] == [1, 2]
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "transformers", "python", "git_commit", "date_utc"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["date_utc"].endswith("Z")
+    assert json.loads((out / "benchmarks" / "results" / "unit-cpu.json").read_text()) == data
+
+
+def test_table_formatting():
+    text = common.format_table([{"method": "full", "ms": 12.345, "gb": None}, {"method": "lisa-park", "ms": 1.5}],
+                               title="t")
+    lines = text.splitlines()
+    assert lines[0] == "t" and lines[1].split() == ["method", "ms", "gb"]
+    assert lines[3].split() == ["full", "12.3", "-"] and lines[4].split() == ["lisa-park", "1.5", "-"]
+
+
+@pytest.fixture(scope="module")
+def finetune_tiny(tmp_path_factory):
+    """One CPU run of every method: 3 steps, K=2, so each LISA method crosses one switch after its warm-up step."""
+    results = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}  # as the CLI runs it
+    cmd = [sys.executable, str(BENCH / "bench_finetune.py"), "--shape", "tiny", "--device", "cpu", "--steps", "3",
+           "--interval", "2", "--warmup", "1", "--results-dir", str(results)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((results / "finetune-tiny-cpu.json").read_text()), proc.stdout, results
+
+
+def test_finetune_reports_every_method_with_its_figures(finetune_tiny):
+    data, stdout, results = finetune_tiny
+    by = {r["method"]: r for r in data["results"]}
+    assert list(by) == list(METHODS)
+    assert data["config"]["shape"] == "tiny" and data["config"]["steps"] == 3
+    assert data["environment"]["device_type"] == "cpu"
+    for method, r in by.items():
+        if method == "lora" and not HAS_PEFT:
+            assert r["status"].startswith("unavailable"), r
+            continue
+        assert r["status"] == "ok", r
+        assert r["median_step_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["p20_step_ms"] <= r["median_step_ms"] <= r["p80_step_ms"]
+        assert len(r["losses"]) == len(r["step_times_ms"]) == 3 and math.isfinite(r["loss_final"])
+        assert r["device_state_gb"] > 0
+        assert r["peak_allocated_gb"] is None and r["peak_reserved_gb"] is None  # no GPU figures on CPU
+        if method.startswith("lisa"):
+            assert r["switch_steps"] == [2] and isinstance(r["switch_stall_ms"], float)
+        else:
+            assert r["switch_steps"] == [] and r["switch_stall_ms"] is None
+    # Same model, same data: every method starts from the same loss.
+    firsts = {r["loss_first"] for r in by.values() if r["status"] == "ok"}
+    assert max(firsts) - min(firsts) < 1e-5
+    for method in METHODS:
+        assert method in stdout
+    assert (results / "finetune-tiny-cpu.png").stat().st_size > 0
+
+
+def test_finetune_memory_figures_tell_the_state_policies_apart(finetune_tiny):
+    """After the switch, "keep" and the public style hold two periods' layers of state, "park" and "reset" one."""
+    by = {r["method"]: r for r in finetune_tiny[0]["results"]}
+    state = {m: by[m]["device_state_gb"] for m in METHODS if by[m]["status"] == "ok"}
+    assert state["lisa-park"] == pytest.approx(state["lisa-reset"])
+    assert state["lisa-park"] < state["lisa-keep"] < state["full"]
+    assert state["lisa-public"] == pytest.approx(state["lisa-keep"])  # same layers, fp32 state in both on CPU
+    assert by["lisa-park"]["host_state_gb"] > 0 and by["lisa-keep"]["host_state_gb"] is None
+    # Only the active set is trainable at the end; the public style and ours train the same parameters.
+    assert by["lisa-park"]["trainable_params"] < by["full"]["trainable_params"]
+    assert by["lisa-public"]["params_ever_updated"] == by["lisa-keep"]["params_ever_updated"]
+    comparisons = finetune_tiny[0]["comparisons"]
+    assert comparisons["memory_figure"] == "device_state_gb"
+    assert comparisons["park_memory_vs_full"] == pytest.approx(state["lisa-park"] / state["full"])
