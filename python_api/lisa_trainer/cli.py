@@ -290,10 +290,13 @@ def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, pn
         mem = f"GPU peak allocated {summary['gpu_mem_peak_mb']:.0f} MiB; " + mem
     lines = [
         f"LISA {'demo ' if demo else ''}finished: {summary['steps']} steps on {summary['device']} in {wall:.1f} s "
-        f"(training {summary['wall_time_s']:.1f} s); {lisa.n_active_layers} layers every {lisa.interval_steps} steps, "
+        f"(training {summary['wall_time_s']:.1f} s); {lisa.n_active_layers} of {summary.get('n_layers', '?')} layers "
+        f"every {lisa.interval_steps} steps, "
         f"state policy {lisa.state_policy}",
         f"  train loss    {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}",
-        f"  held-out loss {fmt(summary['first_eval_loss'])} -> {fmt(summary['last_eval_loss'])}",
+        f"  held-out loss {fmt(summary['first_eval_loss'])} -> {fmt(summary['last_eval_loss'])}"
+        if summary["first_eval_loss"] is not None
+        else "  held-out loss n/a (no --validation_split_percentage)",
         f"  layers per period: {shown or 'none finished'}",
         f"  peak memory: {mem}",
         f"  model: {out_model}  (AutoModelForCausalLM.from_pretrained)",

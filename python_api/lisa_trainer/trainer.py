@@ -331,7 +331,7 @@ class LisaTrainer:
         log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        n_layers = len(self.controller.layers) if hasattr(self.controller, "layers") else None
+        n_layers = self.controller.n_layers
         if resumed_at is None:
             log.write(
                 {
@@ -409,6 +409,7 @@ class LisaTrainer:
             "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
             "periods": [{"period": p["period"], "layers": p["layers"]} for p in periods],
             "tokens_seen": self.tokens_seen,
+            "n_layers": self.controller.n_layers,
             "wall_time_s": wall,
             "device": str(self.device),
             "peak_host_rss_mb": _peak_host_rss_mb(),
