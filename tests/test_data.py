@@ -192,3 +192,12 @@ def test_missing_path_and_empty_folder(tmp_path):
         load_lmflow_dataset(tmp_path / "nope.json")
     with pytest.raises(ValueError, match="no .json dataset files"):
         load_lmflow_dataset(tmp_path)
+
+
+def test_sequences_without_trained_tokens_are_counted_when_left_out(tmp_path, tok):
+    long_question = {"messages": [{"role": "user", "content": "why? " * 40}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    f = write(tmp_path / "c.json", {"type": "conversation", "instances": [long_question, short]})
+    data = load_and_tokenize(f, tok, block_size=64)
+    assert len(data) == 1 and data.stats["truncated"] == 1 and data.stats["dropped_untrained"] == 1
+    assert trained_text(tok, data.examples[0]) == "hello</s>"

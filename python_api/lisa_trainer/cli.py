@@ -397,7 +397,9 @@ def _run(args) -> int:
     print(
         f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
-        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens; "
+        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens "
+        f"({tokenized.stats['truncated']} instances truncated, {tokenized.stats['dropped_untrained']} without trained "
+        f"tokens left out); "
         f"{trainer.max_steps} steps on {trainer.device}",
         flush=True,
     )

@@ -258,7 +258,7 @@ def tokenize_dataset(dataset: LMFlowDataset, tokenizer, block_size: int, *, pack
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
-    examples, stats = [], {"instances": 0, "truncated": 0, "tokens": 0, "trained_tokens": 0}
+    examples, stats = [], {"instances": 0, "truncated": 0, "dropped_untrained": 0, "tokens": 0, "trained_tokens": 0}
     for path, kind, insts in zip(dataset.files, dataset.types, dataset.instances):
         try:
             tokenized = [tokenize_instance(tokenizer, kind, inst) for inst in insts]
@@ -273,7 +273,9 @@ def tokenize_dataset(dataset: LMFlowDataset, tokenizer, block_size: int, *, pack
                     stats["truncated"] += 1
                     e = Example(e.input_ids[:block_size], e.labels[:block_size])
                 examples.append(e)
-    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
+    trainable = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
+    stats["dropped_untrained"] = len(examples) - len(trainable)  # e.g. truncated before the first assistant turn
+    examples = trainable
     if not examples:
         raise ValueError(f"{dataset.files[0]}: no tokens to train on (every label is masked or sequences are empty)")
     stats["examples"] = len(examples)
