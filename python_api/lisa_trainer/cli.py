@@ -237,9 +237,13 @@ def _load_model(args):
     path = Path(args.model_name_or_path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise CliError(f"--model_name_or_path {path}: no config.json there (not a Hugging Face model folder)")
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code, **{dtype_kw: dtype}
         )
     except (OSError, ValueError) as e:
         raise CliError(f"--model_name_or_path {args.model_name_or_path}: cannot load the model ({e})") from None
