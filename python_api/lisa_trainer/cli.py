@@ -391,8 +391,8 @@ def _run(args) -> int:
             progress=not args.disable_tqdm,
             device=args.device,
         )
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    except ValueError as e:  # the fields are named like the flags
+        raise CliError(str(e).replace("TrainingArguments.", "--")) from None
 
     try:
         trainer = LisaTrainer(model, tokenizer, train_data, targs, lisa, eval_dataset=eval_data)

@@ -70,7 +70,7 @@ class TrainingArguments:
             (self.lr_scheduler_type in SCHEDULES, f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps > 0 or num_train_epochs > 0"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs must be > 0 when max_steps <= 0"),
             (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
@@ -80,7 +80,8 @@ class TrainingArguments:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"{msg}, got {self}")
+                field = msg.split()[0]
+                raise ValueError(f"TrainingArguments.{msg}, got {getattr(self, field, None)!r}")
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kind: str) -> float:
