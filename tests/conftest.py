@@ -1,8 +1,24 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors, so the suite always exercises
 # the real kernels. Triton reads this when a kernel is decorated, so it must be set before lisa_kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def pytorch_optimizer_path():
+    """For tests of the trainer, not of the kernel: one torch thread (the models are tiny, and on a busy 2-core
+    machine OpenMP's second thread made a 4-layer forward 100x slower) and FusedAdamW's PyTorch path instead of the
+    Triton interpreter (~1.5 s a step). The kernel is tested in test_adamw.py; on a GPU it runs in these tests too."""
+    import lisa_kernels.adamw
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
+        yield
+    torch.set_num_threads(threads)

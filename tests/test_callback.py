@@ -11,16 +11,7 @@ from lisa_trainer import LisaCallback, LisaConfig
 N_LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
-    """One torch thread and FusedAdamW's PyTorch CPU path (the interpreted kernel is tested in test_adamw.py)."""
-    import lisa_kernels.adamw
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
 class _Tokens(torch.utils.data.Dataset):

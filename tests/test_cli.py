@@ -10,18 +10,7 @@ FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", 
         "--disable_tqdm", "--eval_steps", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu():
-    """As in test_trainer.py: one thread and FusedAdamW's PyTorch path on CPU (the CLI, not the kernel, is tested)."""
-    import lisa_kernels.adamw as adamw
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        if adamw.KERNEL_RUNS_ON_CPU:
-            mp.setattr(adamw, "uses_kernel", lambda *tensors: False)
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,7 @@ from lisa_trainer import LisaConfig, LisaController, build_optimizer
 N_LAYERS = 4
 
 
-@pytest.fixture(autouse=True)
-def _fast_cpu(monkeypatch):
-    """One torch thread (on a loaded 2-core box, two threads make a 4-layer forward 100x slower) and FusedAdamW's
-    PyTorch CPU path instead of the Triton interpreter (~0.5 s a step; the kernel itself is tested in
-    test_adamw.py). Neither changes what the controller does."""
-    import lisa_kernels.adamw
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
 class _RecordingAdamW(FusedAdamW):

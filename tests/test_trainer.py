@@ -11,20 +11,7 @@ from lisa_trainer.trainer import LisaTrainer, TrainingArguments, lr_at, read_log
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_cpu():
-    """Loop tests, not kernel tests: on CPU use one thread (these models are tiny, and on a loaded 2-core machine
-    OpenMP's second thread costs 3x) and FusedAdamW's PyTorch path rather than the Triton interpreter (~1.5 s a
-    step here). The kernel is tested in test_adamw.py; on a GPU it runs in these tests too."""
-    import lisa_kernels.adamw as adamw
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        if adamw.KERNEL_RUNS_ON_CPU:
-            mp.setattr(adamw, "uses_kernel", lambda *tensors: False)
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
 @pytest.fixture(scope="module")
