@@ -120,5 +120,9 @@ if [[ -n "${OUT:-}" ]]; then
     # folder would add stale files (the committed CPU results) and pass the device tool's limit of 8 files.
     mkdir -p "$OUT/benchmarks/results"
     cp "$LOG" "$OUT/benchmarks/results/"
+    n_out=$(find "$OUT" -type f | wc -l)
+    if ((n_out > 8)); then
+        echo "gpu_suite: WARNING: $n_out files under \$OUT; the device tool returns at most 8" >&2
+    fi
 fi
 exit $status
