@@ -153,11 +153,21 @@ def setup_method(method: str, model, args, device):
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
                          state_policy=method.removeprefix("lisa-"), track_update_norms=args.track_update_norms)
         optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
+        controller = LisaController(model, optimizer, cfg)
         if cfg.state_policy == "park":
             # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
             # that is not a switch stall. `python -m lisa_kernels.build` does the compile ahead of time.
-            optimizer.state_bank
-        return model, optimizer, LisaController(model, optimizer, cfg)
+            # Likewise pin the host memory for the moments this run's switches will park: growing the arena
+            # page-locks every new byte (cudaHostAlloc), a cost each layer pays once in a long run, but in a run
+            # with one or two switches it would land in every switch step measured.
+            sampler = controller.sampler
+            switches = range(1, (args.steps - 1) // args.interval + 1)
+            leaving = set().union(*(set(sampler.layers_for_period(p - 1)) - set(sampler.layers_for_period(p))
+                                    for p in switches))
+            optimizer.state_bank.reserve([torch.empty(p.shape, dtype=optimizer.moment_dtype(p), device="meta")
+                                          for i in sorted(leaving) for p in controller.layer_parameters(i)
+                                          for _moment in ("exp_avg", "exp_avg_sq")])
+        return model, optimizer, controller
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -8,7 +8,8 @@
 # the device machine allows 10 minutes a command). A failing or timed-out step does not stop the others; the exit
 # status is non-zero when any step failed. Results: benchmarks/results/*.json (+ .png charts, git-ignored), the
 # full log in benchmarks/results/gpu_suite.log and a per-step summary in benchmarks/results/gpu_suite-<device>.json;
-# everything is also copied to $OUT/benchmarks/results/ when $OUT is set. Commit the JSON files afterwards.
+# this run's files are also copied to $OUT/benchmarks/results/ when $OUT is set (8 files: 5 JSON, 2 charts, the
+# log; the device tool returns at most 8). Commit the JSON files afterwards.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -115,7 +116,13 @@ else
     status=0
 fi
 if [[ -n "${OUT:-}" ]]; then
+    # The benchmarks put their own JSON and charts in $OUT already; only the log is left to copy. Copying the whole
+    # folder would add stale files (the committed CPU results) and pass the device tool's limit of 8 files.
     mkdir -p "$OUT/benchmarks/results"
-    cp -r "$RESULTS"/. "$OUT/benchmarks/results/"
+    cp "$LOG" "$OUT/benchmarks/results/"
+    n_out=$(find "$OUT" -type f | wc -l)
+    if ((n_out > 8)); then
+        echo "gpu_suite: WARNING: $n_out files under \$OUT; the device tool returns at most 8" >&2
+    fi
 fi
 exit $status
