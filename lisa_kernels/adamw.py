@@ -101,8 +101,9 @@ if triton is not None:
             max_ptr = _address(row, 4, STATE, ALIGNED)
             second_moment = tl.maximum(_load_chunk(max_ptr, offsets, numel, MASKED), exp_avg_sq)
             _store_chunk(max_ptr, offsets, numel, second_moment, MASKED)
-        denom = tl.sqrt(second_moment) / tl.load(h + 7) + tl.load(h + 4)
-        param = param - tl.load(h + 6) * (exp_avg / denom)
+        # IEEE-rounded sqrt and division, as torch uses: plain `/` and tl.sqrt compile to approximations on sm_90.
+        denom = tl.div_rn(tl.sqrt_rn(second_moment), tl.load(h + 7)) + tl.load(h + 4)
+        param = param - tl.load(h + 6) * tl.div_rn(exp_avg, denom)
 
         if STOCHASTIC_ROUNDING:
             # Add 16 random bits below bf16's mantissa, then truncate: rounds up with probability equal to the

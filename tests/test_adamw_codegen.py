@@ -1,4 +1,5 @@
-"""The compiled kernel streams with 16-byte vector loads and stores (checked in the PTX, no GPU needed).
+"""The compiled kernel streams with 16-byte vector loads and stores and rounds sqrt and division like torch
+(checked in the PTX, no GPU needed).
 
 Addresses read from a table carry no alignment facts, and masks on a run-time size defeat vectorisation; the
 kernel restores both (alignment hint, unmasked full chunks). Losing either drops every access to 4 or 2 bytes.
@@ -30,7 +31,10 @@ for variant in sys.argv[1:]:
     names = _adamw_kernel.arg_names
     source = ASTSource(_adamw_kernel, signature, {(names.index(k),): v for k, v in constants.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-    print(dict(collections.Counter(re.findall(r"(ld|st)\\.global\\.v4", kernel.asm["ptx"]))))
+    ptx = kernel.asm["ptx"]
+    counts = collections.Counter(re.findall(r"(ld|st)\\.global\\.v4", ptx))
+    counts.update("approximate math" for _ in re.findall(r"(?:sqrt|div|rcp)\\.(?:approx|full)", ptx))
+    print(dict(counts))
 """
 
 
