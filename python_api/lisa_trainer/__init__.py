@@ -23,6 +23,7 @@ __all__ = [
     "LisaController",
     "LayerSampler",
     "LisaCallback",
+    "LisaTrainer",
     "build_optimizer",
     "find_decoder_layers",
     "always_trainable_modules",
@@ -31,11 +32,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # LisaCallback subclasses transformers.TrainerCallback; importing transformers costs seconds, so it is loaded
-    # only when asked for.
-    if name == "LisaCallback":
-        from .callback import LisaCallback
+# These import transformers, which costs seconds, so they load only when asked for.
+_LAZY = {"LisaCallback": "callback", "LisaTrainer": "trainer"}
 
-        return LisaCallback
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
