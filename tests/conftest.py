@@ -22,3 +22,11 @@ def pytorch_optimizer_path():
         patch.setattr(lisa_kernels.adamw, "KERNEL_RUNS_ON_CPU", False)
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The demo's byte-level tokenizer (built locally, no download)."""
+    from lisa_trainer.demo import build_demo_tokenizer
+
+    return build_demo_tokenizer()

@@ -15,11 +15,6 @@ from lisa_trainer.data import (
 from lisa_trainer.demo import build_demo_tokenizer, demo_dataset_path
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_demo_tokenizer()
-
-
 def write(path, doc):
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     return path
