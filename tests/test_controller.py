@@ -326,12 +326,7 @@ def test_under_distributed_data_parallel(tmp_path):
         assert list(ctrl.always_trainable) == ["model.embed_tokens", "lm_head", "model.norm"]
         seen = set()
         for step in range(3):  # layers 0, 3, 1 with this seed: layer 2 must stay untouched
-            ctrl.on_step_begin(step)
-            ids = batch(step)
-            ddp(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ctrl.on_step_end(step)
+            train_step(ddp, opt, ctrl, step)
             seen.update(ctrl.active_layers)
         after = snapshot(model)
         assert seen == {0, 1, 3}
