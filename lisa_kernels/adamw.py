@@ -18,12 +18,6 @@ try:
 except ImportError:  # macOS, or a CPU-only box without Triton: the PyTorch path does the work.
     triton = None
 
-# Per-tensor scalars the kernel reads, in this order (see `adamw_hyperparameters`).
-# 1 - beta is computed in double on the host: in fp32, 1 - fp32(0.999) is off by ~1e-5 relative.
-HYPERPARAMETERS = ("grad_scale", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "step_size",
-                   "bias_correction2_sqrt")
-# Per-tensor table row: five addresses, then the element count.
-_ROW = 6
 # 4096 fp32 elements a program is 16 per thread at 8 warps: four 16-byte loads per tensor, enough in flight to
 # stream at bandwidth without a loop. Triton's interpreter costs ~1 ms per program, so it gets big blocks.
 _CUDA_BLOCK = 4096
@@ -43,7 +37,9 @@ class AdamWHyperparameters:
 
 
 def adamw_hyperparameters(h: AdamWHyperparameters, step: float, inv_grad_scale: float = 1.0) -> tuple:
-    """The per-tensor scalars of one step, computed in double precision on the host like torch.optim.AdamW."""
+    """The per-tensor scalars of one step, in the order the kernel reads them: gradient scale (sign for maximize,
+    1 / GradScaler scale), 1 - beta1, beta2, 1 - beta2, eps, weight-decay factor, step size, sqrt of the second bias
+    correction. Computed in double on the host like torch.optim.AdamW: in fp32, 1 - fp32(0.999) is off by ~1e-5."""
     bias_correction1 = 1 - h.beta1**step
     bias_correction2 = 1 - h.beta2**step
     return (
@@ -117,7 +113,7 @@ if triton is not None:
     @triton.jit
     def _adamw_kernel(
         table,  # int64 [tensors, 6]: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq addresses; numel
-        hyper,  # float32 [tensors, 8]: HYPERPARAMETERS
+        hyper,  # float32 [tensors, 8]: `adamw_hyperparameters` of each tensor
         chunks,  # int64 [programs, 2]: tensor index, first element
         seed,
         PARAM: tl.constexpr,
