@@ -83,6 +83,8 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
         (["--model_name_or_path", str(tmp_path), "--demo"], ["--demo", "--model_name_or_path"]),
         (["--resume_from_checkpoint", str(tmp_path / "ckpt")], ["--resume_from_checkpoint", "ckpt"]),
         (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+        (["--device", "bogus"], ["--device", "bogus", "not a device name"]),
+        (["--device", "cuda:99"], ["--device cuda:99"]),  # no GPU here, or not 100 of them
     ]
     for argv, expected in cases:
         err = error_of([*argv, "--output_model_path", str(tmp_path / "out"), "--max_steps", "1"], capsys)

@@ -229,6 +229,25 @@ def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
     return dataset, out_model, out_dir
 
 
+def _check_device(name: str | None) -> None:
+    """Refuse a --device this machine does not have before loading a model onto it."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r}: not a device name (use cuda, cuda:N or cpu)") from None
+    if device.type not in ("cuda", "cpu"):
+        raise CliError(f"--device {name!r}: only cuda, cuda:N and cpu are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: no CUDA GPU is available to torch {torch.__version__} here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _load_model(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -338,6 +357,7 @@ def _run(args) -> int:
     from .plots import plot_run
     from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
 
+    _check_device(args.device)
     torch.manual_seed(args.seed)
     if demo:
         tokenizer = build_demo_tokenizer()
