@@ -49,6 +49,16 @@ def test_demo_resumes_from_latest_checkpoint(demo_run, tmp_path):
     assert after == before
 
 
+def test_resuming_with_another_schedule_is_a_clear_error(demo_run, capsys):
+    _, out = demo_run
+    log = (out / "train_log.jsonl").read_bytes()
+    argv = ["--demo", "--output_model_path", str(out), "--resume_from_checkpoint", "latest", *FAST, "--lisa_interval_steps", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume_from_checkpoint" in err and "interval_steps=2" in err and "Traceback" not in err
+    assert (out / "train_log.jsonl").read_bytes() == log  # nothing touched
+
+
 def test_summary_is_printed(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path / "logs"), "--output_model_path", str(tmp_path / "m"), *FAST]) == 0
     text = capsys.readouterr().out

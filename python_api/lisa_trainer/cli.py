@@ -427,9 +427,11 @@ def _run(args) -> int:
         f"{trainer.max_steps} steps on {trainer.device}",
         flush=True,
     )
+    from .checkpoint import CheckpointError
+
     try:
         summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise CliError(f"--resume_from_checkpoint: {e}") from None
     trainer.save_model(out_model)
     png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
