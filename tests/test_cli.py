@@ -104,6 +104,7 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
 
 def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
     assert parse_layer_weights("1, 2,0.5") == [1.0, 2.0, 0.5]
+    assert parse_layer_weights("[1, 0, 2.5]") == [1.0, 0.0, 2.5]  # the README's "a JSON list", inline
     (tmp_path / "w.json").write_text(json.dumps({"layer_weights": [1, 0, 3]}))
     assert parse_layer_weights(str(tmp_path / "w.json")) == [1.0, 0.0, 3.0]
     _, out = demo_run

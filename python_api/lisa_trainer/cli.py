@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa_interval_steps", type=_positive_int, help="K: optimizer steps per period (demo 10, else 20)")
     g.add_argument("--lisa_layers_attribute", help="dotted path of the decoder-layer list, e.g. model.layers (default: found by structure)")
     g.add_argument("--lisa_state_policy", default="park", choices=("park", "reset", "keep"), help="what happens to a deactivated layer's optimizer state")
-    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
+    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
     g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
 
     g = p.add_argument_group("optimization")
@@ -143,8 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+def _number_list(doc, where: str) -> list[float]:
+    if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
+        raise CliError(f"--lisa_layer_weights {where}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
+    return [float(w) for w in doc]
+
+
 def parse_layer_weights(value: str) -> list[float]:
-    """``--lisa_layer_weights``: "1,2,1,...", a JSON file (a list, or {"layer_weights": [...]}) or a JSONL run log.
+    """``--lisa_layer_weights``: "1,2,1,...", a JSON list "[1, 2, 1, ...]", a JSON file (a list, or
+    {"layer_weights": [...]}) or a JSONL run log.
 
     From a run log the weight of a layer is its mean weight-update norm over the periods it trained in; layers
     never sampled there get the mean of the others, so they can still be chosen.
@@ -160,9 +167,12 @@ def parse_layer_weights(value: str) -> list[float]:
             raise CliError(f"--lisa_layer_weights {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if isinstance(doc, dict):
             doc = doc.get("layer_weights", doc.get("weights"))
-        if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
-            raise CliError(f"--lisa_layer_weights {path}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
-        return [float(w) for w in doc]
+        return _number_list(doc, str(path))
+    if value.lstrip().startswith("["):
+        try:
+            return _number_list(json.loads(value), repr(value))
+        except json.JSONDecodeError as e:
+            raise CliError(f"--lisa_layer_weights {value!r}: invalid JSON list at column {e.colno}: {e.msg}") from None
     if any(ch in value for ch in "/\\") or value.endswith((".json", ".jsonl")):
         raise CliError(f"--lisa_layer_weights {value}: no such file")
     try:
