@@ -86,6 +86,8 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
         (["--lisa_activated_layers", "9"], ["--lisa_activated_layers", "8 decoder layers"]),
         (["--lisa_layer_weights", "1,2,3"], ["--lisa_layer_weights", "3 entries", "8 decoder layers"]),
         (["--lisa_layer_weights", str(tmp_path / "w.json")], ["--lisa_layer_weights", "no such file"]),
+        (["--lisa_layer_weights", "0,0,0,0,0,0,0,1"],
+         ["error: --lisa_layer_weights", "1 non-zero entries, fewer than --lisa_activated_layers"]),
         (["--lisa_layers_attribute", "model.nothing"], ["--lisa_layers_attribute"]),
         (["--lisa_state_policy", "forget"], ["--lisa_state_policy", "invalid choice"]),
         (["--learning_rate", "-1"], ["--learning_rate"]),
