@@ -104,6 +104,16 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
             assert piece in err, (argv, err)
 
 
+def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"type": "text2text", "instances": [{"input": "q"}]}')
+    not_a_model = tmp_path / "model"
+    not_a_model.mkdir()  # loading it would fail: the error seen first must be the data's
+    err = error_of(["--model_name_or_path", str(not_a_model), "--dataset_path", str(bad),
+                    "--output_model_path", str(tmp_path / "out")], capsys)
+    assert "broken.json" in err and 'missing field "output"' in err
+
+
 def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
     assert parse_layer_weights("1, 2,0.5") == [1.0, 2.0, 0.5]
     assert parse_layer_weights("[1, 0, 2.5]") == [1.0, 0.0, 2.5]  # the README's "a JSON list", inline

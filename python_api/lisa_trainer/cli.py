@@ -368,6 +368,10 @@ def _run(args) -> int:
     from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
 
     _check_device(args.device)
+    try:  # before the model: a typo in the data should not cost a model load first
+        data = load_lmflow_dataset(dataset_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"--dataset_path: {e}") from None
     torch.manual_seed(args.seed)
     if demo:
         tokenizer = build_demo_tokenizer()
@@ -384,10 +388,6 @@ def _run(args) -> int:
     if weights is not None and len(weights) != len(layers):
         raise CliError(f"--lisa_layer_weights has {len(weights)} entries but the model has {len(layers)} decoder layers")
 
-    try:
-        data = load_lmflow_dataset(dataset_path)
-    except (ValueError, FileNotFoundError) as e:
-        raise CliError(f"--dataset_path: {e}") from None
     pack = None if not args.disable_group_texts else False
     try:
         tokenized = tokenize_dataset(data, tokenizer, values["block_size"], pack=pack)
