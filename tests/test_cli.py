@@ -59,6 +59,20 @@ def test_resuming_with_another_schedule_is_a_clear_error(demo_run, capsys):
     assert (out / "train_log.jsonl").read_bytes() == log  # nothing touched
 
 
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from lisa_trainer.trainer import LisaTrainer
+
+    def interrupted(self, resume_from_checkpoint=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LisaTrainer, "train", interrupted)
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.pt").touch()
+    assert main(["--demo", "--output_model_path", str(tmp_path / "out"), *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint-3" in err and "--resume_from_checkpoint latest" in err
+
+
 def test_summary_is_printed(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path / "logs"), "--output_model_path", str(tmp_path / "m"), *FAST]) == 0
     text = capsys.readouterr().out

@@ -350,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from .checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(args.output_dir or args.output_model_path or DEMO_OUTPUT)
+        hint = (f"the newest checkpoint is {found}; the same command with --resume_from_checkpoint latest continues "
+                f"from it" if found else "no checkpoint was written (--save_steps N writes them)")
+        print(f"\nlisa-finetune: interrupted; {hint}", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
