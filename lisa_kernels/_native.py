@@ -6,13 +6,14 @@
 
 The library needs only a host C++ compiler and ninja: it finds the CUDA runtime at run time, so the same build
 serves GPU and CPU-only machines and no CUDA toolkit is needed. Builds live in `$LISA_KERNELS_CACHE` (default
-`~/.cache/lisa_kernels`), one folder per torch and Python version, so upgrading torch builds afresh instead of
-loading a library made for another ABI.
+`~/.cache/lisa_kernels`), one folder per torch version, Python version and source folder, so upgrading torch builds
+afresh instead of loading a library made for another ABI.
 A file lock serialises concurrent builds (several ranks of one job start at once); the loser of the race finds
 the finished library and only loads it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -41,7 +42,17 @@ def cache_root() -> Path:
 
 
 def build_dir() -> Path:
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    """One folder per torch version, Python version and source folder.
+
+    The source folder is in the name because the compile command names it: two checkouts (or a checkout and an
+    installed copy) sharing one folder made ninja rebuild the library, ~10 s, at every first use by the other.
+    """
+    try:
+        where = str(source_dir())
+    except FileNotFoundError:
+        where = ""
+    checkout = hashlib.sha256(where.encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}-{checkout}"
     return cache_root() / tag
 
 

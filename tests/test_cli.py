@@ -49,6 +49,30 @@ def test_demo_resumes_from_latest_checkpoint(demo_run, tmp_path):
     assert after == before
 
 
+def test_resuming_with_another_schedule_is_a_clear_error(demo_run, capsys):
+    _, out = demo_run
+    log = (out / "train_log.jsonl").read_bytes()
+    argv = ["--demo", "--output_model_path", str(out), "--resume_from_checkpoint", "latest", *FAST, "--lisa_interval_steps", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume_from_checkpoint" in err and "interval_steps=2" in err and "Traceback" not in err
+    assert (out / "train_log.jsonl").read_bytes() == log  # nothing touched
+
+
+def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from lisa_trainer.trainer import LisaTrainer
+
+    def interrupted(self, resume_from_checkpoint=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LisaTrainer, "train", interrupted)
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.pt").touch()
+    assert main(["--demo", "--output_model_path", str(tmp_path / "out"), *FAST]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "checkpoint-3" in err and "--resume_from_checkpoint latest" in err
+
+
 def test_summary_is_printed(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path / "logs"), "--output_model_path", str(tmp_path / "m"), *FAST]) == 0
     text = capsys.readouterr().out
@@ -76,6 +100,8 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
         (["--lisa_activated_layers", "9"], ["--lisa_activated_layers", "8 decoder layers"]),
         (["--lisa_layer_weights", "1,2,3"], ["--lisa_layer_weights", "3 entries", "8 decoder layers"]),
         (["--lisa_layer_weights", str(tmp_path / "w.json")], ["--lisa_layer_weights", "no such file"]),
+        (["--lisa_layer_weights", "0,0,0,0,0,0,0,1"],
+         ["error: --lisa_layer_weights", "1 non-zero entries, fewer than --lisa_activated_layers"]),
         (["--lisa_layers_attribute", "model.nothing"], ["--lisa_layers_attribute"]),
         (["--lisa_state_policy", "forget"], ["--lisa_state_policy", "invalid choice"]),
         (["--learning_rate", "-1"], ["--learning_rate"]),
@@ -83,6 +109,8 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
         (["--model_name_or_path", str(tmp_path), "--demo"], ["--demo", "--model_name_or_path"]),
         (["--resume_from_checkpoint", str(tmp_path / "ckpt")], ["--resume_from_checkpoint", "ckpt"]),
         (["--no_such_flag"], ["unrecognized arguments: --no_such_flag"]),
+        (["--device", "bogus"], ["--device", "bogus", "not a device name"]),
+        (["--device", "cuda:99"], ["--device cuda:99"]),  # no GPU here, or not 100 of them
     ]
     for argv, expected in cases:
         err = error_of([*argv, "--output_model_path", str(tmp_path / "out"), "--max_steps", "1"], capsys)
@@ -90,8 +118,19 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
             assert piece in err, (argv, err)
 
 
+def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"type": "text2text", "instances": [{"input": "q"}]}')
+    not_a_model = tmp_path / "model"
+    not_a_model.mkdir()  # loading it would fail: the error seen first must be the data's
+    err = error_of(["--model_name_or_path", str(not_a_model), "--dataset_path", str(bad),
+                    "--output_model_path", str(tmp_path / "out")], capsys)
+    assert "broken.json" in err and 'missing field "output"' in err
+
+
 def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
     assert parse_layer_weights("1, 2,0.5") == [1.0, 2.0, 0.5]
+    assert parse_layer_weights("[1, 0, 2.5]") == [1.0, 0.0, 2.5]  # the README's "a JSON list", inline
     (tmp_path / "w.json").write_text(json.dumps({"layer_weights": [1, 0, 3]}))
     assert parse_layer_weights(str(tmp_path / "w.json")) == [1.0, 0.0, 3.0]
     _, out = demo_run

@@ -101,3 +101,12 @@ def test_build_command_prints_where(ops):
     out = run_python("from lisa_kernels.build import main; raise SystemExit(main([]))")
     assert out.returncode == 0, out.stderr
     assert str(_native.build_dir()) in out.stdout
+
+
+def test_each_source_folder_builds_in_its_own_cache_folder(monkeypatch, tmp_path):
+    # Sharing one folder, two checkouts rebuilt each other's library at every first use (the command names the path).
+    here = _native.build_dir()
+    assert here == _native.build_dir()
+    monkeypatch.setattr(_native, "source_dir", lambda: tmp_path)
+    other = _native.build_dir()
+    assert other != here and other.parent == here.parent

@@ -28,6 +28,10 @@ MODEL_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this run cannot resume from: another model or LISA schedule, a damaged or unsafe file."""
+
+
 def capture_rng_state() -> dict:
     """torch CPU/CUDA, python and (if importable) numpy RNG states as tensors and plain containers."""
     state = {"torch": torch.get_rng_state(), "python": _to_plain(random.getstate())}

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa_interval_steps", type=_positive_int, help="K: optimizer steps per period (demo 10, else 20)")
     g.add_argument("--lisa_layers_attribute", help="dotted path of the decoder-layer list, e.g. model.layers (default: found by structure)")
     g.add_argument("--lisa_state_policy", default="park", choices=("park", "reset", "keep"), help="what happens to a deactivated layer's optimizer state")
-    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
+    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
     g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
 
     g = p.add_argument_group("optimization")
@@ -143,8 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+def _number_list(doc, where: str) -> list[float]:
+    if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
+        raise CliError(f"--lisa_layer_weights {where}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
+    return [float(w) for w in doc]
+
+
 def parse_layer_weights(value: str) -> list[float]:
-    """``--lisa_layer_weights``: "1,2,1,...", a JSON file (a list, or {"layer_weights": [...]}) or a JSONL run log.
+    """``--lisa_layer_weights``: "1,2,1,...", a JSON list "[1, 2, 1, ...]", a JSON file (a list, or
+    {"layer_weights": [...]}) or a JSONL run log.
 
     From a run log the weight of a layer is its mean weight-update norm over the periods it trained in; layers
     never sampled there get the mean of the others, so they can still be chosen.
@@ -160,9 +167,12 @@ def parse_layer_weights(value: str) -> list[float]:
             raise CliError(f"--lisa_layer_weights {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if isinstance(doc, dict):
             doc = doc.get("layer_weights", doc.get("weights"))
-        if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
-            raise CliError(f"--lisa_layer_weights {path}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
-        return [float(w) for w in doc]
+        return _number_list(doc, str(path))
+    if value.lstrip().startswith("["):
+        try:
+            return _number_list(json.loads(value), repr(value))
+        except json.JSONDecodeError as e:
+            raise CliError(f"--lisa_layer_weights {value!r}: invalid JSON list at column {e.colno}: {e.msg}") from None
     if any(ch in value for ch in "/\\") or value.endswith((".json", ".jsonl")):
         raise CliError(f"--lisa_layer_weights {value}: no such file")
     try:
@@ -227,6 +237,25 @@ def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
         if not Path(args.resume_from_checkpoint).is_dir():
             raise CliError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return dataset, out_model, out_dir
+
+
+def _check_device(name: str | None) -> None:
+    """Refuse a --device this machine does not have before loading a model onto it."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CliError(f"--device {name!r}: not a device name (use cuda, cuda:N or cpu)") from None
+    if device.type not in ("cuda", "cpu"):
+        raise CliError(f"--device {name!r}: only cuda, cuda:N and cpu are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: no CUDA GPU is available to torch {torch.__version__} here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _load_model(args):
@@ -321,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from .checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(args.output_dir or args.output_model_path or DEMO_OUTPUT)
+        hint = (f"the newest checkpoint is {found}; the same command with --resume_from_checkpoint latest continues "
+                f"from it" if found else "no checkpoint was written (--save_steps N writes them)")
+        print(f"\nlisa-finetune: interrupted; {hint}", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -338,6 +375,11 @@ def _run(args) -> int:
     from .plots import plot_run
     from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
 
+    _check_device(args.device)
+    try:  # before the model: a typo in the data should not cost a model load first
+        data = load_lmflow_dataset(dataset_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"--dataset_path: {e}") from None
     torch.manual_seed(args.seed)
     if demo:
         tokenizer = build_demo_tokenizer()
@@ -354,10 +396,6 @@ def _run(args) -> int:
     if weights is not None and len(weights) != len(layers):
         raise CliError(f"--lisa_layer_weights has {len(weights)} entries but the model has {len(layers)} decoder layers")
 
-    try:
-        data = load_lmflow_dataset(dataset_path)
-    except (ValueError, FileNotFoundError) as e:
-        raise CliError(f"--dataset_path: {e}") from None
     pack = None if not args.disable_group_texts else False
     try:
         tokenized = tokenize_dataset(data, tokenizer, values["block_size"], pack=pack)
@@ -407,9 +445,11 @@ def _run(args) -> int:
         f"{trainer.max_steps} steps on {trainer.device}",
         flush=True,
     )
+    from .checkpoint import CheckpointError
+
     try:
         summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise CliError(f"--resume_from_checkpoint: {e}") from None
     trainer.save_model(out_model)
     png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")

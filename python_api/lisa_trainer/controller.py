@@ -96,10 +96,11 @@ class LisaConfig:
             bad = [i for i, w in enumerate(weights) if not math.isfinite(w) or w < 0]
             if bad:
                 raise ValueError(f"LisaConfig.layer_weights must be finite and non-negative; bad entries at {bad}")
-            if sum(w > 0 for w in weights) < self.n_active_layers:
+            nonzero = sum(w > 0 for w in weights)
+            if nonzero < self.n_active_layers:
                 raise ValueError(
-                    f"LisaConfig.layer_weights has fewer non-zero entries than n_active_layers="
-                    f"{self.n_active_layers}; layers are chosen without replacement"
+                    f"LisaConfig.layer_weights has {nonzero} non-zero entries, fewer than "
+                    f"LisaConfig.n_active_layers={self.n_active_layers}; layers are chosen without replacement"
                 )
             self.layer_weights = tuple(weights)
         if self.state_policy not in STATE_POLICIES:

@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import json
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 
@@ -312,7 +313,17 @@ class LisaTrainer:
             if found is None:
                 raise FileNotFoundError(f"{self.output_dir}: no checkpoint-* folder to resume from")
             checkpoint = found
-        state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
+        try:
+            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{checkpoint}: its trainer_state.pt is damaged or holds more than tensors and plain containers "
+                f"(read with torch.load(weights_only=True), which runs no code)"
+            ) from e
+        except (ValueError, RuntimeError, KeyError) as e:  # another LISA schedule, weights of another shape
+            lines = str(e).strip().splitlines()
+            more = f"\n  ... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
+            raise CheckpointError(f"{checkpoint}: cannot resume this run from it: " + "\n".join(lines[:4]) + more) from e
         if state["seed"] != self.args.seed:
             warnings.warn(f"resuming with seed {self.args.seed}, checkpoint used {state['seed']}: data order changes", stacklevel=2)
         if state["max_steps"] != self.max_steps:
