@@ -295,6 +295,9 @@ class LisaController:
                     f"(lisa_kernels.FusedAdamW with its host state bank); {type(self._opt).__name__} has none. "
                     f"Use build_optimizer(...), or state_policy='reset' or 'keep'"
                 )
+            # Create the host state bank now: its first creation on a machine builds the native arena (~10 s), which
+            # would otherwise stall the first switch's step.
+            getattr(self._opt, "state_bank", None)
 
     def _params_of(self, layer_indices) -> list[nn.Parameter]:
         return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
@@ -405,8 +408,7 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
     Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
     a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
     only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`. `cfg` is accepted so the
-    call site reads the same as the rest of the API; the state bank is created lazily by FusedAdamW when
-    "park" first needs it.
+    call site reads the same as the rest of the API; with "park", LisaController creates the state bank.
     """
     from lisa_kernels import FusedAdamW  # imported here so lisa_trainer imports without the kernels built
 
