@@ -4,8 +4,8 @@ A dataset file is ``{"type": ..., "instances": [...]}`` with one of three types 
 
 - ``text_only``: ``{"text": str}``; every token is trained. Instances are joined with EOS and packed into blocks.
 - ``text2text``: ``{"input": str, "output": str}``; only the output tokens (and the closing EOS) are trained.
-- ``conversation``: ``{"messages": [{"role": str, "content": str}, ...], "system": str (optional)}``; only the
-  assistant turns are trained.
+- ``conversation``: ``{"messages": [{"role": str, "content": str}, ...], "system": str, "tools": list}`` (system
+  and tools optional); only the assistant turns are trained, rendered by a conversation template (``templates.py``).
 
 A path may be one file or a folder of ``*.json`` files (read in name order; the types may differ between files).
 Anything malformed raises one ``ValueError`` that names the file, the instance index and every problem found,
@@ -17,9 +17,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 
 import torch
+
+from . import templates
+from .templates import encode, trim_trailing_turns
 
 IGNORE_INDEX = -100
 DATASET_TYPES = ("text_only", "text2text", "conversation")
@@ -103,6 +107,8 @@ def _check_instance(kind: str, inst, where: str) -> list[str]:
     problems = []
     if "system" in inst and inst["system"] is not None and not isinstance(inst["system"], str):
         problems.append(f'{where}: field "system" must be a string, got {type(inst["system"]).__name__}')
+    if "tools" in inst and inst["tools"] is not None and not isinstance(inst["tools"], list):
+        problems.append(f'{where}: field "tools" must be a list, got {type(inst["tools"]).__name__}')
     if "messages" not in inst:
         return problems + [f'{where}: missing field "messages"']
     messages = inst["messages"]
@@ -169,74 +175,21 @@ def load_lmflow_dataset(path: str | Path) -> LMFlowDataset:
 # ------------------------------------------------------------------------------------------------ tokenization
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _bos(tokenizer) -> list[int]:
-    # Only when the tokenizer itself would add one: GPT-2-style tokenizers have bos == eos and add nothing.
-    probe = tokenizer("a")["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and probe and probe[0] == bos else []
-
-
-def _eos(tokenizer) -> list[int]:
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before tokenizing")
-    return [tokenizer.eos_token_id]
-
-
-def _conversation_segments(tokenizer, inst: dict) -> list[tuple[str, bool]]:
-    """The conversation as (text, trained) pieces.
-
-    With a tokenizer chat template, each assistant turn is the difference between the rendering up to and including
-    it and the rendering before it with the generation prompt: the template's own assistant header stays untrained.
-    Without one, a plain role-header template is used.
-    """
-    messages = [{"role": m["role"], "content": m["content"]} for m in inst["messages"]]
-    if inst.get("system"):
-        messages = [{"role": "system", "content": inst["system"]}] + messages
-    if getattr(tokenizer, "chat_template", None):
-        segments, done = [], ""
-        for i, msg in enumerate(messages):
-            if msg["role"] == "assistant":
-                prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-                if prompt.startswith(done):
-                    segments.append((prompt[len(done) :], False))
-                    done = prompt
-            rendered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not rendered.startswith(done):
-                raise ValueError("the tokenizer's chat template does not render conversations incrementally")
-            segments.append((rendered[len(done) :], msg["role"] == "assistant"))
-            done = rendered
-        return segments
-    eos = tokenizer.eos_token or ""
-    segments = []
-    for msg in messages:
-        segments.append((f"<|{msg['role']}|>\n", False))
-        if msg["role"] == "assistant":
-            segments.append((msg["content"] + eos, True))
-            segments.append(("\n", False))
-        else:
-            segments.append((msg["content"] + "\n", False))
-    return segments
-
-
-def tokenize_instance(tokenizer, kind: str, inst: dict) -> Example:
-    """Token ids and labels of one validated instance (not yet truncated)."""
+def tokenize_instance(tokenizer, kind: str, inst: dict, template=None) -> Example:
+    """Token ids and labels of one validated instance (not yet truncated); ``template`` renders conversations
+    (see ``templates.conversation_template``; None: the tokenizer's own chat template, else plain role headers)."""
     if kind == "text_only":
-        ids = _bos(tokenizer) + _encode(tokenizer, inst["text"]) + _eos(tokenizer)
+        ids = encode(tokenizer, "{bos}{content}{eos}", inst["text"])
         return Example(ids, list(ids))
     if kind == "text2text":
-        prompt = _bos(tokenizer) + _encode(tokenizer, inst["input"])
-        answer = _encode(tokenizer, inst["output"]) + _eos(tokenizer)
+        prompt = encode(tokenizer, "{bos}{content}", inst["input"])
+        answer = encode(tokenizer, "{content}{eos}", inst["output"])
         return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
     if kind == "conversation":
-        templated = bool(getattr(tokenizer, "chat_template", None))
-        ids = [] if templated else _bos(tokenizer)  # a chat template writes its own BOS
-        labels = [IGNORE_INDEX] * len(ids)
-        for text, trained in _conversation_segments(tokenizer, inst):
-            seg = _encode(tokenizer, text)
+        template = template or templates.conversation_template(None, tokenizer)
+        messages = trim_trailing_turns([{"role": m["role"], "content": m["content"]} for m in inst["messages"]])
+        ids, labels = [], []
+        for seg, trained in template.segments(tokenizer, messages, inst.get("system"), inst.get("tools")):
             ids += seg
             labels += seg if trained else [IGNORE_INDEX] * len(seg)
         return Example(ids, labels)
@@ -250,38 +203,66 @@ def _pack(examples: list[Example], block_size: int) -> list[Example]:
     return [Example(ids[i : i + block_size], labels[i : i + block_size]) for i in range(0, len(ids), block_size)]
 
 
-def tokenize_dataset(dataset: LMFlowDataset, tokenizer, block_size: int, *, pack: bool | None = None) -> TokenizedDataset:
+def tokenize_dataset(dataset: LMFlowDataset, tokenizer, block_size: int, *, pack: bool | None = None,
+                     conversation_template: str | None = None) -> TokenizedDataset:
     """Tokenize every instance; ``pack=None`` packs text_only files and truncates the others to ``block_size``.
 
     Packing text2text/conversation data (``pack=True``) keeps its loss masks; truncation (``pack=False``) keeps
     only the first ``block_size`` tokens of each instance and counts how many were cut in ``stats``.
+    ``conversation_template`` names the template for conversation data (see ``templates.py``).
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
+    template = None
+    if "conversation" in dataset.types:
+        template = templates.conversation_template(conversation_template, tokenizer)
     examples, stats = [], {"instances": 0, "truncated": 0, "dropped_untrained": 0, "tokens": 0, "trained_tokens": 0}
+    longest_needed = 0  # the block size that would keep a trained token in every instance that lost all of them
     for path, kind, insts in zip(dataset.files, dataset.types, dataset.instances):
         try:
-            tokenized = [tokenize_instance(tokenizer, kind, inst) for inst in insts]
+            tokenized = [tokenize_instance(tokenizer, kind, inst, template) for inst in insts]
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
+        if kind == "conversation":
+            _warn_unrendered_tools(path, template, tokenizer, insts)
         stats["instances"] += len(insts)
         if pack if pack is not None else kind == "text_only":
             examples += _pack(tokenized, block_size)
-        else:
-            for e in tokenized:
-                if len(e) > block_size:
-                    stats["truncated"] += 1
-                    e = Example(e.input_ids[:block_size], e.labels[:block_size])
-                examples.append(e)
-    trainable = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
+            continue
+        for e in tokenized:
+            if len(e) > block_size:
+                stats["truncated"] += 1
+                cut = Example(e.input_ids[:block_size], e.labels[:block_size])
+                if _trained_tokens(e) and not _trained_tokens(cut):
+                    first = next(i for i, t in enumerate(e.labels) if i > 0 and t != IGNORE_INDEX)
+                    longest_needed = max(longest_needed, first + 1)
+                e = cut
+            examples.append(e)
+    trainable = [e for e in examples if _trained_tokens(e)]
     stats["dropped_untrained"] = len(examples) - len(trainable)  # e.g. truncated before the first assistant turn
     examples = trainable
     if not examples:
-        raise ValueError(f"{dataset.files[0]}: no tokens to train on (every label is masked or sequences are empty)")
+        cause = "every label is masked or sequences are empty"
+        if longest_needed:
+            cause = (f"truncation at --block_size {block_size} cut every trained token; --block_size "
+                     f"{longest_needed} would keep at least one in each of those sequences")
+        raise ValueError(f"{dataset.files[0]}: no tokens to train on ({cause})")
     stats["examples"] = len(examples)
     stats["tokens"] = sum(len(e) for e in examples)
-    stats["trained_tokens"] = sum(sum(t != IGNORE_INDEX for t in e.labels[1:]) for e in examples)
+    stats["trained_tokens"] = sum(_trained_tokens(e) for e in examples)
+    stats["truncation_needs_block_size"] = longest_needed
     return TokenizedDataset(examples, stats)
+
+
+def _trained_tokens(e: Example) -> int:
+    return sum(t != IGNORE_INDEX for t in e.labels[1:])  # the first label is never predicted
+
+
+def _warn_unrendered_tools(path: Path, template, tokenizer, insts: list[dict]) -> None:
+    with_tools = [inst for inst in insts if inst.get("tools")]
+    if with_tools and not template.renders_tools(tokenizer, with_tools[0]["messages"], with_tools[0]["tools"]):
+        warnings.warn(f"{path}: {len(with_tools)} instance(s) have \"tools\" that the {template.name!r} conversation "
+                      "template does not render; the tools were left out of those conversations", stacklevel=3)
 
 
 def split_dataset(data: TokenizedDataset, eval_fraction: float, seed: int) -> tuple[TokenizedDataset, TokenizedDataset | None]:
@@ -330,5 +311,7 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def load_and_tokenize(path, tokenizer, block_size: int, *, pack: bool | None = None) -> TokenizedDataset:
-    return tokenize_dataset(load_lmflow_dataset(path), tokenizer, block_size, pack=pack)
+def load_and_tokenize(path, tokenizer, block_size: int, *, pack: bool | None = None,
+                      conversation_template: str | None = None) -> TokenizedDataset:
+    return tokenize_dataset(load_lmflow_dataset(path), tokenizer, block_size, pack=pack,
+                            conversation_template=conversation_template)
