@@ -182,7 +182,7 @@ def parse_layer_weights(value: str) -> list[float]:
 
 
 def _weights_from_log(path: Path) -> list[float]:
-    from .trainer import read_log
+    from .runlog import read_log
 
     records = read_log(path)
     n_layers = next((r.get("n_layers") for r in records if r["kind"] == "config"), None)
@@ -368,12 +368,12 @@ def _run(args) -> int:
 
     import torch
 
-    from .controller import LisaController, build_optimizer  # noqa: F401  (imported for a clear failure early)
     from .data import load_lmflow_dataset, split_dataset, tokenize_dataset
     from .demo import build_demo_model, build_demo_tokenizer
     from .layers import find_decoder_layers
     from .plots import plot_run
-    from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
+    from .runlog import LOG_FILE
+    from .trainer import LisaTrainer, TrainingArguments
 
     _check_device(args.device)
     try:  # before the model: a typo in the data should not cost a model load first

@@ -5,18 +5,13 @@ trained token of all its micro-batches (not the mean of per-micro-batch means, w
 batch like a full one). The data order is a pure function of (seed, epoch), so a resumed run finds its place from
 the step count alone and sees exactly the batches an uninterrupted run would.
 
-Everything the run does goes to ``<output_dir>/train_log.jsonl``, one JSON object per line, with a ``"kind"``:
-
-- ``config``: the run's settings; ``step``: loss, lr, grad norm, active layers, tokens/s, memory;
-- ``period``: a finished LISA period: its layers and each layer's weight-update norm (from the controller);
-- ``eval``: held-out loss; ``summary``: first/last loss, wall time, peak memory.
+Everything the run does goes to ``<output_dir>/train_log.jsonl`` (see :mod:`lisa_trainer.runlog`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import pickle
 import sys
@@ -31,8 +26,8 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
+from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 
-LOG_FILE = "train_log.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -96,34 +91,6 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kin
     if kind == "linear":
         return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class JsonlLog:
-    """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled."""
-
-    def __init__(self, path: Path, *, resume_step: int | None):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None or not path.exists():
-            path.write_text("")
-        else:
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the crash we are resuming from
-                if rec.get("step", 0) <= resume_step and rec.get("kind") != "summary":
-                    kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def _peak_host_rss_mb() -> float | None:
@@ -291,7 +258,7 @@ class LisaTrainer:
             "tokens_seen": self.tokens_seen,
             "max_steps": self.max_steps,
             "seed": self.args.seed,
-            "lisa_config": {k: v for k, v in dataclasses.asdict(self.lisa_config).items()},
+            "lisa_config": dataclasses.asdict(self.lisa_config),
         }
 
     def save_checkpoint(self) -> Path:
@@ -362,16 +329,14 @@ class LisaTrainer:
             if eval_loss is not None:
                 log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
         logged_periods = len(self.controller.period_log)
-        losses, evals = [], []
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress, unit="step", desc="LISA", dynamic_ncols=True)
         try:
             while self.step < self.max_steps:
                 rec = self.train_step()
-                losses.append(rec["loss"])
                 if rec["step"] % args.logging_steps == 0 or rec["step"] == self.max_steps:
                     log.write(rec)
                 for entry in self.controller.period_log[logged_periods:]:
-                    log.write(_period_record(entry, rec["step"]))
+                    log.write(period_record(entry, rec["step"]))
                 logged_periods = len(self.controller.period_log)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", layers=",".join(map(str, rec["active_layers"])))
@@ -379,18 +344,17 @@ class LisaTrainer:
                 if (args.eval_steps and self.step % args.eval_steps == 0) or at_end:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
-                        evals.append(eval_loss)
                         log.write({"kind": "eval", "step": self.step, "eval_loss": eval_loss})
                 if args.save_steps and self.step % args.save_steps == 0:
                     self.save_checkpoint()
             self.controller.finish(last_step=self.step - 1)  # a last, partial period gets its norms too
             for entry in self.controller.period_log[logged_periods:]:
-                log.write(_period_record(entry, self.step))
+                log.write(period_record(entry, self.step))
         finally:
             bar.close()
         if args.save_model:
             self.save_model(self.output_dir)
-        summary = self._summary(losses, time.perf_counter() - wall_start)
+        summary = self._summary(time.perf_counter() - wall_start)
         log.write(summary)
         log.close()
         return summary
@@ -405,7 +369,7 @@ class LisaTrainer:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
-    def _summary(self, losses: list[float], wall: float) -> dict:
+    def _summary(self, wall: float) -> dict:
         log_path = self.output_dir / LOG_FILE
         records = read_log(log_path)
         steps = [r for r in records if r["kind"] == "step"]
@@ -429,38 +393,3 @@ class LisaTrainer:
         if self.device.type == "cuda":
             summary["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return summary
-
-
-def _period_record(entry: dict, step: int) -> dict:
-    """A controller period-log entry as a JSON-safe log record.
-
-    ``update_norms`` joins the controller's per-layer list and per-module dict into one mapping
-    (``"3"`` -> norm of decoder layer 3, ``"model.embed_tokens"`` -> norm of the embeddings) for plotting and for
-    turning into ``--lisa_layer_weights``.
-    """
-    rec = {"kind": "period", "step": step}
-    for k, v in entry.items():
-        rec[k] = _jsonable(v)
-    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms", ()))}
-    norms.update({str(k): v for k, v in (entry.get("module_update_norms") or {}).items()})
-    if norms:
-        rec["update_norms"] = _jsonable(norms)
-    return rec
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    return v
-
-
-def read_log(path: str | Path) -> list[dict]:
-    records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
-    return records
