@@ -16,12 +16,14 @@ LOG_FILE = "train_log.jsonl"
 
 
 class JsonlLog:
-    """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled."""
+    """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled.
+    ``is_new``: the log starts empty (a new run, or a resume without its log)."""
 
     def __init__(self, path: Path, *, resume_step: int | None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None or not path.exists():
+        self.is_new = resume_step is None or not path.exists()
+        if self.is_new:
             path.write_text("")
         else:
             kept = []
