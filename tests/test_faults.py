@@ -239,15 +239,18 @@ def test_block_size_is_checked_against_the_models_positions(tmp_path, gpt2_dir, 
 # ------------------------------------------------------------------------------------------------------ smaller
 
 
-def test_a_killed_saves_temporary_folder_is_removed_at_startup(tmp_path, tok, data):
+def test_a_killed_saves_folders_are_cleared_at_startup(tmp_path, tok, data):
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()  # a pid whose process has ended
     alive = os.getppid()
     (tmp_path / f".checkpoint-4.tmp-{gone.pid}").mkdir(parents=True)
     (tmp_path / f".checkpoint-6.tmp-{alive}").mkdir()
-    trainer(tmp_path, tok, data, max_steps=1).train()
+    (tmp_path / f".checkpoint-8.old-{gone.pid}").mkdir()  # killed between moving checkpoint-8 aside and replacing it
+    (tmp_path / f".checkpoint-8.old-{gone.pid}" / STATE_FILE).touch()
+    trainer(tmp_path, tok, data, max_steps=1, overwrite_output_dir=True).train()
     assert not (tmp_path / f".checkpoint-4.tmp-{gone.pid}").exists()
     assert (tmp_path / f".checkpoint-6.tmp-{alive}").exists()  # maybe still saving: left alone
+    assert (tmp_path / "checkpoint-8" / STATE_FILE).exists() and not (tmp_path / f".checkpoint-8.old-{gone.pid}").exists()
 
 
 def test_a_period_cut_by_a_resume_logs_the_same_update_norms(tmp_path, tok, data):

@@ -112,12 +112,20 @@ def latest_checkpoint(output_dir: str | Path, run_id: str | None = None) -> Path
 
 
 def remove_stale_temp_folders(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary folders of saves whose process is gone (killed mid-save); returns what was removed."""
+    """Clear what saves killed half-way left (only of processes that are gone); returns the folders removed.
+
+    ``.checkpoint-N.tmp-PID`` is a checkpoint never finished: deleted. ``.checkpoint-N.old-PID`` is a complete
+    checkpoint a re-save of step N was replacing: deleted if the new ``checkpoint-N`` made it, else put back.
+    """
     removed = []
     out = Path(output_dir)
     for p in out.iterdir() if out.is_dir() else ():
-        m = re.fullmatch(rf"\.{CHECKPOINT_PREFIX}\d+\.(?:tmp|old)-(\d+)", p.name)
-        if m and p.is_dir() and not _process_alive(int(m.group(1))):
+        m = re.fullmatch(rf"\.({CHECKPOINT_PREFIX}\d+)\.(tmp|old)-(\d+)", p.name)
+        if not m or not p.is_dir() or _process_alive(int(m.group(3))):
+            continue
+        if m.group(2) == "old" and not (out / m.group(1)).exists():
+            os.replace(p, out / m.group(1))
+        else:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -191,7 +199,7 @@ def write_failure_reason(exc: BaseException, folder: Path) -> str:
     code = code or (int(found.group(1)) if found else None)
     limit = _file_size_limit()
     if code is None:  # no errno to go by: look at the disk and the limit
-        try:
+        try:  # a write just failed: under 1 MiB left on its disk is the likely reason
             disk_full = shutil.disk_usage(folder).free < 1 << 20
         except OSError:
             disk_full = False
