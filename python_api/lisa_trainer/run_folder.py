@@ -15,6 +15,7 @@ import contextlib
 import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,11 @@ def _exclusive_lock(folder: Path) -> Iterator[None]:
         fh.close()
         raise RunFolderError(f"{folder}: another run (pid {holder}) is using this output folder; wait for it to end "
                              f"or choose another output folder") from None
+    except OSError as e:  # a filesystem without locks (some network mounts): run, but say it is unguarded
+        fh.close()
+        warnings.warn(f"{folder}: cannot lock it ({e.strerror}); nothing stops a second run from using it too", stacklevel=3)
+        yield
+        return
     fh.seek(0)
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
