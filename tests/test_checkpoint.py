@@ -16,7 +16,8 @@ from lisa_trainer.checkpoint import (
 from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments, read_log
+from lisa_trainer.runlog import read_log
+from lisa_trainer.trainer import LisaTrainer, TrainingArguments
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lisa_trainer.cli import main, parse_layer_weights
-from lisa_trainer.trainer import read_log
+from lisa_trainer.runlog import read_log
 
 FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", "--per_device_train_batch_size", "2",
         "--disable_tqdm", "--eval_steps", "2"]
@@ -62,12 +62,12 @@ def test_resuming_with_another_schedule_is_a_clear_error(demo_run, capsys):
 def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeypatch):
     from lisa_trainer.trainer import LisaTrainer
 
-    def interrupted(self, resume_from_checkpoint=None):
+    def interrupted(self, resume_from_checkpoint=None):  # the run wrote checkpoint-3, then Ctrl-C
+        (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
+        (tmp_path / "out" / "checkpoint-3" / "trainer_state.pt").touch()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(LisaTrainer, "train", interrupted)
-    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
-    (tmp_path / "out" / "checkpoint-3" / "trainer_state.pt").touch()
     assert main(["--demo", "--output_model_path", str(tmp_path / "out"), *FAST]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "checkpoint-3" in err and "--resume_from_checkpoint latest" in err

@@ -6,7 +6,8 @@ import torch
 from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize, split_dataset
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments, lr_at, read_log
+from lisa_trainer.runlog import read_log
+from lisa_trainer.trainer import LisaTrainer, TrainingArguments, lr_at
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 

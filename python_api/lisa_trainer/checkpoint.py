@@ -3,17 +3,22 @@
 A checkpoint is a folder ``checkpoint-<step>``:
 
 - ``model.safetensors`` + ``config.json`` (+ tokenizer files): the weights, loadable by ``from_pretrained`` too;
+- ``run.json``: the id of the run that wrote it, so a run resumes and prunes only its own checkpoints;
 - ``trainer_state.pt``: optimizer state (``optimizer.state_dict()``, which includes state parked in host memory),
-  LISA controller/sampler state, lr schedule, RNG states, step and trainer counters. Only tensors and plain Python
-  containers go in, so it is read with ``torch.load(weights_only=True)``: a checkpoint from someone else cannot
-  run code on your machine.
+  LISA controller/sampler state (with the weights the current period started from, for its update norms), lr
+  schedule, RNG states, step and trainer counters. Only tensors and plain Python containers go in, so it is read
+  with ``torch.load(weights_only=True)``: a checkpoint from someone else cannot run code on your machine.
 
 The folder is first written under a temporary name next to its destination and then renamed, so an interrupted
-save never leaves a half-written ``checkpoint-<step>`` behind that a resume would pick up.
+save never leaves a half-written ``checkpoint-<step>`` behind that a resume would pick up. A save that fails (disk
+full, file-size limit) removes its temporary folder and raises :class:`CheckpointWriteError`, saying why; the
+temporary folder of a killed save is removed by the next run in that folder.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
@@ -25,11 +30,17 @@ import torch
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 MODEL_FILE = "model.safetensors"
+RUN_FILE = "run.json"
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint this run cannot resume from: another model or LISA schedule, a damaged or unsafe file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or model could not be written (disk full, file-size limit, no permission); nothing half-written
+    is left behind and earlier checkpoints are untouched."""
 
 
 def capture_rng_state() -> dict:
@@ -73,26 +84,68 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are ignored)."""
+def checkpoint_run_id(path: str | Path) -> str:
+    """The id of the run that wrote the checkpoint at ``path``; "" for one written before checkpoints had ids."""
+    try:
+        return str(json.loads((Path(path) / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are ignored); with ``run_id``, only
+    that run's."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
     found = []
     for p in out.iterdir():
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and (p / STATE_FILE).is_file() and (run_id is None or checkpoint_run_id(p) == run_id):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
+def latest_checkpoint(output_dir: str | Path, run_id: str | None = None) -> Path | None:
+    found = list_checkpoints(output_dir, run_id)
     return found[-1] if found else None
 
 
-def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None) -> Path:
+def remove_stale_temp_folders(output_dir: str | Path) -> list[Path]:
+    """Clear what saves killed half-way left (only of processes that are gone); returns the folders removed.
+
+    ``.checkpoint-N.tmp-PID`` is a checkpoint never finished: deleted. ``.checkpoint-N.old-PID`` is a complete
+    checkpoint a re-save of step N was replacing: deleted if the new ``checkpoint-N`` made it, else put back.
+    """
+    removed = []
+    out = Path(output_dir)
+    for p in out.iterdir() if out.is_dir() else ():
+        m = re.fullmatch(rf"\.({CHECKPOINT_PREFIX}\d+)\.(tmp|old)-(\d+)", p.name)
+        if not m or not p.is_dir() or _process_alive(int(m.group(3))):
+            continue
+        if m.group(2) == "old" and not (out / m.group(1)).exists():
+            os.replace(p, out / m.group(1))
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has not started a save yet: the folder is an earlier process's with our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None, run_id: str = "") -> Path:
     """Write a checkpoint folder atomically; ``state`` holds the trainer's own plain counters and settings."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     path = Path(path)
@@ -102,6 +155,7 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
+        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "step": state.get("step")}) + "\n")
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -110,6 +164,7 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
             "format_version": FORMAT_VERSION,
             "optimizer": optimizer.state_dict(),
             "controller": controller.state_dict(),
+            "period_start": controller.period_start_state(),
             "rng": capture_rng_state(),
             "trainer": state,
         }
@@ -123,10 +178,49 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors: a full disk is no OSError
+        reason = write_failure_reason(e, path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"{path}: cannot write the checkpoint: {reason}; earlier checkpoints are intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def write_failure_reason(exc: BaseException, folder: Path) -> str:
+    """Why writing into ``folder`` failed (``exc`` still in hand, its partial files not yet removed), in words: full disk, file-size limit, permissions, or the error itself.
+
+    torch.save reports a full disk only as "unexpected pos 576 vs 534" and safetensors as "os error 28", so the
+    errno is looked for in the text too, and the free space and file-size limit are checked when there is none.
+    """
+    code = getattr(exc, "errno", None)
+    found = re.search(r"os error (\d+)", str(exc))
+    code = code or (int(found.group(1)) if found else None)
+    limit = _file_size_limit()
+    if code is None:  # no errno to go by: look at the disk and the limit
+        try:  # a write just failed: under 1 MiB left on its disk is the likely reason
+            disk_full = shutil.disk_usage(folder).free < 1 << 20
+        except OSError:
+            disk_full = False
+        code = errno.ENOSPC if disk_full else errno.EFBIG if limit is not None else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {folder}"
+    if code == errno.EFBIG:
+        return f"a file would exceed the file-size limit (ulimit -f) of {limit} bytes" if limit else "file too large"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{folder} is not writable ({os.strerror(code)})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,7 +246,11 @@ def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no {STATE_FILE})")
-    payload = torch.load(state_file, map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(state_file, map_location=map_location, weights_only=True)
+    except RuntimeError as e:  # a cut-short file: "PytorchStreamReader failed reading zip archive: ...", then advice
+        reason = str(e).strip().splitlines()[0].split(". ")[0]
+        raise CheckpointError(f"{state_file}: damaged or truncated ({reason})") from e
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {payload.get('format_version')} is not {FORMAT_VERSION}")
     return payload
@@ -172,6 +270,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
     device = next(model.parameters()).device
     load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
     controller.load_state_dict(payload["controller"])
+    controller.load_period_start_state(payload.get("period_start"))
     if getattr(controller.config, "state_policy", None) == "park":
         optimizer.load_state_dict(payload["optimizer"], park="frozen")
     else:
@@ -180,10 +279,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
     return payload["trainer"]
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
-    """Delete all but the newest ``keep`` checkpoints (``None`` keeps everything)."""
+def prune_checkpoints(output_dir: str | Path, keep: int | None, run_id: str | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (of run ``run_id`` only, when given; ``None`` keeps all)."""
     if keep is None:
         return
-    found = list_checkpoints(output_dir)
+    found = list_checkpoints(output_dir, run_id)
     for p in found[: max(0, len(found) - keep)]:
         shutil.rmtree(p, ignore_errors=True)

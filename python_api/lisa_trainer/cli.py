@@ -8,6 +8,7 @@ minute on a laptop CPU and writes the model, ``train_log.jsonl`` and ``lisa_run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -54,6 +55,10 @@ FLAG_OF_FIELD = {
 
 class CliError(Exception):
     """A problem with the command line or its inputs; printed without a traceback, exit status 2."""
+
+
+class RunFailed(Exception):
+    """A run that started and could not finish (diverged, disk full); printed without a traceback, exit status 1."""
 
 
 def _bool(value: str) -> bool:
@@ -128,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", default=False, **flag, help="bf16 autocast (CUDA only)")
     g.add_argument("--gradient_checkpointing", default=False, **flag)
     g.add_argument("--seed", type=int, default=0, help="data order, layer schedule and demo weights")
+    g.add_argument("--max_nonfinite_steps", type=_positive_int, default=10, help="stop after this many steps in a row with a NaN/inf loss or gradient norm (each is skipped)")
 
     g = p.add_argument_group("logging and saving")
     g.add_argument("--logging_steps", type=_positive_int, default=1)
     g.add_argument("--eval_steps", type=_positive_int, help="evaluate on the held-out split every N steps (demo 20)")
     g.add_argument("--save_steps", type=_positive_int, help="write a resumable checkpoint every N steps")
     g.add_argument("--save_total_limit", type=_positive_int, help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest' (the newest in --output_dir)")
+    g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest' (the newest of the run in --output_dir)")
+    g.add_argument("--overwrite_output_dir", default=False, **flag, help="start a new run in an --output_dir that holds another run's log or checkpoints")
     g.add_argument("--disable_tqdm", default=False, **flag, help="no progress bar")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     return p
@@ -182,7 +189,7 @@ def parse_layer_weights(value: str) -> list[float]:
 
 
 def _weights_from_log(path: Path) -> list[float]:
-    from .trainer import read_log
+    from .runlog import read_log
 
     records = read_log(path)
     n_layers = next((r.get("n_layers") for r in records if r["kind"] == "config"), None)
@@ -211,11 +218,14 @@ def _resolve(args) -> tuple[bool, dict]:
         raise CliError(f"--validation_split_percentage must be in [0, 100), got {values['validation_split_percentage']}")
     if args.max_steps is not None and args.max_steps == 0:
         raise CliError("--max_steps must be > 0 (or -1 to train for --num_train_epochs)")
+    if values["block_size"] < 2:
+        raise CliError(f"--block_size must be at least 2 (a token and the next one to predict), got {values['block_size']}")
     return demo, values
 
 
 def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
     from .demo import demo_dataset_path
+    from .run_folder import RunFolderError, ensure_writable_folder
 
     if args.model_name_or_path and not Path(args.model_name_or_path).exists() and (
         args.model_name_or_path.startswith((".", "/", "~")) or args.model_name_or_path.count("/") > 1
@@ -231,12 +241,22 @@ def _check_paths(args, demo: bool) -> tuple[Path, Path, Path]:
     out_model = Path(args.output_model_path or DEMO_OUTPUT)
     out_dir = Path(args.output_dir) if args.output_dir else out_model
     for flag, path in (("--output_model_path", out_model), ("--output_dir", out_dir)):
-        if path.exists() and not path.is_dir():
-            raise CliError(f"{flag} {path}: exists and is not a folder")
+        try:  # before the model loads: a typo here should not cost a model load first
+            ensure_writable_folder(path)
+        except RunFolderError as e:
+            raise CliError(f"{flag} {e}") from None
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not Path(args.resume_from_checkpoint).is_dir():
             raise CliError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder")
     return dataset, out_model, out_dir
+
+
+def _check_block_size(model, block_size: int) -> None:
+    """Longer sequences than the model has positions for fail deep in its forward (GPT-2: an IndexError)."""
+    for field in ("n_positions", "max_position_embeddings"):  # GPT-2 aliases the second to the first
+        limit = getattr(model.config, field, None)
+        if isinstance(limit, int) and block_size > limit:
+            raise CliError(f"--block_size {block_size} exceeds the model's {field}={limit}; use --block_size {limit} or less")
 
 
 def _check_device(name: str | None) -> None:
@@ -326,7 +346,8 @@ def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, pn
         f"(training {summary['wall_time_s']:.1f} s); {lisa.n_active_layers} of {summary.get('n_layers', '?')} layers "
         f"every {lisa.interval_steps} steps, "
         f"state policy {lisa.state_policy}",
-        f"  train loss    {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}",
+        f"  train loss    {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])}"
+        + (f" ({summary['skipped_steps']} steps skipped: non-finite loss or gradient)" if summary.get("skipped_steps") else ""),
         f"  held-out loss {fmt(summary['first_eval_loss'])} -> {fmt(summary['last_eval_loss'])}"
         if summary["first_eval_loss"] is not None
         else "  held-out loss n/a (no --validation_split_percentage)",
@@ -350,10 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"lisa-finetune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from .checkpoint import latest_checkpoint
+        from .run_folder import current_run_id
 
-        found = latest_checkpoint(args.output_dir or args.output_model_path or DEMO_OUTPUT)
+        out = Path(args.output_dir or args.output_model_path or DEMO_OUTPUT)
+        run_id = current_run_id(out)
+        found = latest_checkpoint(out, run_id) if run_id is not None else None
         hint = (f"the newest checkpoint is {found}; the same command with --resume_from_checkpoint latest continues "
                 f"from it" if found else "no checkpoint was written (--save_steps N writes them)")
         print(f"\nlisa-finetune: interrupted; {hint}", file=sys.stderr)
@@ -364,16 +391,30 @@ def _run(args) -> int:
     wall_start = time.perf_counter()
     demo, values = _resolve(args)
     dataset_path, out_model, out_dir = _check_paths(args, demo)
+    from .run_folder import RunFolderError, claim_output_dir
+
+    with contextlib.ExitStack() as held:
+        try:  # held until the final model is written; a second run in out_dir stops here, before loading anything
+            held.enter_context(claim_output_dir(out_dir, resume_from=args.resume_from_checkpoint,
+                                                overwrite=args.overwrite_output_dir))
+        except RunFolderError as e:
+            raise CliError(f"--output_dir {e}") from None
+        except FileNotFoundError as e:
+            raise CliError(f"--resume_from_checkpoint: {e}") from None
+        return _train(args, demo, values, dataset_path, out_model, out_dir, wall_start)
+
+
+def _train(args, demo: bool, values: dict, dataset_path: Path, out_model: Path, out_dir: Path, wall_start: float) -> int:
     weights = parse_layer_weights(args.lisa_layer_weights) if args.lisa_layer_weights else None
 
     import torch
 
-    from .controller import LisaController, build_optimizer  # noqa: F401  (imported for a clear failure early)
     from .data import load_lmflow_dataset, split_dataset, tokenize_dataset
     from .demo import build_demo_model, build_demo_tokenizer
     from .layers import find_decoder_layers
     from .plots import plot_run
-    from .trainer import LOG_FILE, LisaTrainer, TrainingArguments
+    from .runlog import LOG_FILE
+    from .trainer import LisaTrainer, TrainingArguments, TrainingDiverged
 
     _check_device(args.device)
     try:  # before the model: a typo in the data should not cost a model load first
@@ -395,6 +436,7 @@ def _run(args) -> int:
         raise CliError(f"--lisa_activated_layers {values['lisa_activated_layers']} exceeds the model's {len(layers)} decoder layers")
     if weights is not None and len(weights) != len(layers):
         raise CliError(f"--lisa_layer_weights has {len(weights)} entries but the model has {len(layers)} decoder layers")
+    _check_block_size(model, values["block_size"])
 
     pack = None if not args.disable_group_texts else False
     try:
@@ -428,6 +470,8 @@ def _run(args) -> int:
             save_model=False,
             progress=not args.disable_tqdm,
             device=args.device,
+            overwrite_output_dir=args.overwrite_output_dir,
+            max_nonfinite_steps=args.max_nonfinite_steps,
         )
     except ValueError as e:  # the fields are named like the flags
         raise CliError(str(e).replace("TrainingArguments.", "--")) from None
@@ -449,10 +493,12 @@ def _run(args) -> int:
 
     try:
         summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.save_model(out_model)
+        png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
     except (FileNotFoundError, CheckpointError) as e:
         raise CliError(f"--resume_from_checkpoint: {e}") from None
-    trainer.save_model(out_model)
-    png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
+    except (TrainingDiverged, OSError) as e:  # NaN weights, a full disk, a file-size limit: earlier checkpoints stay
+        raise RunFailed(str(e)) from None
     print(
         _format_summary(summary, demo=demo, out_model=out_model, log=out_dir / LOG_FILE, png=png,
                         wall=time.perf_counter() - wall_start, lisa=lisa),

@@ -274,6 +274,24 @@ class LisaController:
         # A prefetch issued before the checkpoint did not survive it; issue it again if the window is open.
         self._prefetched_for = None
 
+    def period_start_state(self) -> dict | None:
+        """The open period's first step and the weights it started from (host tensors by parameter name); None
+        between periods. A checkpoint keeps it beside `state_dict()` (which stays JSON-safe), so that a resumed run
+        logs the same update norms for the period the checkpoint cut as an uninterrupted run."""
+        opened = self._open
+        if opened is None:
+            return None
+        return {"period": opened.period, "first_step": opened.first_step,
+                "snapshots": {self._names[i]: t for i, t in opened.snapshots.items()}}
+
+    def load_period_start_state(self, state: dict | None) -> None:
+        """After `load_state_dict`: measure the open period's update norms from the weights it started from."""
+        if state is None or state["period"] != self._period:
+            return
+        by_name = {n: id(p) for n, p in self.model.named_parameters()}
+        self._open = _OpenPeriod(state["period"], state["first_step"],
+                                 {by_name[n]: t for n, t in state["snapshots"].items()})
+
     # ------------------------------------------------------------------------------------------------ internals
     def _check_optimizer(self) -> None:
         held = {id(p) for group in self._opt.param_groups for p in group["params"]}

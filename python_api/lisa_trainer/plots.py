@@ -5,18 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .trainer import read_log
-
-
-def _update_norms(period: dict) -> dict[str, float]:
-    """The per-module weight-update norms of a period record, whatever the controller named the field."""
-    for key in ("update_norms", "layer_update_norms", "norms"):
-        if isinstance(period.get(key), dict):
-            return period[key]
-    for key, value in period.items():
-        if "norm" in key and isinstance(value, dict):
-            return value
-    return {}
+from .runlog import read_log
 
 
 def _row_order(names: set[str]) -> list[str]:
@@ -68,7 +57,7 @@ def plot_run(log_path: str | Path, png_path: str | Path, *, title: str | None = 
     ax_act.set_title("active (trainable) decoder layers; embeddings, head and final norm always train", fontsize=9)
 
     # Update norms: module x period, log scale, blank where a module did not train in that period.
-    norms = [_update_norms(p) for p in periods]
+    norms = [p.get("update_norms", {}) for p in periods]
     names = _row_order({str(k) for n in norms for k in n})
     if names and norms:
         grid = np.full((len(names), len(norms)), np.nan)

@@ -5,18 +5,16 @@ trained token of all its micro-batches (not the mean of per-micro-batch means, w
 batch like a full one). The data order is a pure function of (seed, epoch), so a resumed run finds its place from
 the step count alone and sees exactly the batches an uninterrupted run would.
 
-Everything the run does goes to ``<output_dir>/train_log.jsonl``, one JSON object per line, with a ``"kind"``:
-
-- ``config``: the run's settings; ``step``: loss, lr, grad norm, active layers, tokens/s, memory;
-- ``period``: a finished LISA period: its layers and each layer's weight-update norm (from the controller);
-- ``eval``: held-out loss; ``summary``: first/last loss, wall time, peak memory.
+Everything the run does goes to ``<output_dir>/train_log.jsonl`` (see :mod:`lisa_trainer.runlog`). A run holds its
+output folder alone (see :mod:`lisa_trainer.run_folder`). A step whose loss or gradient norm is not finite is
+skipped (no weight update; logged with ``"skipped"``); ``max_nonfinite_steps`` of them in a row stop the run with
+:class:`TrainingDiverged`, and weights that are not finite are never saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import math
 import pickle
 import sys
@@ -27,12 +25,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from .checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    CheckpointWriteError,
+    checkpoint_dir,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    write_failure_reason,
+)
 from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
+from .run_folder import claim_output_dir, log_run_id
+from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 
-LOG_FILE = "train_log.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -63,6 +72,8 @@ class TrainingArguments:
     save_model: bool = True  # write the final model + tokenizer to output_dir
     progress: bool = True
     device: str | None = None  # None: CUDA when available
+    overwrite_output_dir: bool = False  # start a new run in a folder that holds another run's log or checkpoints
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
 
     def __post_init__(self):
         checks = [
@@ -78,6 +89,7 @@ class TrainingArguments:
             (self.logging_steps >= 1, "logging_steps must be >= 1"),
             (self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1"),
             (self.save_steps is None or self.save_steps >= 1, "save_steps must be >= 1"),
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -98,32 +110,8 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kin
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class JsonlLog:
-    """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled."""
-
-    def __init__(self, path: Path, *, resume_step: int | None):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None or not path.exists():
-            path.write_text("")
-        else:
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the crash we are resuming from
-                if rec.get("step", 0) <= resume_step and rec.get("kind") != "summary":
-                    kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite for ``max_nonfinite_steps`` steps, or a weight is not finite."""
 
 
 def _peak_host_rss_mb() -> float | None:
@@ -188,6 +176,7 @@ class LisaTrainer:
         self.warmup_steps = args.warmup_steps or math.ceil(args.warmup_ratio * self.max_steps)
         self.step = 0
         self.tokens_seen = 0
+        self.run_id = ""  # set by train(): a new id, or the resumed checkpoint's
         self._epoch_order: dict[int, list[int]] = {}
 
     # -------------------------------------------------------------------------------------------------- data
@@ -243,7 +232,9 @@ class LisaTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
-        self.optimizer.step()
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.controller.on_step_end(step)
         if self.device.type == "cuda":
@@ -263,6 +254,8 @@ class LisaTrainer:
             "tokens_per_s": n_tokens / elapsed if elapsed > 0 else None,
             "step_time_s": elapsed,
         }
+        if not finite:
+            record["skipped"] = True
         if self.device.type == "cuda":
             record["gpu_mem_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -291,30 +284,41 @@ class LisaTrainer:
             "tokens_seen": self.tokens_seen,
             "max_steps": self.max_steps,
             "seed": self.args.seed,
-            "lisa_config": {k: v for k, v in dataclasses.asdict(self.lisa_config).items()},
+            "lisa_config": dataclasses.asdict(self.lisa_config),
         }
 
     def save_checkpoint(self) -> Path:
-        path = save_checkpoint(
-            checkpoint_dir(self.output_dir, self.step),
+        path = checkpoint_dir(self.output_dir, self.step)
+        self._check_weights_finite(path)
+        save_checkpoint(
+            path,
             model=self.model,
             optimizer=self.optimizer,
             controller=self.controller,
             state=self._trainer_state(),
             tokenizer=self.tokenizer,
+            run_id=self.run_id,
         )
-        prune_checkpoints(self.output_dir, self.args.save_total_limit)
+        prune_checkpoints(self.output_dir, self.args.save_total_limit, self.run_id)
         return path
 
+    def _check_weights_finite(self, destination: Path) -> None:
+        for name, p in self.model.named_parameters():
+            # min and max propagate NaN and show inf, without the parameter-sized temporary of isfinite(p).all()
+            if p.is_floating_point() and p.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(p))).all()):
+                raise TrainingDiverged(
+                    f"{name} holds NaN or inf after step {self.step}: not writing {destination} (checkpoints written "
+                    f"before are kept); try a lower learning rate than {self.args.learning_rate:g}"
+                )
+
     def resume(self, checkpoint: str | Path) -> int:
-        """Load a checkpoint (a folder, or "latest" in output_dir); returns the step training continues from."""
-        if str(checkpoint) == "latest":
-            found = latest_checkpoint(self.output_dir)
-            if found is None:
-                raise FileNotFoundError(f"{self.output_dir}: no checkpoint-* folder to resume from")
-            checkpoint = found
+        """Load a checkpoint folder; returns the step training continues from."""
         try:
             state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
+        except SafetensorError as e:
+            raise CheckpointError(f"{Path(checkpoint) / MODEL_FILE}: damaged or truncated ({e})") from e
+        except CheckpointError:
+            raise
         except pickle.UnpicklingError as e:
             raise CheckpointError(
                 f"{checkpoint}: its trainer_state.pt is damaged or holds more than tensors and plain containers "
@@ -332,23 +336,33 @@ class LisaTrainer:
         return self.step
 
     def train(self, resume_from_checkpoint: str | Path | None = None) -> dict:
-        """Run to ``max_steps``; returns the summary (also the log's last record)."""
+        """Run to ``max_steps``; returns the summary (also the log's last record). ``resume_from_checkpoint``: a
+        checkpoint folder, or "latest" (the newest checkpoint of the run logged in ``output_dir``)."""
+        with claim_output_dir(self.output_dir, resume_from=resume_from_checkpoint or None,
+                              overwrite=self.args.overwrite_output_dir) as claim:
+            self.run_id = claim.run_id
+            return self._train(claim.resume_from)
+
+    def _train(self, resume_from: Path | None) -> dict:
         from tqdm.auto import tqdm
 
         args = self.args
         wall_start = time.perf_counter()
-        if resume_from_checkpoint:
-            self.resume(resume_from_checkpoint)
-        resumed_at = self.step if resume_from_checkpoint else None
-        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at)
+        if resume_from:
+            self.resume(resume_from)
+        resumed_at = self.step if resume_from else None
+        own_log = resumed_at is not None and log_run_id(self.output_dir) == self.run_id
+        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n_layers = self.controller.n_layers
-        if resumed_at is None:
+        if log.is_new:
             log.write(
                 {
                     "kind": "config",
                     "step": 0,
+                    "run_id": self.run_id,
+                    "resumed_from": str(resume_from) if resume_from else None,
                     "max_steps": self.max_steps,
                     "n_layers": n_layers,
                     "device": str(self.device),
@@ -358,20 +372,28 @@ class LisaTrainer:
                     "args": dataclasses.asdict(args),
                 }
             )
+        if resumed_at is None:
             eval_loss = self.evaluate()
             if eval_loss is not None:
                 log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
         logged_periods = len(self.controller.period_log)
-        losses, evals = [], []
+        nonfinite_in_a_row = 0
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress, unit="step", desc="LISA", dynamic_ncols=True)
         try:
             while self.step < self.max_steps:
                 rec = self.train_step()
-                losses.append(rec["loss"])
-                if rec["step"] % args.logging_steps == 0 or rec["step"] == self.max_steps:
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if rec.get("skipped") else 0
+                if rec["step"] % args.logging_steps == 0 or rec["step"] == self.max_steps or rec.get("skipped"):
                     log.write(rec)
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"training diverged: the loss or gradient norm was not finite at steps "
+                        f"{self.step - nonfinite_in_a_row + 1}-{self.step} (loss {rec['loss']}, gradient norm "
+                        f"{rec['grad_norm']}), each skipped; stopped at step {self.step}. Try a lower learning rate "
+                        f"than {args.learning_rate:g}; checkpoints written before are kept"
+                    )
                 for entry in self.controller.period_log[logged_periods:]:
-                    log.write(_period_record(entry, rec["step"]))
+                    log.write(period_record(entry, rec["step"]))
                 logged_periods = len(self.controller.period_log)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", layers=",".join(map(str, rec["active_layers"])))
@@ -379,33 +401,39 @@ class LisaTrainer:
                 if (args.eval_steps and self.step % args.eval_steps == 0) or at_end:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
-                        evals.append(eval_loss)
                         log.write({"kind": "eval", "step": self.step, "eval_loss": eval_loss})
                 if args.save_steps and self.step % args.save_steps == 0:
                     self.save_checkpoint()
             self.controller.finish(last_step=self.step - 1)  # a last, partial period gets its norms too
             for entry in self.controller.period_log[logged_periods:]:
-                log.write(_period_record(entry, self.step))
+                log.write(period_record(entry, self.step))
         finally:
             bar.close()
         if args.save_model:
             self.save_model(self.output_dir)
-        summary = self._summary(losses, time.perf_counter() - wall_start)
+        summary = self._summary(time.perf_counter() - wall_start)
         log.write(summary)
         log.close()
         return summary
 
     def save_model(self, path: str | Path) -> None:
-        """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``."""
+        """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``.
+
+        Raises :class:`TrainingDiverged` (writing nothing) if a weight is not finite, and
+        :class:`~lisa_trainer.checkpoint.CheckpointWriteError` if the files cannot be written."""
         path = Path(path)
+        self._check_weights_finite(path)
         kwargs = {}
         if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # the default in recent transformers, where the flag is gone
-        self.model.save_pretrained(path, **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
+        try:
+            self.model.save_pretrained(path, **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(path)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise CheckpointWriteError(f"{path}: cannot write the model: {write_failure_reason(e, path)}") from e
 
-    def _summary(self, losses: list[float], wall: float) -> dict:
+    def _summary(self, wall: float) -> dict:
         log_path = self.output_dir / LOG_FILE
         records = read_log(log_path)
         steps = [r for r in records if r["kind"] == "step"]
@@ -415,6 +443,7 @@ class LisaTrainer:
             "kind": "summary",
             "step": self.step,
             "steps": self.step,
+            "skipped_steps": sum(1 for r in steps if r.get("skipped")),
             "first_loss": steps[0]["loss"] if steps else None,
             "last_loss": steps[-1]["loss"] if steps else None,
             "first_eval_loss": evals[0]["eval_loss"] if evals else None,
@@ -429,38 +458,3 @@ class LisaTrainer:
         if self.device.type == "cuda":
             summary["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return summary
-
-
-def _period_record(entry: dict, step: int) -> dict:
-    """A controller period-log entry as a JSON-safe log record.
-
-    ``update_norms`` joins the controller's per-layer list and per-module dict into one mapping
-    (``"3"`` -> norm of decoder layer 3, ``"model.embed_tokens"`` -> norm of the embeddings) for plotting and for
-    turning into ``--lisa_layer_weights``.
-    """
-    rec = {"kind": "period", "step": step}
-    for k, v in entry.items():
-        rec[k] = _jsonable(v)
-    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms", ()))}
-    norms.update({str(k): v for k, v in (entry.get("module_update_norms") or {}).items()})
-    if norms:
-        rec["update_norms"] = _jsonable(norms)
-    return rec
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    return v
-
-
-def read_log(path: str | Path) -> list[dict]:
-    records = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            records.append(json.loads(line))
-    return records
