@@ -144,3 +144,11 @@ def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
             assert weights[layer] == pytest.approx(norm)
     unsampled = [w for i, w in enumerate(weights) if i not in sampled]
     assert all(w == pytest.approx(sum(weights[i] for i in sampled) / len(sampled)) for w in unsampled)
+
+
+def test_the_demo_runs_again_in_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo's default output folder is ./lisa-demo-output
+    assert main(["--demo", *FAST]) == 0
+    assert main(["--demo", *FAST]) == 0
+    steps = [r["step"] for r in read_log(tmp_path / "lisa-demo-output" / "train_log.jsonl") if r["kind"] == "step"]
+    assert steps == [1, 2, 3, 4]

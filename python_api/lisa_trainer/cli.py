@@ -391,6 +391,8 @@ def _run(args) -> int:
     wall_start = time.perf_counter()
     demo, values = _resolve(args)
     dataset_path, out_model, out_dir = _check_paths(args, demo)
+    # The demo's own folder holds the last demo run: running the demo again starts afresh there.
+    args.overwrite_output_dir = args.overwrite_output_dir or (demo and not (args.output_model_path or args.output_dir))
     from .run_folder import RunFolderError, claim_output_dir
 
     with contextlib.ExitStack() as held:
