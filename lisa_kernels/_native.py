@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import sys
@@ -34,6 +35,7 @@ _EXT_NAME = "lisa_kernels_host_arena"
 _SOURCES = ("host_arena.cpp",)
 _NO_NATIVE_ENV = "LISA_KERNELS_NO_NATIVE"
 _CACHE_ENV = "LISA_KERNELS_CACHE"
+PAGE_SIZE = mmap.PAGESIZE  # the OS's page, as host_arena.cpp sizes and aligns chunks: 4 KiB on x86-64, up to 64 KiB
 _CFLAGS = ("-O2",)
 _LDFLAGS = ("-ldl",)
 _LOCK_NOTICE_S = 30.0   # a build takes ~10 s on a busy 2-core machine: after 3x that, say whose build we wait for
@@ -166,7 +168,8 @@ def _build_and_load(verbose: bool = False):
                 is_python_module=False,
                 verbose=verbose,
             )
-            os.replace(work / f"{_EXT_NAME}.so", library)
+            built, = work.glob("*.so")  # named `{_EXT_NAME}_v1.so` and so on after an earlier build in this process
+            os.replace(built, library)
             shutil.rmtree(work, ignore_errors=True)
     ops = torch.ops.lisa_kernels
     built_for = ops.build_info()
@@ -185,6 +188,13 @@ class _StaleBuild(RuntimeError):
     pass
 
 
+def _first_error(text: str) -> str:
+    """The compiler's first `error:` line out of a build failure's output, else its first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or ["(no message)"])[0]
+
+
 def load(verbose: bool = False):
     """The native ops, building them on first call; `None` (after one warning) when they cannot be had."""
     global _ops, _failure
@@ -201,8 +211,7 @@ def load(verbose: bool = False):
         except (_StaleBuild, _LockTimeout) as e:
             reason = str(e)
         except Exception as e:  # a compiler error, a missing header, a library that will not load
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            reason = f"build or load failed in {build_dir()}: {type(e).__name__}: {first}"
+            reason = f"build or load failed in {build_dir()}: {type(e).__name__}: {_first_error(str(e))}"
     _ops, _failure = None, reason
     warnings.warn(f"lisa_kernels: native host arena unavailable ({reason}); using the pure-PyTorch fallback, "
                   f"which behaves the same but pins memory through PyTorch's power-of-two caching allocator.",

@@ -43,7 +43,7 @@ def test_host_alloc_is_page_aligned_and_exact(ops, nbytes):
     t = ops.host_alloc(nbytes, False)
     assert t.dtype == torch.uint8 and t.device.type == "cpu" and t.numel() == nbytes
     if nbytes:
-        assert t.data_ptr() % ops.page_size() == 0
+        assert t.data_ptr() % _native.PAGE_SIZE == 0  # the page the Python side sizes chunks by
         t.fill_(7)
         assert int(t[-1]) == 7
 
@@ -91,6 +91,23 @@ def test_no_compiler_gives_one_clear_warning(tmp_path):
     count, backend, message = out.stdout.splitlines()[0].split() + [out.stdout.splitlines()[1]]
     assert (count, backend) == ("1", "fallback")
     assert "no C++ compiler" in message and "/nonexistent/c++" in message
+
+
+@pytest.mark.skipif(_native._preflight() is not None, reason="no C++ compiler or ninja here")
+def test_a_failed_build_falls_back_with_one_warning_naming_the_error(monkeypatch, tmp_path):
+    # What a torch without a header the sources need looks like: the compiler's error, not ninja's command line.
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "host_arena.cpp").write_text("#include <torch/not_in_this_torch.h>\n")
+    monkeypatch.setattr(_native, "source_dir", lambda: tmp_path / "src")
+    monkeypatch.setenv("LISA_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "_ops", _native._UNSET)
+    from lisa_kernels.host_state_bank import HostStateBank
+
+    with pytest.warns(RuntimeWarning) as caught:
+        banks = [HostStateBank(), HostStateBank()]
+    assert len(caught) == 1 and [b.backend for b in banks] == ["fallback", "fallback"]
+    message = str(caught[0].message)
+    assert "torch/not_in_this_torch.h" in message and "error:" in message and "fallback" in message
 
 
 def test_import_builds_nothing(tmp_path):
