@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_to_out, environment, print_table, results_path, summarize, synchronize, write_results  # noqa: E402
+from common import environment, print_table, results_path, summarize, synchronize, write_results  # noqa: E402
 
 METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
@@ -336,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; methods not started in time are recorded as skipped")
     p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
-    p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
+    p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -492,7 +492,6 @@ def main(argv=None) -> int:
         try:
             png = results_path(name, device, ".png", results_dir=args.results_dir)
             plot(results, payload, png)
-            copy_to_out(png)
             print(f"chart:   {png}")
         except ImportError as exc:
             print(f"chart skipped: {exc}")

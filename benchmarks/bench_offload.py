@@ -14,7 +14,8 @@
    The stall is (switch step - ordinary step); the target with prefetch is <= 5% of one step.
 
 Without a GPU every copy is a synchronous memcpy and prefetch cannot hide anything; the CPU run only checks that
-the benchmark works (small sizes). Results: benchmarks/results/bench_offload-<device>.json (and $OUT).
+the benchmark works (small sizes). Results: benchmarks/results/bench_offload-<device>.json
+(or the folder `$LISA_BENCH_RESULTS` names).
 
     python benchmarks/bench_offload.py [--layer-params 202e6] [--step-ms 50] [--backend auto|native|fallback]
 """
