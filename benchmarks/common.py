@@ -9,8 +9,8 @@
   when given, else `$LISA_BENCH_RESULTS`, else `benchmarks/results/`.
 - `print_table(rows)`: a plain-text table.
 
-Importing this module touches no GPU. Benchmarks run as scripts (`python benchmarks/bench_x.py`), which puts this
-folder on sys.path, so they simply `from common import time_fn, write_results, ...`.
+Importing this module touches no GPU. Benchmarks run from the repository root as modules
+(`python -m benchmarks.bench_x`) and import it as `from benchmarks.common import time_fn, write_results, ...`.
 """
 from __future__ import annotations
 

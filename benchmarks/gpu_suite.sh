@@ -85,13 +85,13 @@ fi
 step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 step native-build 150 "$PY" -m lisa_kernels.build
 step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
-step bench_adamw 75 "$PY" benchmarks/bench_adamw.py
-step bench_offload 75 "$PY" benchmarks/bench_offload.py
+step bench_adamw 75 "$PY" -m benchmarks.bench_adamw
+step bench_offload 75 "$PY" -m benchmarks.bench_offload
 # bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
 # under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
 limit=$(( $(left) < 240 ? $(left) : 240 ))
 if ((limit >= 100)); then
-    step finetune-1b "$limit" "$PY" benchmarks/bench_finetune.py --shape 1b --steps 45 --time-budget $((limit - 40))
+    step finetune-1b "$limit" "$PY" -m benchmarks.bench_finetune --shape 1b --steps 45 --time-budget $((limit - 40))
 else
     log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
     STEPS+=("finetune-1b skipped 0")
@@ -100,7 +100,7 @@ fi
 # 7B where time allows, the methods that answer the package's claims first.
 limit=$(($(left) - 15))
 if ((limit >= 100)); then
-    step finetune-7b "$limit" "$PY" benchmarks/bench_finetune.py --shape 7b --steps 30 --time-budget $((limit - 40)) \
+    step finetune-7b "$limit" "$PY" -m benchmarks.bench_finetune --shape 7b --steps 30 --time-budget $((limit - 40)) \
         --methods lisa-park,lora,full,lisa-public,lisa-keep,lisa-reset
 else
     log "=== [finetune-7b] skipped: only ${limit}s left in the budget"
@@ -110,8 +110,7 @@ fi
 # Per-step summary with the environment, through the same harness the benchmarks use.
 "$PY" - "${STEPS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
 import sys
-sys.path.insert(0, "benchmarks")
-from common import print_table, write_results
+from benchmarks.common import print_table, write_results
 
 steps = []
 for entry in sys.argv[1:]:
