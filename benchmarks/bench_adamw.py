@@ -6,13 +6,13 @@ moments; torch's AdamW keeps moments in the param dtype, so its bf16 rows move 1
 GB/s counts the fewest bytes each configuration must move per element; % is of the device-to-device copy
 bandwidth measured in the same run. On CPU the shapes shrink so the run takes seconds.
 
-    python benchmarks/bench_adamw.py            # prints a table, writes benchmarks/results/bench_adamw-<device>.json
+    python -m benchmarks.bench_adamw            # prints a table, writes benchmarks/results/bench_adamw-<device>.json
 """
 
 import argparse
 
 import torch
-from common import default_device, environment, measure_copy_bandwidth, print_table, time_fn, write_results
+from benchmarks.common import default_device, environment, measure_copy_bandwidth, print_table, time_fn, write_results
 
 from lisa_kernels import FusedAdamW
 

@@ -17,13 +17,14 @@ Methods:
 By default each method runs in its own process on a GPU (so one method's peak or OOM cannot pollute the next) and
 in this process on CPU (where importing torch + transformers costs more than the tiny run itself).
 
-    python benchmarks/bench_finetune.py                        # tiny model, CPU or GPU
-    python benchmarks/bench_finetune.py --shape 1b             # Llama-3.2-1B-like
-    python benchmarks/bench_finetune.py --shape 7b --methods lisa-park,lora,full
+    python -m benchmarks.bench_finetune                        # tiny model, CPU or GPU
+    python -m benchmarks.bench_finetune --shape 1b             # Llama-3.2-1B-like
+    python -m benchmarks.bench_finetune --shape 7b --methods lisa-park,lora,full
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -38,8 +39,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_to_out, environment, print_table, results_path, summarize, synchronize, write_results  # noqa: E402
+from benchmarks.common import environment, print_table, results_path, summarize, synchronize, write_results
 
 METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
@@ -207,19 +207,52 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class MethodUnavailable(Exception):
+    """The package a method needs (peft, lisa_trainer) is not installed."""
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What one method's training leaves for its figures."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    model_params: int
+    model_gb: float | None            # device memory of the bare model, right after it was built (GPU only)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    step_times_ms: list[float] = dataclasses.field(default_factory=list)
+    device_state_peak: int = 0        # bytes: the largest device_state_bytes after an optimizer step
+    updated: set[int] = dataclasses.field(default_factory=set)  # ids of the parameters that ever had a gradient
+
+
 def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
-    shape = SHAPES[args.shape]
-    result = {"method": method, "status": "ok"}
+    """Train one method on a fresh model: its figures, or a status saying why there are none."""
     # Resolved here, not in the driver: with one process per method the driver must not create a CUDA context
     # (~0.5 GB of GPU memory the workers would lose) until they are done. Parameters report cuda:0; cuda != cuda:0.
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    model = optimizer = controller = loss = None
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    # Import what the method needs before taking the RSS baseline: library code is not training memory.
+    import_method_packages(method)  # before the RSS baseline: library code is not training memory
+    rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
+    try:
+        run = train(method, args, device, dtype)
+    except MethodUnavailable as exc:
+        return {"method": method, "status": f"unavailable: {exc}"}
+    except Exception as exc:  # recorded as the method's result; the other methods still run
+        result = failure(method, exc)
+    else:
+        result = {"method": method, "status": "ok", **run_figures(method, run, args)}
+        del run
+    result.update(peak_memory_figures(device, rss0))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def import_method_packages(method: str) -> None:
     from transformers import LlamaForCausalLM  # noqa: F401
     try:
         if method == "lora":
@@ -229,79 +262,84 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
             import lisa_trainer  # noqa: F401
     except ImportError:
         pass  # reported as "unavailable" by setup_method
-    rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
+
+
+def train(method: str, args, device: torch.device, dtype: torch.dtype) -> TrainingRun:
+    """Build the model and the method's optimizer, then train `args.steps` steps, timing each whole step."""
+    shape = SHAPES[args.shape]
+    batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
+                                                  args.n_batches, args.seed)]
+    model = build_model(args.shape, device, dtype, args.seed)
+    model_params = sum(p.numel() for p in model.parameters())
+    model_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
     try:
-        batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
-                                                      args.n_batches, args.seed)]
-        model = build_model(args.shape, device, dtype, args.seed)
-        result["model_params"] = sum(p.numel() for p in model.parameters())
-        if device.type == "cuda":
-            result["model_gb"] = torch.cuda.memory_allocated(device) / GB
-        try:
-            model, optimizer, controller = setup_method(method, model, args, device)
-        except ImportError as exc:
-            return {"method": method, "status": f"unavailable: {exc}"}
-        trainable_ever = set()
-        losses, times_ms, state_peak = [], [], 0
-        for step in range(args.steps):
-            batch = batches[step % len(batches)]
-            synchronize(device)
-            # Wall clock around the whole step, controller hooks included: a switch that blocks on host copies
-            # must show up in the step time, and per-step synchronize costs nothing next to a training step.
-            t0 = time.perf_counter()
-            if controller is not None:
-                controller.on_step_begin(step)
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            state_peak = max(state_peak, device_state_bytes(model, optimizer, device))
-            trainable_ever.update(id(p) for p in model.parameters() if p.grad is not None)
-            optimizer.zero_grad(set_to_none=True)
-            if controller is not None:
-                controller.on_step_end(step)
-            losses.append(loss.item())
-            synchronize(device)
-            times_ms.append((time.perf_counter() - t0) * 1e3)
-    except torch.cuda.OutOfMemoryError:
-        result = {"method": method, "status": "OOM"}
-    except Exception as exc:  # recorded as the method's result; the other methods still run
-        if "out of memory" in str(exc).lower():  # cuBLAS / Triton allocation failures are not OutOfMemoryError
-            result = {"method": method, "status": "OOM"}
-        else:
-            traceback.print_exc()
-            result = {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
-    if result["status"] == "ok":
-        tokens = args.batch_size * args.seq_len
-        timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
-        plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
-        switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
-        stats = summarize(plain)
-        result.update(
-            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            params_ever_updated=sum(p.numel() for p in model.parameters() if id(p) in trainable_ever),
-            device_state_gb=state_peak / GB,
-            median_step_ms=stats["median_ms"], p20_step_ms=stats["p20_ms"], p80_step_ms=stats["p80_ms"],
-            tokens_per_s=tokens / (stats["median_ms"] * 1e-3),
-            switch_steps=[s for s, _ in timed if is_switch_step(method, s, args.interval)],
-            switch_stall_ms=(summarize(switch)["median_ms"] - stats["median_ms"]) if switch else None,
-            loss_first=losses[0], loss_final=losses[-1],
-            losses=losses, step_times_ms=times_ms,
-        )
+        model, optimizer, controller = setup_method(method, model, args, device)
+    except ImportError as exc:
+        raise MethodUnavailable(exc) from exc
+    run = TrainingRun(model, optimizer, model_params, model_gb)
+    for step in range(args.steps):
+        batch = batches[step % len(batches)]
+        synchronize(device)
+        # Wall clock around the whole step, controller hooks included: a switch that blocks on host copies
+        # must show up in the step time, and per-step synchronize costs nothing next to a training step.
+        t0 = time.perf_counter()
+        if controller is not None:
+            controller.on_step_begin(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        run.device_state_peak = max(run.device_state_peak, device_state_bytes(model, optimizer, device))
+        run.updated.update(id(p) for p in model.parameters() if p.grad is not None)
+        optimizer.zero_grad(set_to_none=True)
+        if controller is not None:
+            controller.on_step_end(step)
+        run.losses.append(loss.item())
+        synchronize(device)
+        run.step_times_ms.append((time.perf_counter() - t0) * 1e3)
+    return run
+
+
+def failure(method: str, exc: Exception) -> dict:
+    # cuBLAS / Triton allocation failures are not OutOfMemoryError, but say "out of memory".
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return {"method": method, "status": "OOM"}
+    traceback.print_exc()
+    return {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
+
+
+def run_figures(method: str, run: TrainingRun, args) -> dict:
+    """Memory held, step time (warm-up steps left out), switch stall and losses of a finished run."""
+    model, optimizer, times_ms = run.model, run.optimizer, run.step_times_ms
+    timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
+    plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
+    switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
+    stats = summarize(plain)
+    return dict(
+        model_params=run.model_params, model_gb=run.model_gb,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        params_ever_updated=sum(p.numel() for p in model.parameters() if id(p) in run.updated),
+        device_state_gb=run.device_state_peak / GB,
+        median_step_ms=stats["median_ms"], p20_step_ms=stats["p20_ms"], p80_step_ms=stats["p80_ms"],
+        tokens_per_s=args.batch_size * args.seq_len / (stats["median_ms"] * 1e-3),
+        switch_steps=[s for s, _ in timed if is_switch_step(method, s, args.interval)],
+        switch_stall_ms=(summarize(switch)["median_ms"] - stats["median_ms"]) if switch else None,
+        loss_first=run.losses[0], loss_final=run.losses[-1],
+        losses=run.losses, step_times_ms=times_ms,
         # `state_bank` is created on first access, so only ask the method that parks.
-        result["host_state_gb"] = optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None
-        result["bank_backend"] = optimizer.state_bank.backend if method == "lisa-park" else None
-    if device.type == "cuda":
-        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
-        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
-    else:
-        result["peak_allocated_gb"] = result["peak_reserved_gb"] = None
-    result["peak_rss_delta_gb"] = (
-        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB if rss0 is not None else None)
-    del model, optimizer, controller, loss
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+        host_state_gb=optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None,
+        bank_backend=optimizer.state_bank.backend if method == "lisa-park" else None,
+    )
+
+
+def peak_memory_figures(device: torch.device, rss0: int | None) -> dict:
+    """Peak GPU memory of the whole method; on CPU, in a process of its own, the growth of the resident set."""
+    cuda = device.type == "cuda"
+    return dict(
+        peak_allocated_gb=torch.cuda.max_memory_allocated(device) / GB if cuda else None,
+        peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GB if cuda else None,
+        peak_rss_delta_gb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB
+        if rss0 is not None else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; methods not started in time are recorded as skipped")
     p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
-    p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
+    p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -371,7 +409,7 @@ def resolve(args):
 def run_isolated(method: str, argv: list[str], timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method, "--worker-out", str(out)]
+        cmd = [sys.executable, "-m", __spec__.name, *argv, "--worker", method, "--worker-out", str(out)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -492,7 +530,6 @@ def main(argv=None) -> int:
         try:
             png = results_path(name, device, ".png", results_dir=args.results_dir)
             plot(results, payload, png)
-            copy_to_out(png)
             print(f"chart:   {png}")
         except ImportError as exc:
             print(f"chart skipped: {exc}")

@@ -14,22 +14,21 @@
    The stall is (switch step - ordinary step); the target with prefetch is <= 5% of one step.
 
 Without a GPU every copy is a synchronous memcpy and prefetch cannot hide anything; the CPU run only checks that
-the benchmark works (small sizes). Results: benchmarks/results/bench_offload-<device>.json (and $OUT).
+the benchmark works (small sizes). Results: benchmarks/results/bench_offload-<device>.json
+(or the folder `$LISA_BENCH_RESULTS` names).
 
-    python benchmarks/bench_offload.py [--layer-params 202e6] [--step-ms 50] [--backend auto|native|fallback]
+    python -m benchmarks.bench_offload [--layer-params 202e6] [--step-ms 50] [--backend auto|native|fallback]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from common import Timer, default_device, environment, print_table, summarize, synchronize, time_fn, write_results
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lisa_kernels.host_state_bank import HostStateBank  # noqa: E402
+from benchmarks.common import (Timer, default_device, environment, print_table, summarize, synchronize, time_fn,
+                               write_results)
+from lisa_kernels.host_state_bank import HostStateBank
 
 # One LLaMA-7B decoder layer: q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008): 202M parameters.
 _LLAMA_LAYER = [(4096, 4096)] * 4 + [(11008, 4096), (11008, 4096), (4096, 11008)]

@@ -5,11 +5,12 @@
 - `measure_copy_bandwidth(device)`: what a plain device-to-device copy achieves in the same run, counting read +
   write, so kernel figures can be quoted as a fraction of it rather than of a datasheet peak.
 - `environment(device)`: device name, library versions, git commit and UTC date, stored with every result.
-- `write_results(name, payload)`: `benchmarks/results/<name>-<device-slug>.json`, plus a copy under `$OUT`.
+- `write_results(name, payload)`: `<results folder>/<name>-<device-slug>.json`; the folder is `results_dir`
+  when given, else `$LISA_BENCH_RESULTS`, else `benchmarks/results/`.
 - `print_table(rows)`: a plain-text table.
 
-Importing this module touches no GPU. Benchmarks run as scripts (`python benchmarks/bench_x.py`), which puts this
-folder on sys.path, so they simply `from common import time_fn, write_results, ...`.
+Importing this module touches no GPU. Benchmarks run from the repository root as modules
+(`python -m benchmarks.bench_x`) and import it as `from benchmarks.common import time_fn, write_results, ...`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -30,6 +30,7 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_ENV = "LISA_BENCH_RESULTS"  # where every benchmark (and gpu_suite.sh) writes, when set
 
 
 def default_device() -> torch.device:
@@ -185,33 +186,27 @@ def environment(device: torch.device | str | None = None) -> dict:
     return env
 
 
-def copy_to_out(path: Path) -> Path | None:
-    """Copy a results file to `$OUT/benchmarks/results/` (mirroring the repo layout) when `$OUT` is set."""
-    out = os.environ.get("OUT")
-    if not out:
-        return None
-    dest = Path(out) / "benchmarks" / "results" / Path(path).name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, dest)
-    return dest
+def results_folder(results_dir: Path | str | None = None) -> Path:
+    """`results_dir` when given, else `$LISA_BENCH_RESULTS` when set, else benchmarks/results/."""
+    if results_dir is None:
+        results_dir = os.environ.get(RESULTS_ENV) or RESULTS_DIR
+    return Path(results_dir).expanduser()
 
 
 def results_path(name: str, device: torch.device | str | None = None, suffix: str = ".json",
                  results_dir: Path | str | None = None) -> Path:
-    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder = results_folder(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}-{device_slug(device)}{suffix}"
 
 
 def write_results(name: str, payload: dict, device: torch.device | str | None = None,
                   results_dir: Path | str | None = None) -> Path:
-    """Write `payload` (plus an `environment` entry unless it has one) as JSON to `results_dir` (default
-    benchmarks/results); copy it to $OUT when set."""
+    """Write `payload` (plus an `environment` entry unless it has one) as JSON into `results_folder(results_dir)`."""
     payload = dict(payload)
     payload.setdefault("environment", environment(device))
     path = results_path(name, device, results_dir=results_dir)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    copy_to_out(path)
     return path
 
 

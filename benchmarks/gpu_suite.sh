@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# The GPU suite: one command for a session that is lent a GPU (no network needed).
+# The GPU suite: the CUDA tests and every benchmark in one command, on a machine with an NVIDIA GPU (no network
+# needed).
 #
-#   bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh [--out DIR]
 #
 # Installs the package from this working tree without downloads, builds the native host arena, runs the
-# CUDA-marked tests and every benchmark, each under its own timeout, all within SUITE_BUDGET_S seconds (default 540:
-# the device machine allows 10 minutes a command). A failing or timed-out step does not stop the others; the exit
-# status is non-zero when any step failed. Results: benchmarks/results/*.json (+ .png charts, git-ignored), the
-# full log in benchmarks/results/gpu_suite.log and a per-step summary in benchmarks/results/gpu_suite-<device>.json;
-# this run's files are also copied to $OUT/benchmarks/results/ when $OUT is set (8 files: 5 JSON, 2 charts, the
-# log; the device tool returns at most 8). Commit the JSON files afterwards.
+# CUDA-marked tests and every benchmark, each under its own timeout, all within SUITE_BUDGET_S seconds (default
+# 540). A failing or timed-out step does not stop the others; the exit status is non-zero when any step failed.
+# Results go to DIR: --out DIR, else $LISA_BENCH_RESULTS, else benchmarks/results/. There: each benchmark's JSON
+# (+ .png charts), the full log gpu_suite.log and a per-step summary gpu_suite-<device>.json.
 set -uo pipefail
+
+usage() { echo "usage: bash benchmarks/gpu_suite.sh [--out DIR]" >&2; exit 2; }
+RESULTS="${LISA_BENCH_RESULTS:-}"
+while (($#)); do
+    case $1 in
+        --out) (($# >= 2)) || usage; RESULTS=$2; shift 2 ;;
+        --out=*) RESULTS=${1#--out=}; shift ;;
+        -h|--help) usage ;;
+        *) echo "gpu_suite: unknown argument '$1'" >&2; usage ;;
+    esac
+done
+if [[ -n "$RESULTS" ]]; then  # made absolute now, as the suite runs from the repository root
+    RESULTS="$(mkdir -p -- "$RESULTS" && cd -- "$RESULTS" && pwd)" || { echo "gpu_suite: cannot create $RESULTS" >&2; exit 2; }
+fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python}"
 BUDGET="${SUITE_BUDGET_S:-540}"
-RESULTS="benchmarks/results"
+RESULTS="${RESULTS:-$ROOT/benchmarks/results}"
+export LISA_BENCH_RESULTS="$RESULTS"  # every benchmark writes there
 LOG="$RESULTS/gpu_suite.log"
 START=$SECONDS
 mkdir -p "$RESULTS"
@@ -60,7 +74,7 @@ step() {
     fi
 }
 
-log "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s, commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
+log "gpu_suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), budget ${BUDGET}s, results in $RESULTS, commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG" || true
 # SUITE_ALLOW_CPU=1 runs the suite's own logic on a CPU machine (to check this script; the figures mean nothing).
 if [[ "${SUITE_ALLOW_CPU:-0}" != 1 ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -71,13 +85,13 @@ fi
 step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 step native-build 150 "$PY" -m lisa_kernels.build
 step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
-step bench_adamw 75 "$PY" benchmarks/bench_adamw.py
-step bench_offload 75 "$PY" benchmarks/bench_offload.py
+step bench_adamw 75 "$PY" -m benchmarks.bench_adamw
+step bench_offload 75 "$PY" -m benchmarks.bench_offload
 # bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
 # under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
 limit=$(( $(left) < 240 ? $(left) : 240 ))
 if ((limit >= 100)); then
-    step finetune-1b "$limit" "$PY" benchmarks/bench_finetune.py --shape 1b --steps 45 --time-budget $((limit - 40))
+    step finetune-1b "$limit" "$PY" -m benchmarks.bench_finetune --shape 1b --steps 45 --time-budget $((limit - 40))
 else
     log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
     STEPS+=("finetune-1b skipped 0")
@@ -86,7 +100,7 @@ fi
 # 7B where time allows, the methods that answer the package's claims first.
 limit=$(($(left) - 15))
 if ((limit >= 100)); then
-    step finetune-7b "$limit" "$PY" benchmarks/bench_finetune.py --shape 7b --steps 30 --time-budget $((limit - 40)) \
+    step finetune-7b "$limit" "$PY" -m benchmarks.bench_finetune --shape 7b --steps 30 --time-budget $((limit - 40)) \
         --methods lisa-park,lora,full,lisa-public,lisa-keep,lisa-reset
 else
     log "=== [finetune-7b] skipped: only ${limit}s left in the budget"
@@ -96,8 +110,7 @@ fi
 # Per-step summary with the environment, through the same harness the benchmarks use.
 "$PY" - "${STEPS[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
 import sys
-sys.path.insert(0, "benchmarks")
-from common import print_table, write_results
+from benchmarks.common import print_table, write_results
 
 steps = []
 for entry in sys.argv[1:]:
@@ -114,15 +127,5 @@ if ((${#FAILED[@]})); then
 else
     log "gpu_suite: all steps passed in $((SECONDS - START))s"
     status=0
-fi
-if [[ -n "${OUT:-}" ]]; then
-    # The benchmarks put their own JSON and charts in $OUT already; only the log is left to copy. Copying the whole
-    # folder would add stale files (the committed CPU results) and pass the device tool's limit of 8 files.
-    mkdir -p "$OUT/benchmarks/results"
-    cp "$LOG" "$OUT/benchmarks/results/"
-    n_out=$(find "$OUT" -type f | wc -l)
-    if ((n_out > 8)); then
-        echo "gpu_suite: WARNING: $n_out files under \$OUT; the device tool returns at most 8" >&2
-    fi
 fi
 exit $status

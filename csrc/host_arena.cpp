@@ -13,7 +13,7 @@
 // that torch's copies use.
 
 #include <ATen/ops/from_blob.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>  // TORCH_VERSION in every torch release (since 2.10 it forwards to torch/headeronly)
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -24,6 +24,8 @@
 
 namespace {
 
+// The OS's page (4 KiB on x86-64, 16 or 64 KiB on some Arm and POWER machines); lisa_kernels._native.PAGE_SIZE
+// reads the same value for the Python side.
 int64_t page_size() {
   static const int64_t page = [] {
     long p = sysconf(_SC_PAGESIZE);
@@ -107,5 +109,4 @@ std::string build_info() {
 TORCH_LIBRARY(lisa_kernels, m) {
   m.def("host_alloc(int nbytes, bool pinned) -> Tensor", &host_alloc);
   m.def("build_info() -> str", &build_info);
-  m.def("page_size() -> int", &page_size);
 }

@@ -41,7 +41,7 @@ __all__ = ["HostStateBank"]
 
 # Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
 _ALIGN = 256
-_PAGE = 4096
+_PAGE = _native.PAGE_SIZE
 _DEFAULT = object()  # "use the bank's storage_dtype" for offload(..., storage_dtype=...)
 
 

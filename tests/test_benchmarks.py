@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import common
 
-import common  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -39,18 +38,21 @@ def test_time_fn_and_copy_bandwidth_on_cpu():
     assert bw["bytes"] == 1 << 20 and bw["gbps"] > 0
 
 
-def test_write_results_environment_and_out_copy(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    monkeypatch.setenv("OUT", str(out))
-    path = common.write_results("unit", {"rows": [1, 2]}, device="cpu", results_dir=tmp_path / "res")
-    assert path == tmp_path / "res" / "unit-cpu.json"
+def test_write_results_environment_and_results_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LISA_BENCH_RESULTS", str(tmp_path / "chosen"))
+    path = common.write_results("unit", {"rows": [1, 2]}, device="cpu")
+    assert path == tmp_path / "chosen" / "unit-cpu.json"
     data = json.loads(path.read_text())
     assert data["rows"] == [1, 2]
     env = data["environment"]
     for key in ("device", "torch", "triton", "transformers", "python", "git_commit", "date_utc"):
         assert key in env
     assert env["torch"] == torch.__version__ and env["date_utc"].endswith("Z")
-    assert json.loads((out / "benchmarks" / "results" / "unit-cpu.json").read_text()) == data
+    # An explicit folder (a benchmark's --results-dir) wins over the variable; without either, benchmarks/results.
+    explicit = common.write_results("unit", {}, device="cpu", results_dir=tmp_path / "res")
+    assert explicit == tmp_path / "res" / "unit-cpu.json"
+    monkeypatch.delenv("LISA_BENCH_RESULTS")
+    assert common.results_folder() == ROOT / "benchmarks" / "results"
 
 
 def test_table_formatting():
@@ -65,10 +67,10 @@ def test_table_formatting():
 def finetune_tiny(tmp_path_factory):
     """One CPU run of every method: 3 steps, K=2, so each LISA method crosses one switch after its warm-up step."""
     results = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}  # as the CLI runs it
-    cmd = [sys.executable, str(BENCH / "bench_finetune.py"), "--shape", "tiny", "--device", "cpu", "--steps", "3",
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as the CLI runs it
+    cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--shape", "tiny", "--device", "cpu", "--steps", "3",
            "--interval", "2", "--warmup", "1", "--results-dir", str(results)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((results / "finetune-tiny-cpu.json").read_text()), proc.stdout, results
 
