@@ -145,15 +145,14 @@ def test_bf16_storage_halves_bytes_and_rounds_to_nearest(backend):
     assert bank.restore("step").item() == 12345.0
 
 
-def test_invalid_arguments():
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", storage_dtype=torch.int8)
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", max_pinned_bytes=-1)
-    with pytest.raises(ValueError):
-        HostStateBank(backend="bogus")
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", chunk_bytes=0)
+@pytest.mark.parametrize("argument, value", [
+    ("max_pinned_bytes", "1GB"), ("max_pinned_bytes", -1), ("max_pinned_bytes", 1.5e9), ("max_pinned_bytes", True),
+    ("chunk_bytes", 0), ("chunk_bytes", "64MB"), ("storage_dtype", torch.int8), ("storage_dtype", "bf16"),
+    ("backend", "bogus"), ("backend", None), ("pin", "yes"),
+])
+def test_invalid_arguments_are_named(argument, value):
+    with pytest.raises(ValueError, match=f"HostStateBank: {argument} must be"):
+        HostStateBank(**{"backend": "fallback", argument: value})
 
 
 # ------------------------------------------------------------------------------- arena: cap, refusal, growth
