@@ -137,7 +137,7 @@ class StateParker:
     def _use_bank(self, bank: HostStateBank) -> None:
         self._bank = bank
         # When the optimizer goes away its entries leave the bank; the finalizer holds neither it nor this parker.
-        weakref.finalize(self.optimizer, _discard_all, bank, self._names)
+        weakref.finalize(self.optimizer, _discard_all, bank, self._names).atexit = False  # the process frees it all
 
     def is_parked(self, param: torch.Tensor) -> bool:
         return param in self._parked

@@ -49,9 +49,11 @@ def layer_of(name):
     return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
 
-def layers_with_state_on_device(lisa):
-    ctrl, opt = lisa.controller, lisa.controller._opt
-    return {i for i in range(N_LAYERS) for p in ctrl.layer_parameters(i)
+def layers_with_state_on_device(lisa, model=None, optimizer=None):
+    """Decoder layers with optimizer state tensors in `optimizer.state` (neither parked nor dropped)."""
+    model = model or lisa.controller.model
+    opt = getattr(optimizer, "optimizer", optimizer) or lisa.controller._opt  # unwrap accelerate's wrapper
+    return {i for i, layer in enumerate(model.model.layers) for p in layer.parameters()
             if any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in opt.state.get(p, {}).values())}
 
 
@@ -134,26 +136,30 @@ def test_trainer_own_optimizer_parks_and_equals_keep(tmp_path, optim):
 
 
 class _StateAtTrainBegin(TrainerCallback):
-    def __init__(self, lisa):
-        self.lisa, self.layers = lisa, None
+    """Records which layers' optimizer state is on the device when training begins: after a resume's load, before
+    LisaCallback (listed after this one) parks anything."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.layers = layers_with_state_on_device(self.lisa)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.layers = layers_with_state_on_device(None, model, optimizer)
 
 
-@pytest.mark.parametrize("optimizer, optim", [("trainer", "adamw_torch"), ("fused", "adamw_torch_fused")])
-def test_trainer_resume_is_bit_identical_and_keeps_the_period_log(tmp_path, optimizer, optim):
+@pytest.mark.parametrize("optimizer, optim, restore_flag", [
+    ("trainer", "adamw_torch", False), ("fused", "adamw_torch_fused", False), ("trainer", "adafactor", True),
+])
+def test_trainer_resume_is_bit_identical_and_keeps_the_period_log(tmp_path, optimizer, optim, restore_flag):
+    # restore_callback_states_from_checkpoint=True makes the Trainer rebuild the callback from its saved state.
     def run(out, resume=None):
         model = tiny_llama()
-        lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3)
-        at_begin = _StateAtTrainBegin(lisa)
-        args = training_args(out, save_strategy="steps", save_steps=6, optim=optim)
+        at_begin = _StateAtTrainBegin()
+        args = training_args(out, save_strategy="steps", save_steps=6, optim=optim,
+                             restore_callback_states_from_checkpoint=restore_flag)
         optimizers = (LisaCallback.optimizer_for(model, args), None) if optimizer == "fused" else (None, None)
-        trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[lisa, at_begin],
-                          optimizers=optimizers)
+        trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=optimizers,
+                          callbacks=[at_begin, LisaCallback(n_active_layers=1, interval_steps=2, seed=3)])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # optim= set beside optimizers=: tested elsewhere
             trainer.train(resume_from_checkpoint=resume)
+        lisa = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LisaCallback))
         return model, lisa, at_begin
 
     whole, whole_lisa, _ = run(tmp_path / "whole")
@@ -163,6 +169,8 @@ def test_trainer_resume_is_bit_identical_and_keeps_the_period_log(tmp_path, opti
     assert [e["period"] for e in resumed_lisa.controller.period_log] == list(range(6))
     if optimizer == "fused":  # its parker loaded every layer's state into host memory, none onto the device
         assert at_begin.layers == set()
+    else:  # the Trainer loaded its own optimizer's state (every layer trained so far) before any callback ran
+        assert at_begin.layers == {i for e in whole_lisa.controller.period_log[:3] for i in e["layers"]}
 
 
 def test_optimizers_argument_overriding_optim_is_said_once(tmp_path):
