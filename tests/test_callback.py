@@ -222,3 +222,22 @@ def test_callback_arguments():
         LisaCallback(LisaConfig(), seed=1)
     with pytest.raises(ValueError, match="LisaConfig.interval_steps"):
         LisaCallback(interval_steps=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_own_fused_adamw_parks_on_cuda(tmp_path):
+    finals = {}
+    for policy in ("keep", "park"):
+        lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy=policy)
+        model, initial, checker, trainer = run_trainer(tmp_path / policy, lisa, optimizer="trainer",
+                                                       optim="adamw_torch_fused", use_cpu=False)
+        check_lisa_run(model, initial, checker, lisa)
+        finals[policy] = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        if policy == "park":
+            bank = lisa.controller.parker.bank
+            assert bank.pinned and bank.pinned_bytes > 0
+            resident = set(lisa.controller.active_layers) | set(
+                lisa.controller.sampler.layers_for_period(lisa.controller.period + 1))
+            assert layers_with_state_on_device(lisa) <= resident
+    assert all(torch.equal(finals["park"][n], finals["keep"][n]) for n in finals["keep"])

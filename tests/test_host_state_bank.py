@@ -458,12 +458,18 @@ def test_cuda_parking_frees_device_memory(backend):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_restore_then_step_equals_synchronous(backend):
+@pytest.mark.parametrize("optimizer", ["FusedAdamW", "torch-AdamW-fused"])
+def test_cuda_restore_then_step_equals_synchronous(backend, optimizer):
     results = []
     for non_blocking in (False, True):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
-        opt = FusedAdamW([p], lr=1e-2, state_bank=make_bank(backend, chunk_bytes=64 << 20))
+        bank = make_bank(backend, chunk_bytes=64 << 20)
+        if optimizer == "FusedAdamW":
+            opt = FusedAdamW([p], lr=1e-2, state_bank=bank)
+        else:
+            opt = torch.optim.AdamW([p], lr=1e-2, fused=True)
+            StateParker(opt, bank)
         for step in range(4):
             p.grad = torch.randn_like(p)
             opt.step()
