@@ -153,11 +153,12 @@ class StateParker:
             state = self.optimizer.state.get(p)
             if p in self._parked or not state:
                 continue
-            for key, value in list(state.items()):
-                if _parkable(value):
-                    # Replacing the entry drops the last device reference: the caching allocator gets it back.
-                    state[key] = self._offload(p, key, value)
-            self._parked[p] = None
+            keys = [key for key, value in state.items() if _parkable(value)]
+            for key in keys:
+                # Replacing the entry drops the last device reference: the caching allocator gets it back.
+                state[key] = self._offload(p, key, state[key])
+            if keys:
+                self._parked[p] = None
 
     def unpark(self, params: Iterable[torch.Tensor] | torch.Tensor, non_blocking: bool = True) -> None:
         """Bring these params' parked state back to each param's device. With `non_blocking` the copies run on the
@@ -220,8 +221,9 @@ class StateParker:
             if saved is None or (self.park_on_load == "frozen" and p.requires_grad):
                 continue
             tensors = {k: v for k, v in saved.items() if _parkable(v)}
-            state[saved_id] = {k: v for k, v in saved.items() if k not in tensors}
-            taken.append((p, tensors))
+            if tensors:
+                state[saved_id] = {k: v for k, v in saved.items() if k not in tensors}
+                taken.append((p, tensors))
         # What is parked now is forgotten only once the load has succeeded (a failed load loses nothing).
         self._loading = (set(self._names), taken)
         return {**state_dict, "state": state}
