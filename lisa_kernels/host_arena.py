@@ -14,7 +14,7 @@ import torch
 
 # Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
 _ALIGN = 256
-_PAGE = 4096
+_PAGE = 4096  # chunk sizes are whole pages: the one place the page size is set
 
 
 def _round_up(n: int, to: int) -> int:
