@@ -79,7 +79,8 @@ def on_device(optimizer, p):
 
 def state_layers(controller, optimizer):
     """Layers with at least one parameter whose optimizer state sits in `optimizer.state` (on the device)."""
-    return {i for i in range(controller.n_layers) if any(on_device(optimizer, p) for p in controller.layer_parameters(i))}
+    return {i for i in range(controller.n_layers)
+            if any(on_device(optimizer, p) for p in controller.layer_parameters(i))}
 
 
 # ------------------------------------------------------------------------------------------------- configuration

@@ -185,7 +185,8 @@ def test_cuda_parking_frees_device_memory_and_equals_keeping(name):
         start = torch.cuda.memory_allocated()
         model, opt, ctrl = lisa_run(name, policy, steps=10)
         torch.cuda.synchronize()
-        held[policy] = (torch.cuda.memory_allocated() - start, {n: p.detach().cpu() for n, p in model.named_parameters()})
+        weights = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        held[policy] = (torch.cuda.memory_allocated() - start, weights)
         if policy == "park":
             assert ctrl.parker.bank.pinned
             resident = set(ctrl.active_layers) | set(ctrl.sampler.layers_for_period(ctrl.period + 1))
