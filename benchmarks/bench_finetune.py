@@ -9,6 +9,7 @@ Methods:
   full         full fine-tuning, torch.optim.AdamW (fused=True on CUDA, foreach on CPU)
   lora         peft LoRA, rank 128 on all linear layers, torch AdamW over the adapters
   lisa-park    ours: lisa_trainer.build_optimizer (FusedAdamW) + LisaController, frozen layers' state parked on host
+  lisa-park-torch  the same with torch.optim.AdamW (fused=True on CUDA) and the generic StateParker
   lisa-reset   ours, state dropped at every switch
   lisa-keep    ours, state kept on the device
   lisa-public  LISA as LMFlow / Axolotl ship it: requires_grad toggled every K steps, a plain torch AdamW over all
@@ -41,7 +42,7 @@ import torch
 
 from benchmarks.common import environment, print_table, results_path, summarize, synchronize, write_results
 
-METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
+METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
 
 # Llama configs. "1b" follows Llama-3.2-1B (GQA, tied embeddings, 128k vocab), "7b" follows Llama-2-7B.
@@ -151,8 +152,12 @@ def setup_method(method: str, model, args, device):
         from lisa_trainer import LisaConfig, LisaController, build_optimizer
 
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
-                         state_policy=method.removeprefix("lisa-"), track_update_norms=args.track_update_norms)
-        optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
+                         state_policy=method.removeprefix("lisa-").removesuffix("-torch"),
+                         track_update_norms=args.track_update_norms)
+        if method.endswith("-torch"):
+            optimizer = torch_adamw(model.parameters(), args, device)
+        else:
+            optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
         controller = LisaController(model, optimizer, cfg)
         if cfg.state_policy == "park":
             # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
@@ -164,7 +169,8 @@ def setup_method(method: str, model, args, device):
             switches = range(1, (args.steps - 1) // args.interval + 1)
             leaving = set().union(*(set(sampler.layers_for_period(p - 1)) - set(sampler.layers_for_period(p))
                                     for p in switches))
-            optimizer.state_bank.reserve([torch.empty(p.shape, dtype=optimizer.moment_dtype(p), device="meta")
+            moment_dtype = getattr(optimizer, "moment_dtype", lambda p: p.dtype)  # torch AdamW: the param's dtype
+            controller.parker.bank.reserve([torch.empty(p.shape, dtype=moment_dtype(p), device="meta")
                                           for i in sorted(leaving) for p in controller.layer_parameters(i)
                                           for _moment in ("exp_avg", "exp_avg_sq")])
         return model, optimizer, controller
@@ -222,6 +228,7 @@ class TrainingRun:
     step_times_ms: list[float] = dataclasses.field(default_factory=list)
     device_state_peak: int = 0        # bytes: the largest device_state_bytes after an optimizer step
     updated: set[int] = dataclasses.field(default_factory=set)  # ids of the parameters that ever had a gradient
+    bank: object = None               # the HostStateBank of a method that parks
 
 
 def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
@@ -276,7 +283,8 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         model, optimizer, controller = setup_method(method, model, args, device)
     except ImportError as exc:
         raise MethodUnavailable(exc) from exc
-    run = TrainingRun(model, optimizer, model_params, model_gb)
+    bank = controller.parker.bank if method.startswith("lisa-park") else None
+    run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank)
     for step in range(args.steps):
         batch = batches[step % len(batches)]
         synchronize(device)
@@ -325,9 +333,8 @@ def run_figures(method: str, run: TrainingRun, args) -> dict:
         switch_stall_ms=(summarize(switch)["median_ms"] - stats["median_ms"]) if switch else None,
         loss_first=run.losses[0], loss_final=run.losses[-1],
         losses=run.losses, step_times_ms=times_ms,
-        # `state_bank` is created on first access, so only ask the method that parks.
-        host_state_gb=optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None,
-        bank_backend=optimizer.state_bank.backend if method == "lisa-park" else None,
+        host_state_gb=run.bank.bytes_held / GB if run.bank is not None else None,
+        bank_backend=run.bank.backend if run.bank is not None else None,
     )
 
 

@@ -7,5 +7,6 @@ C++ extension builds at first use.
 from .adamw import adamw_reference, fused_adamw_
 from .host_state_bank import HostStateBank
 from .optimizer import FusedAdamW
+from .state_parking import ParkedState, StateParker
 
-__all__ = ["FusedAdamW", "HostStateBank", "adamw_reference", "fused_adamw_"]
+__all__ = ["FusedAdamW", "HostStateBank", "ParkedState", "StateParker", "adamw_reference", "fused_adamw_"]

@@ -1,189 +1,44 @@
-"""Host storage for optimizer state that is not needed on the GPU right now (LISA's frozen layers).
+"""HostStateBank: named tensors parked in host memory, moved to and from the device on a copy stream.
 
-`HostStateBank` keeps named tensors in host memory and moves them to and from the device asynchronously:
+Ordering, in one place: `offload` copies on the copy stream after waiting for the current stream (the tensor's
+producers), and `record_stream` keeps the caller's freed tensor from being reused before the copy has read it;
+`restore` makes the current stream wait on the copy's event. An entry's host memory is recycled only once every
+copy that reads or writes it has finished (`_pending`).
 
-- `offload(name, tensor)` copies device -> host on a dedicated copy stream. The caller drops its reference and the
-  device memory goes back to PyTorch's caching allocator at once; `record_stream` keeps the block from being reused
-  before the copy has read it.
-- `restore(name, device)` copies host -> device on the copy stream and makes the current stream wait on the copy's
-  event, so the result can be used straight away on the current stream. `prefetch(name, device)` starts that copy
-  early (while compute runs); the `restore` that follows returns the prefetched tensor.
-- `discard(name)` forgets a tensor; `read(name)` gives a CPU copy without taking it out (checkpoints).
+Host memory comes from one arena (`host_arena.py`). When it cannot grow (the `max_pinned_bytes` cap, or pinning
+refused), tensors go to pageable memory with ONE warning: slower copies, no state lost. Without CUDA, "device"
+tensors are CPU tensors, every copy is synchronous and the arena is plain memory standing in for pinned memory,
+so the cap, the fallback and the bookkeeping run (and are tested) exactly as on a GPU machine.
 
-Host memory is one arena of large chunks, sub-allocated with a free list that coalesces neighbours
-(`_Arena`). Pinning costs ~ms per `cudaHostAlloc`, so chunks are allocated rarely and reused: hundreds of
-park/unpark cycles do not grow it. Chunks come from the native extension when it builds (`csrc/host_arena.cpp`:
-exactly the size asked for) or from the pure-PyTorch fallback (`torch.empty(pin_memory=True)`, which PyTorch's
-caching host allocator rounds up to a power of two, so the fallback asks for powers of two and wastes nothing).
-Both share every other line of this file, so they behave identically.
-
-When the arena cannot grow (the `max_pinned_bytes` cap, or pinning refused: `cudaHostAlloc` failure, tight
-`ulimit -l`), tensors go to ordinary pageable memory with ONE warning: copies get slower, no state is lost.
-
-Without CUDA, "device" tensors are CPU tensors and every copy is synchronous. Nothing can be pinned then: the arena
-is plain page-aligned memory standing in for pinned memory, so the cap, the fallback to pageable memory and the
-bookkeeping behave (and are tested) exactly as on a GPU machine; `bank.pinned` says which it is.
-
-Not thread-safe: use one bank from one thread (the training loop), like the optimizer that owns it.
+Not thread-safe: use one bank from one thread (the training loop).
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import warnings
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
 from lisa_kernels import _native
+from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource, _round_up, _Slot
 
 __all__ = ["HostStateBank"]
 
-# Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
-_ALIGN = 256
-_PAGE = _native.PAGE_SIZE
 _DEFAULT = object()  # "use the bank's storage_dtype" for offload(..., storage_dtype=...)
 
 
-def _round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+def _is_byte_count(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-# ---------------------------------------------------------------------------------------------------- chunks
 
-
-class _ChunkSource:
-    """Where the arena's chunks come from: the native extension or plain PyTorch, pinned or not."""
-
-    def __init__(self, ops, pinned: bool):
-        self.ops = ops          # torch.ops.lisa_kernels, or None for the fallback
-        self.pinned = pinned
-
-    @property
-    def name(self) -> str:
-        return "native" if self.ops is not None else "fallback"
-
-    def size_for(self, nbytes: int) -> int:
-        """The bytes a request of `nbytes` really takes, so the arena can count (and cap) what it holds."""
-        if self.ops is None and self.pinned:
-            # PyTorch's caching host allocator rounds pinned requests up to a power of two; ask for that directly.
-            return max(_next_pow2(nbytes), _PAGE)
-        return _round_up(max(nbytes, 1), _PAGE)
-
-    def alloc(self, nbytes: int) -> torch.Tensor:
-        """A 1-D uint8 CPU tensor of `nbytes`; raises RuntimeError when the memory (or the pinning) is refused."""
-        if self.ops is not None:
-            return self.ops.host_alloc(nbytes, self.pinned)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
-
-
-class _Chunk:
-    __slots__ = ("data", "free")
-
-    def __init__(self, data: torch.Tensor):
-        self.data = data
-        self.free: list[tuple[int, int]] = [(0, data.numel())]  # (offset, size), sorted by offset, never adjacent
-
-
-@dataclasses.dataclass(eq=False)
-class _Slot:
-    chunk: _Chunk
-    offset: int
-    size: int  # bytes reserved (aligned), >= the bytes used
-
-
-class _ArenaFull(Exception):
-    """The arena cannot hold a request: `reason` says why (cap reached, pinning refused)."""
-
-
-class _Arena:
-    """Chunks of host memory sub-allocated best-fit, with freed ranges merged back into their neighbours."""
-
-    def __init__(self, source: _ChunkSource, chunk_bytes: int, max_bytes: int | None):
-        self.source = source
-        self.chunk_bytes = chunk_bytes
-        self.max_bytes = max_bytes
-        self.chunks: list[_Chunk] = []
-        self.reserved = 0                 # bytes of all chunks
-        self.refused: str | None = None   # set once pinning has been refused; later requests fail fast
-
-    def alloc(self, nbytes: int) -> _Slot:
-        size = _round_up(max(nbytes, 1), _ALIGN)
-        slot = self._best_fit(size)
-        if slot is None:
-            self.grow(size)
-            slot = self._best_fit(size)
-        return slot
-
-    def free(self, slot: _Slot) -> None:
-        free = slot.chunk.free
-        off, size = slot.offset, slot.size
-        i = bisect.bisect_left(free, (off, 0))
-        if i < len(free) and off + size == free[i][0]:        # merge with the range after
-            size += free.pop(i)[1]
-        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # merge with the range before
-            off, size = free[i - 1][0], free[i - 1][1] + size
-            free[i - 1] = (off, size)
-        else:
-            free.insert(i, (off, size))
-
-    def _best_fit(self, size: int) -> _Slot | None:
-        best = None  # (range size, chunk, index in its free list)
-        for chunk in self.chunks:
-            for i, (_, free_size) in enumerate(chunk.free):
-                if free_size >= size and (best is None or free_size < best[0]):
-                    best = (free_size, chunk, i)
-        if best is None:
-            return None
-        free_size, chunk, i = best
-        off = chunk.free[i][0]
-        if free_size == size:
-            chunk.free.pop(i)
-        else:
-            chunk.free[i] = (off + size, free_size - size)
-        return _Slot(chunk, off, size)
-
-    def grow(self, size: int) -> None:
-        """Add a chunk that can hold `size` bytes, or raise _ArenaFull saying why not."""
-        if self.refused is not None:
-            raise _ArenaFull(self.refused)
-        room = None if self.max_bytes is None else self.max_bytes - self.reserved
-        wants = [max(size, self.chunk_bytes), size]  # a large chunk; failing that, just this request
-        tried = []
-        for want in dict.fromkeys(self.source.size_for(w) for w in wants):
-            if room is not None and want > room:
-                continue
-            try:
-                data = self.source.alloc(want)
-            except RuntimeError as e:
-                tried.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-                continue
-            self.chunks.append(_Chunk(data))
-            self.reserved += want
-            return
-        if tried:
-            self.refused = f"pinning refused ({tried[-1]})" if self.source.pinned else f"allocation refused ({tried[-1]})"
-            raise _ArenaFull(self.refused)
-        raise _ArenaFull(f"max_pinned_bytes={self.max_bytes} reached ({self.reserved} bytes in the arena)")
-
-    def trim(self) -> int:
-        """Give wholly free chunks back to the OS; returns the bytes released."""
-        keep, released = [], 0
-        for chunk in self.chunks:
-            if chunk.free == [(0, chunk.data.numel())]:
-                released += chunk.data.numel()
-            else:
-                keep.append(chunk)
-        self.chunks = keep
-        self.reserved -= released
-        return released
-
-
-# ------------------------------------------------------------------------------------------------------ bank
+class _Copy(NamedTuple):
+    """A host-to-device copy in flight: its destination and the event that marks it done (None: synchronous)."""
+    tensor: torch.Tensor
+    done: torch.cuda.Event | None
 
 
 @dataclasses.dataclass(eq=False)
@@ -193,8 +48,8 @@ class _Parked:
     device: torch.device             # where it came from: restore's default destination
     host: torch.Tensor               # the stored bytes, viewed as (shape, storage dtype), contiguous
     slot: _Slot | None               # its arena range; None when pageable (or zero-size)
-    ready: object | None = None      # torch.cuda.Event: the device-to-host copy has finished
-    prefetched: tuple | None = None  # (device tensor, torch.cuda.Event or None) of an early restore
+    ready: torch.cuda.Event | None = None  # the device-to-host copy has finished
+    prefetched: _Copy | None = None        # an early restore
 
     @property
     def nbytes(self) -> int:
@@ -218,19 +73,24 @@ class HostStateBank:
 
     def __init__(self, *, max_pinned_bytes: int | None = None, storage_dtype: torch.dtype | None = None,
                  chunk_bytes: int = 64 << 20, backend: str = "auto", pin: bool | None = None):
-        if max_pinned_bytes is not None and max_pinned_bytes < 0:
-            raise ValueError(f"max_pinned_bytes must be >= 0 or None, got {max_pinned_bytes}")
-        if chunk_bytes <= 0:
-            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        if max_pinned_bytes is not None and not _is_byte_count(max_pinned_bytes, minimum=0):
+            raise ValueError(f"HostStateBank: max_pinned_bytes must be a number of bytes (an int >= 0, e.g. 1 << 30 "
+                             f"for 1 GiB) or None, got {max_pinned_bytes!r}")
+        if not _is_byte_count(chunk_bytes, minimum=1):
+            raise ValueError(f"HostStateBank: chunk_bytes must be a number of bytes (an int > 0), got {chunk_bytes!r}")
         if storage_dtype is not None and not (isinstance(storage_dtype, torch.dtype)
                                               and storage_dtype.is_floating_point):
-            raise ValueError(f"storage_dtype must be None or a floating dtype, got {storage_dtype}")
-        if backend not in ("auto", "native", "fallback"):
-            raise ValueError(f"backend must be 'auto', 'native' or 'fallback', got {backend!r}")
+            raise ValueError(f"HostStateBank: storage_dtype must be None or a floating torch.dtype, got "
+                             f"{storage_dtype!r}")
+        if not isinstance(backend, str) or backend not in ("auto", "native", "fallback"):
+            raise ValueError(f"HostStateBank: backend must be 'auto', 'native' or 'fallback', got {backend!r}")
+        if pin is not None and not isinstance(pin, bool):
+            raise ValueError(f"HostStateBank: pin must be True, False or None (pin when CUDA is available), got "
+                             f"{pin!r}")
         if pin is None:
             pin = torch.cuda.is_available()
         if pin and not torch.cuda.is_available():
-            raise ValueError("pin=True needs CUDA")
+            raise ValueError("HostStateBank: pin=True needs CUDA, and torch.cuda.is_available() is False")
         ops = None
         if backend != "fallback":
             ops = _native.load()
@@ -347,9 +207,9 @@ class HostStateBank:
         if device.type != "cuda" or entry.host.numel() == 0:
             return  # a synchronous copy gains nothing from starting early
         if entry.prefetched is not None:
-            if entry.prefetched[0].device == device:
+            if entry.prefetched.tensor.device == device:
                 return
-            entry.prefetched[1].synchronize()  # rare: prefetched to another device; let that copy finish reading
+            entry.prefetched.done.synchronize()  # rare: prefetched to another device; let that copy finish reading
             entry.prefetched = None
         entry.prefetched = self._to_device(entry, device)
 
@@ -362,11 +222,11 @@ class HostStateBank:
         entry = self._entries.pop(name)
         device = self._device(device, entry)
         stale = None  # a prefetch to another device: still reading the host memory
-        if entry.prefetched is not None and entry.prefetched[0].device == device:
+        if entry.prefetched is not None and entry.prefetched.tensor.device == device:
             out, done = entry.prefetched
         else:
             if entry.prefetched is not None:
-                stale = entry.prefetched[1]
+                stale = entry.prefetched.done
             out, done = self._to_device(entry, device)
         entry.prefetched = None
         if done is not None:
@@ -393,7 +253,7 @@ class HostStateBank:
         entry = self._entries.pop(name, None)
         if entry is None:
             return
-        done = entry.prefetched[1] if entry.prefetched is not None else None
+        done = entry.prefetched.done if entry.prefetched is not None else None
         entry.prefetched = None
         self._release(entry, done)
 
@@ -406,8 +266,8 @@ class HostStateBank:
         for entry in self._entries.values():
             if entry.ready is not None:
                 entry.ready.synchronize()
-            if entry.prefetched is not None and entry.prefetched[1] is not None:
-                entry.prefetched[1].synchronize()
+            if entry.prefetched is not None and entry.prefetched.done is not None:
+                entry.prefetched.done.synchronize()
         self._wait_pending()
 
     def trim(self) -> int:
@@ -467,15 +327,15 @@ class HostStateBank:
                       f"pageable host memory (slower copies, no state lost). This warning is shown once per bank.",
                       RuntimeWarning, stacklevel=stacklevel)
 
-    def _to_device(self, entry: _Parked, device: torch.device) -> tuple[torch.Tensor, object | None]:
-        """Start copying `entry` to `device`: (tensor, event that marks the copy done; None if synchronous)."""
+    def _to_device(self, entry: _Parked, device: torch.device) -> _Copy:
+        """Start copying `entry` to `device`."""
         host = entry.host
         if device.type != "cuda":
             if entry.ready is not None:
                 entry.ready.synchronize()  # a synchronous read of data still arriving from a GPU
             out = torch.empty(entry.shape, dtype=entry.dtype, device=device)
             out.copy_(host)  # converts a narrower storage dtype back
-            return out, None
+            return _Copy(out, None)
         stream = self._copy_stream(device)
         if entry.ready is not None:
             stream.wait_event(entry.ready)  # parked from another device, or still on its way in
@@ -486,7 +346,7 @@ class HostStateBank:
             out = staged if host.dtype == entry.dtype else staged.to(entry.dtype)
             done = torch.cuda.Event()
             done.record(stream)
-        return out, done
+        return _Copy(out, done)
 
     def _release(self, entry: _Parked, *copies) -> None:
         """Free `entry`'s host memory once every copy that reads or writes it (`copies`, entry.ready: CUDA events,

@@ -3,13 +3,13 @@
 import torch
 
 from .adamw import AdamWHyperparameters, _unscale_factor, adamw_hyperparameters, adamw_update_
-from .state_parking import StateParkingMixin
+from .state_parking import StateParker
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
+class FusedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW with the same signature, defaults, math, validation and `state_dict` layout, plus:
 
     - parameters whose `.grad` is None are skipped entirely: no state is created, no byte is read or written, so
@@ -17,8 +17,12 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
     - one Triton launch per (param, grad, state) dtype combination covers every active tensor of every group;
     - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
     - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
-    - `park_state` / `unpark_state` / `prefetch_state` / `drop_state` move frozen params' moments to and from a
-      HostStateBank (`state_bank`, created on first use); see `state_parking.py`.
+    - a `StateParker` (`optimizer.state_parker`) moves frozen params' moments to and from a HostStateBank
+      (`state_bank`, or a default one created on first use); see `state_parking.py`. It keeps moments in
+      `moment_dtype` when state is loaded straight into the bank.
+
+    Deep copies and pickles, like torch's optimizers, carry the state (parked state included, as device tensors)
+    but not hooks: the copy gets a parker of its own with a default bank.
 
     `foreach` and `fused` are accepted for compatibility and ignored: the update is always fused. CUDA-graph
     capture (`capturable`) and `differentiable` are not supported.
@@ -38,7 +42,22 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
         self.stochastic_rounding = stochastic_rounding
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
-        self._init_state_parking(state_bank)
+        StateParker(self, state_bank, state_dtype=self.moment_dtype)
+
+    def __getstate__(self):
+        # torch.optim keeps defaults, state (a parked entry pickles as its tensor) and param_groups; our options too.
+        return {**super().__getstate__(), "state_dtype": self.state_dtype,
+                "stochastic_rounding": self.stochastic_rounding, "_step_supports_amp_scaling": True}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "state_parker" not in self.__dict__:  # a copy or an unpickled one (torch's load_state_dict comes here too)
+            StateParker(self, state_dtype=self.moment_dtype)
+
+    @property
+    def state_bank(self):
+        """The HostStateBank this optimizer's state parker uses (created on first access when none was given)."""
+        return self.state_parker.bank
 
     def moment_dtype(self, param: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
@@ -65,7 +84,6 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
         if inv_grad_scale is None:
             return loss
 
-        self._unpark_for_step()
         launches = {}
         for group in self.param_groups:
             beta1, beta2 = (float(b) for b in group["betas"])
@@ -92,15 +110,21 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
                           stochastic_rounding=self.stochastic_rounding)
         return loss
 
-    def load_state_dict(self, state_dict: dict, *, park=None) -> None:
-        """Load a FusedAdamW or torch.optim.AdamW state_dict; `park` ("frozen": params with requires_grad=False,
-        or a list of params) sends those params' state straight into the state bank, never onto the GPU.
+    def load_state_dict(self, state_dict: dict, *, park: str | None = None) -> None:
+        """Load a FusedAdamW or torch.optim.AdamW state_dict. The state parker sends frozen params' state straight
+        into the state bank, never onto the device; `park` ("frozen" or "all") overrides its `park_on_load` for
+        this call.
 
         torch casts loaded moments to the param dtype; ours keep `moment_dtype` (fp32 for bf16 params), so they are
         re-read from the saved values, and `step` stays a CPU scalar since bias corrections are computed on the host.
         """
-        state_dict, parked = self._split_parked_state(state_dict, park)
-        super().load_state_dict(state_dict)
+        parker = self.state_parker
+        default = parker.park_on_load
+        parker.park_on_load = park or default
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            parker.park_on_load = default
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -110,6 +134,5 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
             state = self.state[p]
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             for key in _MOMENT_KEYS:
-                if key in saved:
+                if key in saved and not parker.is_parked(p):
                     state[key] = saved[key].to(device=p.device, dtype=self.moment_dtype(p), copy=True)
-        self._park_loaded(parked, self.moment_dtype)

@@ -1,19 +1,58 @@
-"""Parking optimizer state in a HostStateBank: the LISA hooks of FusedAdamW, kept out of the optimizer's math.
+"""StateParker: park the optimizer state of frozen parameters in a HostStateBank, for any torch.optim.Optimizer.
 
-A parked param keeps only its `step` (a CPU scalar) in `optimizer.state[p]`; its moments (exp_avg, exp_avg_sq,
-max_exp_avg_sq: every other tensor) live in the bank under a name private to this optimizer. Nothing else in
-torch.optim looks at the moments of a param without a grad, so the optimizer works unchanged around them; `step()`
-unparks a parked param that has a grad before updating it, `state_dict()` reads parked moments back from the bank
-(checkpoints are complete), and `load_state_dict(..., park=...)` can put loaded state straight into the bank without
-a trip through the GPU.
+A parked entry of `optimizer.state[p]` (every tensor with at least one dimension: AdamW's moments and
+max_exp_avg_sq, Adafactor's factored rows and columns, SGD's momentum buffer, an 8-bit optimizer's codes and
+scales) is replaced by a `ParkedState` naming its place in the bank; scalars (`step`) and non-tensors stay. torch
+optimizers read the state of a parameter only when it has a gradient, and the parker restores a parked parameter
+that has one before every step, so the optimizer runs unchanged around the placeholders. Everything else happens
+in the optimizer's own hooks:
+
+- `state_dict()` returns parked entries as CPU tensors, in the optimizer's own layout (checkpoints are complete);
+- `load_state_dict()` sends the loaded state of frozen parameters (or of all, `park_on_load="all"`) straight
+  into the bank, never onto the device;
+- `copy.deepcopy(optimizer)` and pickling see real tensors (a `ParkedState` copies and pickles as the tensor);
+- when the optimizer goes away, its entries leave the bank (a bank may serve several optimizers).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+import weakref
+from typing import Callable, Iterable
 
 import torch
 
 from .host_state_bank import HostStateBank
+
+__all__ = ["ParkedState", "StateParker"]
+
+_PARK_ON_LOAD = ("frozen", "all")
+_parker_ids = itertools.count()  # bank names stay unique even when an id() is reused by a later optimizer
+
+
+class ParkedState:
+    """Stands in `optimizer.state[p][key]` for a tensor parked in a HostStateBank."""
+
+    __slots__ = ("bank", "name", "device")
+
+    def __init__(self, bank: HostStateBank, name: str, device: torch.device):
+        self.bank, self.name, self.device = bank, name, device
+
+    def read(self) -> torch.Tensor:
+        """A CPU copy, leaving the tensor parked."""
+        return self.bank.read(self.name)
+
+    def materialize(self) -> torch.Tensor:
+        """A copy on the tensor's own device, leaving it parked."""
+        return self.read().to(self.device)
+
+    def __deepcopy__(self, memo) -> torch.Tensor:
+        return self.materialize()
+
+    def __reduce_ex__(self, protocol):
+        return self.materialize().__reduce_ex__(protocol)
+
+    def __repr__(self) -> str:
+        return f"ParkedState({self.name!r}, device={self.device})"
 
 
 def _as_list(params) -> list:
@@ -22,37 +61,83 @@ def _as_list(params) -> list:
     return list(params)
 
 
-def _stays_put(value) -> bool:
-    """State that is not worth parking: non-tensors and CPU scalars (`step`)."""
-    return not isinstance(value, torch.Tensor) or (value.dim() == 0 and value.device.type == "cpu")
+def _parkable(value) -> bool:
+    """Tensors worth moving: anything but scalars (`step`, Adafactor's RMS) and non-tensors."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
 
 
-def _complete_state_dict(optimizer, state_dict: dict) -> dict:
-    return optimizer._add_parked_state(state_dict)
+def _discard_all(bank: HostStateBank, names: set[str]) -> None:
+    for name in names:
+        bank.discard(name)
+    names.clear()
 
 
-class StateParkingMixin:
-    """Adds park_state / unpark_state / prefetch_state / drop_state to a torch.optim.Optimizer subclass.
+class StateParker:
+    """Parks and restores the optimizer state of chosen parameters; see the module docstring.
 
-    The subclass calls `_init_state_parking(state_bank)` in its constructor (which also hooks `state_dict()`),
-    `_unpark_for_step()` at the top of `step()`, and `_split_parked_state` / `_park_loaded` around the body of its
-    `load_state_dict`.
+    Args:
+        optimizer: any torch.optim.Optimizer that keeps its state per parameter in `optimizer.state[p]`.
+        bank: where parked state lives; None creates a default HostStateBank the first time it is needed.
+        state_dtype: the dtype the optimizer keeps a floating state tensor in for a parameter, applied to state
+            loaded into the bank (default, as torch's `load_state_dict`: the parameter's dtype).
+        park_on_load: which parameters' loaded state `load_state_dict` puts straight into the bank: "frozen"
+            (requires_grad=False) or "all" (each parameter's state comes back at its first step).
+
+    Use `StateParker.of(optimizer)` to get the parker already attached to an optimizer (FusedAdamW has one).
     """
 
-    def _init_state_parking(self, state_bank: HostStateBank | None) -> None:
-        if state_bank is not None and not isinstance(state_bank, HostStateBank):
-            raise TypeError(f"state_bank must be a HostStateBank or None, got {type(state_bank).__name__}")
-        self._state_bank = state_bank
-        self._parked: dict[torch.Tensor, dict[str, str]] = {}  # param -> {state key: bank name}
-        # torch.optim.Optimizer.state_dict() calls this last, so checkpoints include what is parked.
-        self.register_state_dict_post_hook(_complete_state_dict)
+    def __init__(self, optimizer: torch.optim.Optimizer, bank: HostStateBank | None = None, *,
+                 state_dtype: Callable[[torch.Tensor], torch.dtype] | None = None, park_on_load: str = "frozen"):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"StateParker needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if bank is not None and not isinstance(bank, HostStateBank):
+            raise TypeError(f"StateParker: bank must be a HostStateBank or None, got {type(bank).__name__}")
+        if isinstance(getattr(optimizer, "state_parker", None), StateParker):
+            raise ValueError(f"this {type(optimizer).__name__} already has a StateParker: use "
+                             f"StateParker.of(optimizer)")
+        self.optimizer = optimizer
+        self.state_dtype = state_dtype
+        self.park_on_load = park_on_load
+        self._bank = None
+        self._prefix = f"opt{next(_parker_ids)}"
+        self._names: set[str] = set()  # bank names this parker owns
+        self._parked: dict[torch.Tensor, None] = {}  # parked params, in parking order
+        self._loading: tuple[set[str], list] | None = None
+        if bank is not None:
+            self._use_bank(bank)
+        optimizer.state_parker = self
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_state_dict_post_hook(self._complete_state_dict)
+        optimizer.register_load_state_dict_pre_hook(self._before_load)
+        optimizer.register_load_state_dict_post_hook(self._after_load)
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> StateParker:
+        """The parker attached to `optimizer`, attaching one (default bank) when there is none."""
+        parker = getattr(optimizer, "state_parker", None)
+        return parker if isinstance(parker, StateParker) else cls(optimizer)
 
     @property
-    def state_bank(self) -> HostStateBank:
+    def park_on_load(self) -> str:
+        return self._park_on_load
+
+    @park_on_load.setter
+    def park_on_load(self, value: str) -> None:
+        if value not in _PARK_ON_LOAD:
+            raise ValueError(f"StateParker: park_on_load must be one of {_PARK_ON_LOAD}, got {value!r}")
+        self._park_on_load = value
+
+    @property
+    def bank(self) -> HostStateBank:
         """The bank parked state lives in; created (default settings) the first time it is needed."""
-        if self._state_bank is None:
-            self._state_bank = HostStateBank()
-        return self._state_bank
+        if self._bank is None:
+            self._use_bank(HostStateBank())
+        return self._bank
+
+    def _use_bank(self, bank: HostStateBank) -> None:
+        self._bank = bank
+        # When the optimizer goes away its entries leave the bank; the finalizer holds neither it nor this parker.
+        weakref.finalize(self.optimizer, _discard_all, bank, self._names).atexit = False  # the process frees it all
 
     def is_parked(self, param: torch.Tensor) -> bool:
         return param in self._parked
@@ -61,104 +146,99 @@ class StateParkingMixin:
     def parked_params(self) -> list[torch.Tensor]:
         return list(self._parked)
 
-    def park_state(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
-        """Move these params' moments into the bank; the device copies are freed (once the copies have read them).
-        Params without state, or already parked, are left alone."""
-        index = None
+    def park(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
+        """Move these params' state tensors into the bank; the device copies are freed (once the copies have read
+        them). Params without state, or already parked, are left alone."""
         for p in _as_list(params):
-            state = self.state.get(p)
+            state = self.optimizer.state.get(p)
             if p in self._parked or not state:
                 continue
-            if index is None:
-                index = self._param_index()
-            names = {}
-            for key in [k for k, v in state.items() if not _stays_put(v)]:
-                names[key] = name = f"opt{id(self):x}/{index[p]}/{key}"
-                # pop: the state dict held the last device reference; the caching allocator gets the memory back
-                self.state_bank.offload(name, state.pop(key))
-            self._parked[p] = names
+            keys = [key for key, value in state.items() if _parkable(value)]
+            for key in keys:
+                # Replacing the entry drops the last device reference: the caching allocator gets it back.
+                state[key] = self._offload(p, key, state[key])
+            if keys:
+                self._parked[p] = None
 
-    def unpark_state(self, params: Iterable[torch.Tensor] | torch.Tensor, non_blocking: bool = True) -> None:
-        """Bring these params' parked moments back to each param's device. With `non_blocking` the copies run on
-        the bank's copy stream and the current stream waits for them, so a step queued next sees the data."""
+    def unpark(self, params: Iterable[torch.Tensor] | torch.Tensor, non_blocking: bool = True) -> None:
+        """Bring these params' parked state back to each param's device. With `non_blocking` the copies run on the
+        bank's copy stream and the current stream waits for them, so a step queued next sees the data."""
         for p in _as_list(params):
-            names = self._parked.pop(p, None)
-            if names is None:
+            if p not in self._parked:
                 continue
-            state = self.state[p]
-            for key, name in names.items():
-                state[key] = self.state_bank.restore(name, p.device, non_blocking=non_blocking)
+            del self._parked[p]
+            state = self.optimizer.state[p]
+            for key, value in state.items():
+                if isinstance(value, ParkedState):
+                    state[key] = self.bank.restore(value.name, value.device, non_blocking=non_blocking)
+                    self._names.discard(value.name)
 
-    def prefetch_state(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
-        """Start copying these params' parked moments back to their devices; `unpark_state` (or `step`) finishes."""
+    def prefetch(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
+        """Start copying these params' parked state back to their devices; `unpark` (or the next step) finishes."""
         for p in _as_list(params):
-            for name in self._parked.get(p, {}).values():
-                self.state_bank.prefetch(name, p.device)
+            if p in self._parked:
+                for value in self.optimizer.state[p].values():
+                    if isinstance(value, ParkedState):
+                        self.bank.prefetch(value.name, value.device)
 
-    def drop_state(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
+    def drop(self, params: Iterable[torch.Tensor] | torch.Tensor) -> None:
         """Forget these params' state, parked or not (LISA's "reset" policy): their next step starts from zero."""
         for p in _as_list(params):
-            for name in self._parked.pop(p, {}).values():
-                self.state_bank.discard(name)
-            self.state.pop(p, None)
+            self._parked.pop(p, None)
+            for value in self.optimizer.state.pop(p, {}).values():
+                if isinstance(value, ParkedState):
+                    self.bank.discard(value.name)
+                    self._names.discard(value.name)
 
-    # ----------------------------------------------------------------- hooks for step / state_dict / load
+    # ------------------------------------------------------------------------------------ the optimizer's hooks
 
-    def _unpark_for_step(self) -> None:
+    def _offload(self, p: torch.Tensor, key: str, value: torch.Tensor) -> ParkedState:
+        name = f"{self._prefix}/{id(p):x}/{key}"
+        self.bank.offload(name, value)
+        self._names.add(name)
+        return ParkedState(self.bank, name, p.device)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
         if self._parked:
-            self.unpark_state([p for p in self._parked if p.grad is not None])
+            self.unpark([p for p in self._parked if p.grad is not None])
 
-    def _param_index(self) -> dict[torch.Tensor, int]:
-        """Param -> its id in state_dict(): position over all groups, in order (torch's numbering)."""
-        params = [p for group in self.param_groups for p in group["params"]]
-        return {p: i for i, p in enumerate(params)}
-
-    def _add_parked_state(self, state_dict: dict) -> dict:
-        """Complete `state_dict` (from torch's state_dict) with CPU copies of the parked moments."""
+    def _complete_state_dict(self, optimizer, state_dict: dict) -> dict | None:
         if not self._parked:
-            return state_dict
-        index = self._param_index()
-        state = dict(state_dict["state"])  # the inner dicts are the live state: copy, never mutate them
-        for p, names in self._parked.items():
-            entry = {**state.get(index[p], {}), **{key: self.state_bank.read(name) for key, name in names.items()}}
-            # torch.optim.AdamW's key order, so a parked-then-saved state_dict equals a never-parked one.
-            first = [k for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in entry]
-            state[index[p]] = {k: entry[k] for k in first + [k for k in entry if k not in first]}
+            return None
+        # The inner dicts are the live state: build new ones, never mutate them.
+        state = {i: {k: v.read() if isinstance(v, ParkedState) else v for k, v in entry.items()}
+                 if any(isinstance(v, ParkedState) for v in entry.values()) else entry
+                 for i, entry in state_dict["state"].items()}
         return {**state_dict, "state": state}
 
-    def _split_parked_state(self, state_dict: dict, park) -> tuple[dict, list]:
-        """Forget what is parked now (loading replaces all state) and take the state of the params chosen by
-        `park` out of `state_dict`: returns (the rest, [(param, saved state)]) for `_park_loaded`.
-
-        park: None (nothing), "frozen" (params with requires_grad=False), or an iterable of params."""
-        for names in self._parked.values():
-            for name in names.values():
-                self.state_bank.discard(name)
-        self._parked.clear()
-        if park is None:
-            return state_dict, []
-        params = [p for group in self.param_groups for p in group["params"]]
-        chosen = ({p for p in params if not p.requires_grad} if isinstance(park, str) and park == "frozen"
-                  else set(_as_list(park)))
+    def _before_load(self, optimizer, state_dict: dict) -> dict:
+        """Take the tensors to park out of `state_dict` (the rest loads as usual); `_after_load` parks them."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        taken, rest = [], dict(state_dict["state"])
+        state, taken = dict(state_dict["state"]), []
         for saved_id, p in zip(saved_ids, params):
-            if p in chosen and saved_id in rest:
-                taken.append((p, rest.pop(saved_id)))
-        return {**state_dict, "state": rest}, taken
+            saved = state.get(saved_id)
+            if saved is None or (self.park_on_load == "frozen" and p.requires_grad):
+                continue
+            tensors = {k: v for k, v in saved.items() if _parkable(v)}
+            if tensors:
+                state[saved_id] = {k: v for k, v in saved.items() if k not in tensors}
+                taken.append((p, tensors))
+        # What is parked now is forgotten only once the load has succeeded (a failed load loses nothing).
+        self._loading = (set(self._names), taken)
+        return {**state_dict, "state": state}
 
-    def _park_loaded(self, taken: list, moment_dtype) -> None:
-        """Put loaded state straight into the bank: moments in `moment_dtype(p)`, `step` as a CPU float32 scalar."""
-        index = self._param_index()
-        for p, saved in taken:
-            state = self.state[p]
-            names = {}
-            for key, value in saved.items():
-                if key == "step":
-                    state["step"] = torch.tensor(float(value), dtype=torch.float32)
-                elif isinstance(value, torch.Tensor):
-                    names[key] = name = f"opt{id(self):x}/{index[p]}/{key}"
-                    self.state_bank.offload(name, value.to(dtype=moment_dtype(p)))
-                else:
-                    state[key] = value
-            self._parked[p] = names
+    def _after_load(self, optimizer) -> None:
+        old_names, taken = self._loading
+        self._loading = None
+        for name in old_names:
+            self.bank.discard(name)
+        self._names.difference_update(old_names)
+        self._parked.clear()
+        for p, tensors in taken:
+            state = optimizer.state[p]
+            for key, value in tensors.items():
+                if value.is_floating_point() and p.is_floating_point():
+                    value = value.to(self.state_dtype(p) if self.state_dtype is not None else p.dtype)
+                state[key] = self._offload(p, key, value)
+            self._parked[p] = None

@@ -14,7 +14,7 @@ from benchmarks import common
 
 ROOT = Path(__file__).resolve().parent.parent
 
-METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
+METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
@@ -108,6 +108,8 @@ def test_finetune_memory_figures_tell_the_state_policies_apart(finetune_tiny):
     by = {r["method"]: r for r in finetune_tiny[0]["results"]}
     state = {m: by[m]["device_state_gb"] for m in METHODS if by[m]["status"] == "ok"}
     assert state["lisa-park"] == pytest.approx(state["lisa-reset"])
+    assert state["lisa-park-torch"] == pytest.approx(state["lisa-park"])  # torch AdamW parks like FusedAdamW
+    assert by["lisa-park-torch"]["host_state_gb"] == pytest.approx(by["lisa-park"]["host_state_gb"])
     assert state["lisa-park"] < state["lisa-keep"] < state["full"]
     assert state["lisa-public"] == pytest.approx(state["lisa-keep"])  # same layers, fp32 state in both on CPU
     assert by["lisa-park"]["host_state_gb"] > 0 and by["lisa-keep"]["host_state_gb"] is None

@@ -1,5 +1,7 @@
 """LisaCallback inside a real transformers.Trainer run (CPU, tiny random Llama, in-memory data)."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -47,6 +49,14 @@ def layer_of(name):
     return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
 
+def layers_with_state_on_device(lisa, model=None, optimizer=None):
+    """Decoder layers with optimizer state tensors in `optimizer.state` (neither parked nor dropped)."""
+    model = model or lisa.controller.model
+    opt = getattr(optimizer, "optimizer", optimizer) or lisa.controller._opt  # unwrap accelerate's wrapper
+    return {i for i, layer in enumerate(model.model.layers) for p in layer.parameters()
+            if any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in opt.state.get(p, {}).values())}
+
+
 class _FrozenLayersStayPut(TrainerCallback):
     """Checks, around every optimizer step, that only the active layers and the always-on modules changed."""
 
@@ -66,10 +76,10 @@ class _FrozenLayersStayPut(TrainerCallback):
                 self.failures.append((state.global_step, name, sorted(active), changed))
 
 
-def run_trainer(tmp_path, lisa, optimizer="fused"):
+def run_trainer(tmp_path, lisa, optimizer="fused", **overrides):
     model = tiny_llama()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = training_args(tmp_path)
+    args = training_args(tmp_path, **overrides)
     checker = _FrozenLayersStayPut(lisa)
     # The two lines an existing Trainer script gains: the callback and the optimizer.
     optimizers = (LisaCallback.optimizer_for(model, args), None) if optimizer == "fused" else (None, None)
@@ -104,18 +114,85 @@ def test_trainer_with_parked_state(tmp_path):
     lisa = LisaCallback(LisaConfig(n_active_layers=1, interval_steps=2, seed=3))  # default policy: park
     model, initial, checker, trainer = run_trainer(tmp_path, lisa)
     check_lisa_run(model, initial, checker, lisa)
-    ctrl, opt = lisa.controller, lisa.controller._opt
-    on_device = {i for i in range(N_LAYERS)
-                 if any("exp_avg" in opt.state.get(p, {}) for p in ctrl.layer_parameters(i))}
-    assert on_device == set(ctrl.active_layers)
+    assert layers_with_state_on_device(lisa) == set(lisa.controller.active_layers)
 
 
-def test_trainer_default_optimizer_holds_every_layer(tmp_path):
-    # Without optimizers=..., Trainer builds torch AdamW before on_train_begin, i.e. before LISA freezes anything,
-    # so every layer is in it; "park" needs FusedAdamW, "keep" works with it.
-    lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy="keep")
-    model, initial, checker, _ = run_trainer(tmp_path, lisa, optimizer="trainer")
-    check_lisa_run(model, initial, checker, lisa)
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor"])
+def test_trainer_own_optimizer_parks_and_equals_keep(tmp_path, optim):
+    # The two-line form: no optimizers=. Trainer builds its optimizer before on_train_begin, i.e. before LISA
+    # freezes anything, so every layer is in it; the callback attaches a StateParker to it.
+    finals = {}
+    for policy in ("keep", "park"):
+        lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy=policy)
+        model, initial, checker, trainer = run_trainer(tmp_path / policy, lisa, optimizer="trainer", optim=optim)
+        check_lisa_run(model, initial, checker, lisa)
+        finals[policy] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        if policy == "park":
+            assert layers_with_state_on_device(lisa) == set(lisa.controller.active_layers)
+            assert lisa.controller.parker.bank.bytes_held > 0
+        else:
+            assert layers_with_state_on_device(lisa) == set(range(N_LAYERS))
+    assert all(torch.equal(finals["park"][n], finals["keep"][n]) for n in finals["keep"])
+
+
+class _StateAtTrainBegin(TrainerCallback):
+    """Records which layers' optimizer state is on the device when training begins: after a resume's load, before
+    LisaCallback (listed after this one) parks anything."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.layers = layers_with_state_on_device(None, model, optimizer)
+
+
+@pytest.mark.parametrize("optimizer, optim, restore_flag", [
+    ("trainer", "adamw_torch", False), ("fused", "adamw_torch_fused", False), ("trainer", "adafactor", True),
+])
+def test_trainer_resume_is_bit_identical_and_keeps_the_period_log(tmp_path, optimizer, optim, restore_flag):
+    # restore_callback_states_from_checkpoint=True makes the Trainer rebuild the callback from its saved state.
+    def run(out, resume=None):
+        model = tiny_llama()
+        at_begin = _StateAtTrainBegin()
+        args = training_args(out, save_strategy="steps", save_steps=6, optim=optim,
+                             restore_callback_states_from_checkpoint=restore_flag)
+        optimizers = (LisaCallback.optimizer_for(model, args), None) if optimizer == "fused" else (None, None)
+        trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), optimizers=optimizers,
+                          callbacks=[at_begin, LisaCallback(n_active_layers=1, interval_steps=2, seed=3)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # optim= set beside optimizers=: tested elsewhere
+            trainer.train(resume_from_checkpoint=resume)
+        lisa = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LisaCallback))
+        return model, lisa, at_begin
+
+    whole, whole_lisa, _ = run(tmp_path / "whole")
+    resumed, resumed_lisa, at_begin = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-6"))
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), whole.parameters()))
+    assert resumed_lisa.controller.period_log == whole_lisa.controller.period_log
+    assert [e["period"] for e in resumed_lisa.controller.period_log] == list(range(6))
+    if optimizer == "fused":  # its parker loaded every layer's state into host memory, none onto the device
+        assert at_begin.layers == set()
+    else:  # the Trainer loaded its own optimizer's state (every layer trained so far) before any callback ran
+        assert at_begin.layers == {i for e in whole_lisa.controller.period_log[:3] for i in e["layers"]}
+
+
+def test_optimizers_argument_overriding_optim_is_said_once(tmp_path):
+    model = tiny_llama()
+    args = training_args(tmp_path, optim="adafactor")
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2)
+    with pytest.warns(UserWarning, match=r"optim='adafactor'\) is not used: Trainer\(optimizers=...\) supplies "
+                                         r"FusedAdamW") as caught:
+        Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[lisa],
+                optimizers=(LisaCallback.optimizer_for(model, args), None))
+    assert sum("is not used" in str(w.message) for w in caught) == 1
+
+
+def test_optimizer_that_flattens_parameters_is_refused_in_trainer_terms(tmp_path):
+    model = tiny_llama()
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=_Tokens(), callbacks=[lisa],
+                      optimizers=(torch.optim.AdamW([flat]), None))
+    with pytest.raises(ValueError, match=r"Trainer's optimizer \(AdamW\) does not hold .* TrainingArguments\("
+                                         r"optim='adamw_torch'\).*LisaCallback.optimizer_for"):
+        trainer.train()
 
 
 def test_optimizer_for_uses_training_arguments(tmp_path):
@@ -145,3 +222,22 @@ def test_callback_arguments():
         LisaCallback(LisaConfig(), seed=1)
     with pytest.raises(ValueError, match="LisaConfig.interval_steps"):
         LisaCallback(interval_steps=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_own_fused_adamw_parks_on_cuda(tmp_path):
+    finals = {}
+    for policy in ("keep", "park"):
+        lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, state_policy=policy)
+        model, initial, checker, trainer = run_trainer(tmp_path / policy, lisa, optimizer="trainer",
+                                                       optim="adamw_torch_fused", use_cpu=False)
+        check_lisa_run(model, initial, checker, lisa)
+        finals[policy] = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        if policy == "park":
+            bank = lisa.controller.parker.bank
+            assert bank.pinned and bank.pinned_bytes > 0
+            resident = set(lisa.controller.active_layers) | set(
+                lisa.controller.sampler.layers_for_period(lisa.controller.period + 1))
+            assert layers_with_state_on_device(lisa) <= resident
+    assert all(torch.equal(finals["park"][n], finals["keep"][n]) for n in finals["keep"])

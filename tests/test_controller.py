@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from lisa_kernels import FusedAdamW
+from lisa_kernels import FusedAdamW, StateParker
 from lisa_trainer import LisaConfig, LisaController, build_optimizer
 
 N_LAYERS = 4
@@ -21,25 +21,18 @@ N_LAYERS = 4
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
-class _RecordingAdamW(FusedAdamW):
-    """Records which hook was called with which params."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls = []
-
-    def park_state(self, params):
-        self.calls.append(("park", list(params)))
-        super().park_state(params)
-
-    def unpark_state(self, params, non_blocking=True):
-        if params:  # FusedAdamW.step() unparks what it needs; only the controller's calls are of interest
-            self.calls.append(("unpark", list(params)))
-        super().unpark_state(params, non_blocking=non_blocking)
-
-    def prefetch_state(self, params):
-        self.calls.append(("prefetch", list(params)))
-        super().prefetch_state(params)
+def record_parker_calls(optimizer):
+    """Records which parker method the controller called with which params (empty calls are not recorded: the
+    step hook asks to unpark what has a grad, usually nothing)."""
+    parker, calls = StateParker.of(optimizer), []
+    for kind in ("park", "unpark", "prefetch"):
+        def recording(params, *args, _kind=kind, _method=getattr(parker, kind), **kwargs):
+            params = list(params)
+            if params:
+                calls.append((_kind, params))
+            _method(params, *args, **kwargs)
+        setattr(parker, kind, recording)
+    return calls
 
 
 def tiny_llama(seed=0):
@@ -79,10 +72,15 @@ def layer_of(name):
     return int(name[len(prefix):].split(".")[0]) if name.startswith(prefix) else None
 
 
+def on_device(optimizer, p):
+    """Whether `p` has optimizer state tensors in `optimizer.state` (not parked, not dropped)."""
+    return any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in optimizer.state.get(p, {}).values())
+
+
 def state_layers(controller, optimizer):
-    """Layers with at least one parameter whose AdamW moments sit in `optimizer.state`."""
+    """Layers with at least one parameter whose optimizer state sits in `optimizer.state` (on the device)."""
     return {i for i in range(controller.n_layers)
-            if any("exp_avg" in optimizer.state.get(p, {}) for p in controller.layer_parameters(i))}
+            if any(on_device(optimizer, p) for p in controller.layer_parameters(i))}
 
 
 # ------------------------------------------------------------------------------------------------- configuration
@@ -104,11 +102,10 @@ def test_controller_errors_name_the_problem():
         LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=5))
     with pytest.raises(ValueError, match="layer_weights does not fit the 4 layers"):
         LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=1, layer_weights=[1, 1, 1]))
-    # torch's AdamW has no parking hooks: "park" is refused up front, "reset" and "keep" work.
+    # Any torch optimizer works with every policy: "park" attaches a StateParker to it.
     plain = torch.optim.AdamW(model.parameters())
-    with pytest.raises(ValueError, match="state_policy='park' needs an optimizer with park_state"):
-        LisaController(model, plain, LisaConfig(n_active_layers=1))
-    LisaController(model, plain, LisaConfig(n_active_layers=1, state_policy="reset"))
+    ctrl = LisaController(model, plain, LisaConfig(n_active_layers=1))
+    assert ctrl.parker is StateParker.of(plain) and plain.state_parker is ctrl.parker
 
 
 def test_optimizer_missing_frozen_layers_is_refused():
@@ -206,7 +203,7 @@ def test_optimizer_state_follows_policy(policy):
             assert held == set(ctrl.active_layers), f"step {step}: state held for {held}"
     assert len(ever) > 2
     always = [p for m in ctrl.always_trainable.values() for p in m.parameters()]
-    assert all("exp_avg" in opt.state[p] for p in always)
+    assert all(on_device(opt, p) for p in always)
 
 
 def test_park_is_bit_identical_to_keep_and_reset_is_not():
@@ -227,16 +224,17 @@ def test_park_is_bit_identical_to_keep_and_reset_is_not():
 def test_hooks_park_unpark_and_prefetch_ahead_of_the_switch(prefetch_steps):
     K = 4
     model = tiny_llama()
-    opt = make_optimizer(model, _RecordingAdamW)
+    opt = make_optimizer(model)
+    calls = record_parker_calls(opt)
     cfg = LisaConfig(n_active_layers=2, interval_steps=K, seed=2, prefetch_steps=prefetch_steps)
     ctrl = LisaController(model, opt, cfg)
     ids = {id(p): i for i in range(N_LAYERS) for p in ctrl.layer_parameters(i)}
     layers_in = lambda params: {ids[id(p)] for p in params}
     log = []
     for step in range(3 * K):
-        opt.calls.clear()
+        calls.clear()
         train_step(model, opt, ctrl, step)
-        log.append((step, [(kind, layers_in(params)) for kind, params in opt.calls]))
+        log.append((step, [(kind, layers_in(params)) for kind, params in calls]))
 
     schedule = [ctrl.sampler.layers_for_period(p) for p in range(3)]
     for step, calls in log:

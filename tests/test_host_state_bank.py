@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from lisa_kernels import _native
-from lisa_kernels.host_state_bank import _ALIGN, HostStateBank, _Arena, _ArenaFull, _ChunkSource
+from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource
+from lisa_kernels.host_state_bank import HostStateBank
+from lisa_kernels.state_parking import ParkedState, StateParker
 from lisa_kernels.optimizer import FusedAdamW
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -143,15 +145,14 @@ def test_bf16_storage_halves_bytes_and_rounds_to_nearest(backend):
     assert bank.restore("step").item() == 12345.0
 
 
-def test_invalid_arguments():
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", storage_dtype=torch.int8)
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", max_pinned_bytes=-1)
-    with pytest.raises(ValueError):
-        HostStateBank(backend="bogus")
-    with pytest.raises(ValueError):
-        HostStateBank(backend="fallback", chunk_bytes=0)
+@pytest.mark.parametrize("argument, value", [
+    ("max_pinned_bytes", "1GB"), ("max_pinned_bytes", -1), ("max_pinned_bytes", 1.5e9), ("max_pinned_bytes", True),
+    ("chunk_bytes", 0), ("chunk_bytes", "64MB"), ("storage_dtype", torch.int8), ("storage_dtype", "bf16"),
+    ("backend", "bogus"), ("backend", None), ("pin", "yes"),
+])
+def test_invalid_arguments_are_named(argument, value):
+    with pytest.raises(ValueError, match=f"HostStateBank: {argument} must be"):
+        HostStateBank(**{"backend": "fallback", argument: value})
 
 
 # ------------------------------------------------------------------------------- arena: cap, refusal, growth
@@ -333,10 +334,10 @@ def lisa_run(policy, backend, steps=12, switch_every=3, amsgrad=False, dtype=tor
             for i, layer in enumerate(model):
                 layer.requires_grad_(i == active)
                 if i != active and policy == "park":
-                    opt.park_state(layer.parameters())
+                    opt.state_parker.park(layer.parameters())
         if prefetch and policy == "park" and step % switch_every == switch_every - 1:
             nxt = order[(step + 1) // switch_every % len(order)]
-            opt.prefetch_state(model[nxt].parameters())
+            opt.state_parker.prefetch(model[nxt].parameters())
         train_step(model, opt, x)
     return model, opt
 
@@ -350,12 +351,13 @@ def test_park_unpark_is_bit_identical(backend, amsgrad):
         train_step(model, opt, x)
     before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
     n_moments = 3 if amsgrad else 2
-    opt.park_state(model[1:].parameters())
+    opt.state_parker.park(model[1:].parameters())
     parked = list(model[1:].parameters())
-    assert all(opt.is_parked(p) and list(opt.state[p]) == ["step"] for p in parked)
+    assert all(opt.state_parker.is_parked(p) and list(opt.state[p]) == list(before[p]) for p in parked)
+    assert all(isinstance(v, ParkedState) for p in parked for k, v in opt.state[p].items() if k != "step")
     assert opt.state_bank.bytes_held == sum(p.numel() * 4 * n_moments for p in parked)
-    opt.unpark_state(parked)
-    assert opt.state_bank.bytes_held == 0 and not opt.parked_params
+    opt.state_parker.unpark(parked)
+    assert opt.state_bank.bytes_held == 0 and not opt.state_parker.parked_params
     for p in model.parameters():
         assert list(opt.state[p]) == list(before[p])
         for k, v in before[p].items():
@@ -367,7 +369,7 @@ def test_park_unpark_is_bit_identical(backend, amsgrad):
 def test_lisa_run_with_parking_equals_keeping(backend, dtype, amsgrad):
     kept_model, kept_opt = lisa_run("keep", backend, amsgrad=amsgrad, dtype=dtype)
     park_model, park_opt = lisa_run("park", backend, amsgrad=amsgrad, dtype=dtype, prefetch=True)
-    assert len(park_opt.parked_params) > 0  # something is parked at the end...
+    assert len(park_opt.state_parker.parked_params) > 0  # something is parked at the end...
     for a, b in zip(park_model.parameters(), kept_model.parameters()):
         assert_bitwise_equal(a.detach(), b.detach())  # ...and the weights are exactly those of a never-parked run
 
@@ -383,8 +385,8 @@ def test_state_dict_includes_parked_state(backend):
         for k, v in entry.items():
             assert_bitwise_equal(park_sd["state"][i][k].to(v.device), v)
     # Saving did not unpark or mutate anything.
-    assert len(park_opt.parked_params) > 0 and all(list(park_opt.state[p]) == ["step"]
-                                                   for p in park_opt.parked_params)
+    parked = park_opt.state_parker.parked_params
+    assert len(parked) > 0 and all(isinstance(park_opt.state[p]["exp_avg"], ParkedState) for p in parked)
 
 
 def test_load_state_dict_parks_frozen_params(backend):
@@ -394,18 +396,19 @@ def test_load_state_dict_parks_frozen_params(backend):
     for i, layer in enumerate(model):
         layer.requires_grad_(i == 2)
     opt = FusedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_bank=make_bank(backend))
-    opt.load_state_dict(sd, park="frozen")
+    opt.load_state_dict(sd)  # the parker's default: frozen params' state goes straight into the bank
     frozen_with_state = [p for layer in model[:2] for p in layer.parameters()]  # layer 3 never trained
-    assert set(opt.parked_params) == set(frozen_with_state) and opt.state_bank.bytes_held > 0
+    assert set(opt.state_parker.parked_params) == set(frozen_with_state) and opt.state_bank.bytes_held > 0
     for p in model[2].parameters():
-        assert not opt.is_parked(p) and "exp_avg" in opt.state[p]
+        assert not opt.state_parker.is_parked(p) and "exp_avg" in opt.state[p]
     reloaded = opt.state_dict()  # parked state still in the checkpoint, exactly
     for i, entry in sd["state"].items():
         for k, v in entry.items():
             assert_bitwise_equal(reloaded["state"][i][k].to(v.device), v)
     # Loading again replaces everything, including what was parked.
+    model.requires_grad_(True)
     opt.load_state_dict(sd)
-    assert not opt.parked_params and opt.state_bank.bytes_held == 0
+    assert not opt.state_parker.parked_params and opt.state_bank.bytes_held == 0
 
 
 def test_drop_state_resets(backend):
@@ -413,9 +416,9 @@ def test_drop_state_resets(backend):
     opt = FusedAdamW(model.parameters(), lr=1e-2, state_bank=make_bank(backend))
     x = inputs()
     train_step(model, opt, x)
-    opt.park_state(model[0].parameters())
-    opt.drop_state(model.parameters())
-    assert opt.state_bank.bytes_held == 0 and not opt.parked_params and len(opt.state) == 0
+    opt.state_parker.park(model[0].parameters())
+    opt.state_parker.drop(model.parameters())
+    assert opt.state_bank.bytes_held == 0 and not opt.state_parker.parked_params and len(opt.state) == 0
     train_step(model, opt, x)
     assert all(opt.state[p]["step"].item() == 1.0 for p in model.parameters())
 
@@ -424,8 +427,8 @@ def test_bank_created_on_first_park():
     model = make_model()
     opt = FusedAdamW(model.parameters(), lr=1e-2)
     train_step(model, opt, inputs())
-    assert opt._state_bank is None
-    opt.park_state(model.parameters())
+    assert opt.state_parker._bank is None
+    opt.state_parker.park(model.parameters())
     assert isinstance(opt.state_bank, HostStateBank) and len(opt.state_bank) == 8 * 2
 
 
@@ -443,35 +446,41 @@ def test_cuda_parking_frees_device_memory(backend):
     opt.step()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    opt.park_state([big])
+    opt.state_parker.park([big])
     torch.cuda.synchronize()
     freed = before - torch.cuda.memory_allocated()
     assert freed >= 2 * big.numel() * 4, freed
     assert opt.state_bank.pinned and opt.state_bank.pinned_bytes == 2 * big.numel() * 4
-    opt.unpark_state([big])
+    opt.state_parker.unpark([big])
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < big.numel()  # back, and nothing left over
 
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_restore_then_step_equals_synchronous(backend):
+@pytest.mark.parametrize("optimizer", ["FusedAdamW", "torch-AdamW-fused"])
+def test_cuda_restore_then_step_equals_synchronous(backend, optimizer):
     results = []
     for non_blocking in (False, True):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
-        opt = FusedAdamW([p], lr=1e-2, state_bank=make_bank(backend, chunk_bytes=64 << 20))
+        bank = make_bank(backend, chunk_bytes=64 << 20)
+        if optimizer == "FusedAdamW":
+            opt = FusedAdamW([p], lr=1e-2, state_bank=bank)
+        else:
+            opt = torch.optim.AdamW([p], lr=1e-2, fused=True)
+            StateParker(opt, bank)
         for step in range(4):
             p.grad = torch.randn_like(p)
             opt.step()
-            opt.park_state([p])
+            opt.state_parker.park([p])
             # Keep the current stream busy so an unordered copy would be caught reading/writing too early.
             busy = torch.randn(2048, 2048, device="cuda")
             for _ in range(20):
                 busy = busy @ busy / 2048 ** 0.5
             if step % 2:
-                opt.prefetch_state([p])
-            opt.unpark_state([p], non_blocking=non_blocking)
+                opt.state_parker.prefetch([p])
+            opt.state_parker.unpark([p], non_blocking=non_blocking)
             p.grad = torch.randn_like(p)
             opt.step()
         torch.cuda.synchronize()

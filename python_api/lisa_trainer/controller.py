@@ -1,22 +1,13 @@
 """The LISA controller: which layers train when, and what happens to their optimizer state at a switch.
 
-Every `interval_steps` steps a new period starts and `LayerSampler` names its `n_active_layers` decoder layers.
-The controller then
+At each period start it toggles `requires_grad` (and sets frozen layers' `.grad` to None: a zero gradient would
+still move a weight through AdamW's momentum and weight decay), applies the state policy to the layers leaving the
+active set through the optimizer's `StateParker` ("park": into the host bank, "reset": forgotten, "keep": left on
+the device), prefetches the next period's parked state `prefetch_steps` before the switch, and at each period's
+end records per-layer weight-update norms.
 
-1. toggles `requires_grad`, so frozen layers get no gradients and cost no optimizer work (their `.grad` is set to
-   None: a zero gradient tensor would still move a weight through AdamW's momentum and weight decay);
-2. applies the state policy to the layers leaving the active set: "park" moves their AdamW moments into the host
-   state bank (`optimizer.park_state`), "reset" forgets them (`optimizer.drop_state`), "keep" leaves them on the
-   device (the public implementations' behaviour: quality kept, memory not);
-3. `prefetch_steps` steps before the switch, starts copying the next period's parked state back
-   (`optimizer.prefetch_state`), so the switch does not wait on PCIe (one LLaMA-7B layer's fp32 moments are
-   1.6 GB, ~30 ms);
-4. at each period's end records the norm of each trained layer's weight change over the period, and of the
-   always-on modules' (the skew that motivated LISA, and what a user needs to set importance weights).
-
-The anchors' bugs are ruled out by construction: the optimizer must hold every parameter (checked), so a layer that
-is frozen when the optimizer is built still trains when it is sampled; the schedule is a pure function of
-(seed, period), so every rank and every resumed run agree without communicating.
+The optimizer must hold every parameter (checked), so a layer frozen when the optimizer is built still trains when
+it is sampled; the schedule is a pure function of (seed, period), so ranks and resumed runs agree without talking.
 """
 
 from __future__ import annotations
@@ -28,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lisa_kernels import FusedAdamW, HostStateBank, StateParker
+
 from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
 from .sampler import LayerSampler
 
-__all__ = ["LisaConfig", "LisaController", "build_optimizer", "STATE_POLICIES"]
+__all__ = ["LisaConfig", "LisaController", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("park", "reset", "keep")
 _STATE_DICT_FORMAT = 1
@@ -118,6 +111,14 @@ class LisaConfig:
             raise ValueError(f"LisaConfig.track_update_norms must be a bool, got {self.track_update_norms!r}")
 
 
+class OptimizerMissesParameters(ValueError):
+    """The optimizer does not hold parameters that LISA trains (built over trainable ones only, or flattened)."""
+
+    def __init__(self, message: str, count: int, example: str):
+        super().__init__(message)
+        self.count, self.example = count, example
+
+
 def _unwrap_optimizer(optimizer):
     """The optimizer that owns the state (accelerate's AcceleratedOptimizer wraps the real one)."""
     inner = optimizer
@@ -183,12 +184,18 @@ class LisaController:
 
         self.always_trainable = always_trainable_modules(model, config.always_trainable, self.layers_path)
         self._layer_params = [unique_parameters([layer]) for layer in self.layers]
-        self._always_params = unique_parameters(self.always_trainable.values())
+        self._always_params_by_module = unique_parameters(self.always_trainable.values(), per_module=True)
+        self._always_params = [p for ps in self._always_params_by_module for p in ps]
         managed = {id(p) for ps in self._layer_params for p in ps} | {id(p) for p in self._always_params}
         self._other_params = [p for p in model.parameters() if id(p) not in managed]
         self._names = {id(p): n for n, p in model.named_parameters()}
 
         self._check_optimizer()
+        self.parker = StateParker.of(self._opt) if config.state_policy in ("park", "reset") else None
+        if config.state_policy == "park":
+            # Create the host state bank now: its first creation on a machine builds the native arena (~10 s), which
+            # would otherwise stall the first switch's step.
+            self.parker.bank
         self._period: int | None = None
         self._active: tuple[int, ...] = ()
         self._prefetched_for: int | None = None
@@ -299,23 +306,11 @@ class LisaController:
         missing += [p for p in self._always_params if id(p) not in held]
         if missing:
             example = self._names.get(id(missing[0]), "?")
-            raise ValueError(
+            raise OptimizerMissesParameters(
                 f"the optimizer does not hold {len(missing)} parameters that LISA trains (e.g. {example!r}); "
                 f"a layer missing from it would never train when sampled. Build it over all parameters, frozen "
-                f"or not: build_optimizer(model, cfg, lr=...) or LisaCallback.optimizer_for(model, ...)"
-            )
-        policy = self.config.state_policy
-        if policy == "park":
-            absent = [h for h in ("park_state", "unpark_state") if not callable(getattr(self._opt, h, None))]
-            if absent:
-                raise ValueError(
-                    f"LisaConfig.state_policy='park' needs an optimizer with {' and '.join(absent)} "
-                    f"(lisa_kernels.FusedAdamW with its host state bank); {type(self._opt).__name__} has none. "
-                    f"Use build_optimizer(...), or state_policy='reset' or 'keep'"
-                )
-            # Create the host state bank now: its first creation on a machine builds the native arena (~10 s), which
-            # would otherwise stall the first switch's step.
-            getattr(self._opt, "state_bank", None)
+                f"or not: build_optimizer(model, cfg, lr=...) or LisaCallback.optimizer_for(model, ...)",
+                len(missing), example)
 
     def _params_of(self, layer_indices) -> list[nn.Parameter]:
         return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
@@ -324,7 +319,7 @@ class LisaController:
         new = self.sampler.layers_for_period(period)
         old = set(range(self.n_layers)) if enforce_all else set(self._active)
         leaving = sorted(old - set(new))
-        # At construction/resume nothing is known to be parked; FusedAdamW.step() unparks on demand anyway.
+        # At construction/resume nothing needs unparking now: the parker unparks on demand before a step.
         arriving = [] if enforce_all else sorted(set(new) - set(self._active))
 
         for p in self._params_of(leaving):
@@ -343,17 +338,10 @@ class LisaController:
     def _apply_state_policy(self, leaving: list[nn.Parameter], arriving: list[nn.Parameter]) -> None:
         policy = self.config.state_policy
         if policy == "park":
-            if leaving:
-                self._opt.park_state(leaving)
-            if arriving:
-                self._opt.unpark_state(arriving, non_blocking=True)
-        elif policy == "reset" and leaving:
-            drop = getattr(self._opt, "drop_state", None)
-            if callable(drop):
-                drop(leaving)
-            else:  # a plain torch optimizer: its state is a dict keyed by parameter
-                for p in leaving:
-                    self._opt.state.pop(p, None)
+            self.parker.park(leaving)
+            self.parker.unpark(arriving, non_blocking=True)
+        elif policy == "reset":
+            self.parker.drop(leaving)
 
     def _maybe_prefetch(self, step: int) -> None:
         c = self.config
@@ -363,19 +351,13 @@ class LisaController:
         if self._prefetched_for == nxt or step < nxt * c.interval_steps - c.prefetch_steps:
             return
         incoming = set(self.sampler.layers_for_period(nxt)) - set(self._active)
-        prefetch = getattr(self._opt, "prefetch_state", None)
-        if incoming and callable(prefetch):
-            prefetch(self._params_of(incoming))
+        self.parker.prefetch(self._params_of(incoming))
         self._prefetched_for = nxt
 
     def _tracked(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """(name, params) of the active layers and each always-trainable module; a tied parameter counts once."""
         groups = [(f"layer{i}", self._layer_params[i]) for i in self._active]
-        seen = set()
-        for path, module in self.always_trainable.items():
-            ps = [p for p in module.parameters() if id(p) not in seen]
-            seen.update(id(p) for p in ps)
-            groups.append((path, ps))
-        return groups
+        return groups + list(zip(self.always_trainable, self._always_params_by_module))
 
     def _open_period(self, step: int) -> None:
         opened = _OpenPeriod(self._period, step)
@@ -425,11 +407,9 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
 
     Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
     a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
-    only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`. `cfg` is accepted so the
-    call site reads the same as the rest of the API; with "park", LisaController creates the state bank.
+    only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`.
+    `cfg` with state_policy="park" gives the optimizer its host state bank (otherwise none is created).
     """
-    from lisa_kernels import FusedAdamW  # imported here so lisa_trainer imports without the kernels built
-
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
     decay, no_decay = [], []
@@ -437,4 +417,6 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if cfg is not None and cfg.state_policy == "park":
+        adamw_kwargs.setdefault("state_bank", HostStateBank())
     return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)

@@ -195,13 +195,11 @@ def always_trainable_modules(
     in_layers = {id(p) for p in layers.parameters()}
 
     result: dict[str, nn.Module] = {}
-    seen_params: set[int] = set()
 
     def add(path: str, module: nn.Module) -> None:
-        params = [p for p in module.parameters() if id(p) not in seen_params]
+        params = unique_parameters([*result.values(), module], per_module=True)[-1]
         if not params or any(id(p) in in_layers for p in params):
             return  # tied away entirely, or part of the decoder layers (those are LISA's to toggle)
-        seen_params.update(id(p) for p in params)
         result[path] = module
 
     for entry in include:
@@ -237,12 +235,12 @@ def always_trainable_modules(
     return result
 
 
-def unique_parameters(modules) -> list[torch.nn.Parameter]:
-    """Parameters of `modules`, each shared (tied) parameter once, in first-seen order."""
-    out, seen = [], set()
+def unique_parameters(modules, per_module: bool = False) -> list:
+    """Parameters of `modules`, each shared (tied) parameter once, in first-seen order; with `per_module`, one list
+    per module (a tied parameter in the first module that has it)."""
+    groups, seen = [], set()
     for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+        group = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in group)
+        groups.append(group)
+    return groups if per_module else [p for group in groups for p in group]
