@@ -5,7 +5,7 @@ Nothing is downloaded. The text is the Python standard library's own source, rea
 
 1. Pretraining: a small Llama (random init from a transformers config) learns the source files of most stdlib
    modules. The weights are cached (`--cache`, default `~/.cache/lisa_kernels/bench_quality/`, one file per
-   model size, Python version and corpus), so only the first run pays for it (about 4 minutes on 2 CPU cores).
+   model size, Python version and corpus), so only the first run pays for it (5 minutes on a busy 2-core CPU).
 2. Fine-tuning task: "What does `module.name` do?" -> the first line of that function's or class's docstring,
    for modules left out of pretraining. The held-out split asks about other left-out modules than the training
    split, so the held-out loss (on answer tokens only) measures what fine-tuning taught, not what was memorised.
@@ -21,7 +21,7 @@ optimizer state, measured after each step: the CPU stand-in for GPU memory; on C
 Results: a table on stdout, `benchmarks/results/quality-<device>.json` (with device, versions, commit, date) and
 a PNG beside it.
 
-    python benchmarks/bench_quality.py               # the full run (~20 min on 2 CPU cores, pretraining included)
+    python benchmarks/bench_quality.py               # the full run (~20 min on a busy 2-core CPU, +5 the first time)
     python benchmarks/bench_quality.py --quick       # a tiny model, a few steps: checks that everything runs
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ import argparse
 import ast
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -126,7 +125,8 @@ def docstring_pairs(module: str, path: Path) -> list[tuple[str, str]]:
 
     def visit(node, prefix):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not child.name.startswith("_"):
+            defines = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if defines and not child.name.startswith("_"):
                 doc = ast.get_docstring(child)
                 first = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
                 name = f"{prefix}.{child.name}"
@@ -151,7 +151,8 @@ def build_task(tokenizer, max_len: int, corpus_modules: int | None = None) -> di
         out = []
         for m in names:
             for question, answer in docstring_pairs(m, modules[m]):
-                prompt = [tokenizer.bos_token_id] + tokenizer(f"Q: {question}\nA: ", add_special_tokens=False)["input_ids"]
+                prompt = tokenizer(f"Q: {question}\nA: ", add_special_tokens=False)["input_ids"]
+                prompt = [tokenizer.bos_token_id] + prompt
                 reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
                 ids = (prompt + reply)[:max_len]
                 labels = ([-100] * len(prompt) + reply)[:max_len]
@@ -171,8 +172,9 @@ def build_task(tokenizer, max_len: int, corpus_modules: int | None = None) -> di
 
 def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_id), "labels": torch.full((len(examples), width), -100),
-             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    shape = (len(examples), width)
+    batch = {"input_ids": torch.full(shape, pad_id), "labels": torch.full(shape, -100),
+             "attention_mask": torch.zeros(shape, dtype=torch.long)}
     for row, (ids, labels) in enumerate(examples):
         batch["input_ids"][row, :len(ids)] = ids
         batch["labels"][row, :len(ids)] = labels
@@ -280,12 +282,12 @@ def setup(run: Run, model):
 
 
 @torch.no_grad()
-def held_out_loss(model, examples, pad_id: int, batch: int = 64) -> float:
+def held_out_loss(model, examples, pad_id: int, device: torch.device, batch: int = 64) -> float:
     """Mean loss per answer token over the held-out questions."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch):
-        b = collate(examples[i:i + batch], pad_id)
+        b = {k: v.to(device) for k, v in collate(examples[i:i + batch], pad_id).items()}
         n = int((b["labels"][:, 1:] != -100).sum())
         total += model(**b).loss.item() * n
         count += n
@@ -324,7 +326,7 @@ def finetune(run: Run, size: Size, weights: dict, task: dict, tokenizer, device:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
-    result = {**asdict(run), "label": run.label, "eval_loss": held_out_loss(model, task["eval"], pad),
+    result = {**asdict(run), "label": run.label, "eval_loss": held_out_loss(model, task["eval"], pad, device),
               "train_seconds": seconds, "device_state_mb": state_peak / 2**20,
               "peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     if controller is not None:
@@ -409,7 +411,8 @@ def plot(payload: dict, path: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (seconds): a smoke test")
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"pretrained weights cache (default {DEFAULT_CACHE})")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                   help=f"pretrained weights cache (default {DEFAULT_CACHE})")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     # One thread: on a busy 2-core machine a step of this model took 0.57 s with one thread and 6.6 s with two.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

@@ -88,10 +88,11 @@ class LisaConfig:
             )
         if not _is_int(self.seed):
             raise ValueError(f"LisaConfig.seed must be an int, got {self.seed!r}")
-        if isinstance(self.layer_weights, str) and self.layer_weights != "auto":
-            raise ValueError(f"LisaConfig.layer_weights must be None, 'auto' or a sequence of numbers, got "
-                             f"{self.layer_weights!r}")
-        if self.layer_weights is not None and self.layer_weights != "auto":
+        if isinstance(self.layer_weights, str):
+            if self.layer_weights != "auto":
+                raise ValueError(f"LisaConfig.layer_weights must be None, 'auto' or a sequence of numbers, got "
+                                 f"{self.layer_weights!r}")
+        elif self.layer_weights is not None:
             if not isinstance(self.layer_weights, Sequence):
                 raise ValueError(f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}")
             try:
@@ -237,6 +238,13 @@ class LisaController:
     def layer_parameters(self, index: int) -> list[nn.Parameter]:
         return list(self._layer_params[index])
 
+    def layers_for_period(self, period: int) -> tuple[int, ...]:
+        """The layers of `period`: the sampler's answer, given the importance weights observed so far with "auto"."""
+        weights = None
+        if self.config.layer_weights == "auto":
+            weights = auto_layer_weights(self.period_log, self.n_layers, period)
+        return self.sampler.layers_for_period(period, weights)
+
     def on_step_begin(self, step: int) -> None:
         """Switch layers when `step` starts a new period; prefetch the next period's state when it is near."""
         period = step // self.config.interval_steps
@@ -320,13 +328,6 @@ class LisaController:
 
     def _params_of(self, layer_indices) -> list[nn.Parameter]:
         return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
-
-    def layers_for_period(self, period: int) -> tuple[int, ...]:
-        """The layers of `period`: the sampler's answer, given the importance weights observed so far with "auto"."""
-        weights = None
-        if self.config.layer_weights == "auto":
-            weights = auto_layer_weights(self.period_log, self.n_layers, period)
-        return self.sampler.layers_for_period(period, weights)
 
     def _enter_period(self, period: int, enforce_all: bool = False) -> None:
         new = self.layers_for_period(period)

@@ -176,7 +176,8 @@ def auto_layer_weights(period_log: Sequence[dict], n_layers: int, period: int, *
     if not 0 < smoothing <= 1:
         raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
     last = period - 2
-    entries = sorted((e for e in period_log if last - AUTO_WINDOW < e["period"] <= last and e.get("layer_update_norms")),
+    entries = sorted((e for e in period_log
+                      if last - AUTO_WINDOW < e["period"] <= last and e.get("layer_update_norms")),
                      key=lambda e: (e["period"], e["first_step"]))
     estimate: list[float | None] = [None] * n_layers
     for e in entries:
