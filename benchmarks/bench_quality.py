@@ -21,8 +21,10 @@ optimizer state, measured after each step: the CPU stand-in for GPU memory; on C
 Results: a table on stdout, `benchmarks/results/quality-<device>.json` (with device, versions, commit, date) and
 a PNG beside it.
 
-    python benchmarks/bench_quality.py               # the full run (~20 min on a busy 2-core CPU, +5 the first time)
-    python benchmarks/bench_quality.py --quick       # a tiny model, a few steps: checks that everything runs
+Run from the repository root:
+
+    python -m benchmarks.bench_quality             # the full run (~20 min on a busy 2-core CPU, +5 the first time)
+    python -m benchmarks.bench_quality --quick     # a tiny model, a few steps: checks that everything runs
 """
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ import hashlib
 import json
 import os
 import statistics
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,9 +41,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import device_state_bytes  # noqa: E402
-from common import print_table, results_path, write_results  # noqa: E402
+from benchmarks.bench_finetune import device_state_bytes
+from benchmarks.common import print_table, results_path, write_results
 
 GB = 1e9
 DEFAULT_CACHE = Path.home() / ".cache" / "lisa_kernels" / "bench_quality"

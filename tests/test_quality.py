@@ -14,7 +14,7 @@ from lisa_trainer import LisaConfig, LisaController, build_optimizer
 from lisa_trainer.cli import parse_layer_weights
 from lisa_trainer.sampler import auto_layer_weights
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+REPO = Path(__file__).resolve().parent.parent
 N_LAYERS = 6
 
 
@@ -108,9 +108,9 @@ def test_cli_accepts_auto_weights():
 def test_quality_benchmark_quick_mode_runs_and_reports(tmp_path):
     """--quick on an empty cache: pretrains a tiny model in seconds, fine-tunes every method, prints the tables."""
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "TRITON_INTERPRET")}  # as users run it
-    cmd = [sys.executable, str(BENCH / "bench_quality.py"), "--quick", "--device", "cpu",
+    cmd = [sys.executable, "-m", "benchmarks.bench_quality", "--quick", "--device", "cpu",
            "--cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "results" / "quality-quick-cpu.json").read_text())
     assert not data["pretraining"]["from_cache"] and list((tmp_path / "cache").glob("pretrained-*.pt"))
