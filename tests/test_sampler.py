@@ -1,5 +1,7 @@
-"""LayerSampler: a pure, seeded function of the period; uniform or importance-weighted without replacement."""
+"""LayerSampler: a pure, seeded function of the period; uniform, importance-weighted or coverage-balanced;
+auto_layer_weights: importance weights from the recorded update norms."""
 
+import json
 import math
 import random
 from itertools import combinations
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from lisa_trainer import LayerSampler
+from lisa_trainer.sampler import auto_layer_weights
 
 
 def test_pure_function_of_seed_and_period():
@@ -76,6 +79,8 @@ def test_all_layers_active():
     (dict(n_layers=4, n_active=2, seed=0, weights=[1, math.inf, 1, 1]), r"weights .*finite.*\[1\]"),
     (dict(n_layers=4, n_active=2, seed=0, weights=[0, 0, 1, 0]), "weights has 1 non-zero entries"),
     (dict(n_layers=4, n_active=2, seed=0, weights=["a", 1, 1, 1]), "weights must be a sequence"),
+    (dict(n_layers=4, n_active=2, seed=0, mode="random"), "mode must be one of"),
+    (dict(n_layers=4, n_active=2, seed=0, weights=[1, 1, 1, 1], mode="balanced"), "balanced.*no weights"),
 ])
 def test_validation_names_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -87,3 +92,89 @@ def test_period_must_be_non_negative_int():
     for bad in (-1, 1.0, True):
         with pytest.raises(ValueError, match="period"):
             sampler.layers_for_period(bad)
+
+
+# ------------------------------------------------------------------------------------------- coverage-balanced
+@pytest.mark.parametrize("n, k", [(8, 2), (8, 3), (6, 4), (7, 1), (32, 4), (5, 5)])
+def test_balanced_gives_every_layer_equal_counts_over_each_cycle(n, k):
+    sampler = LayerSampler(n, k, seed=4, mode="balanced")
+    cycle = sampler.cycle_length()
+    assert cycle == n // math.gcd(n, k)
+    for c in range(6):
+        counts = [0] * n
+        for p in range(c * cycle, (c + 1) * cycle):
+            layers = sampler.layers_for_period(p)
+            assert len(layers) == k and len(set(layers)) == k and list(layers) == sorted(layers)
+            for i in layers:
+                counts[i] += 1
+        assert counts == [k // math.gcd(n, k)] * n, (c, counts)
+
+
+def test_balanced_is_a_pure_function_of_seed_and_period():
+    first = [LayerSampler(8, 3, seed=2, mode="balanced").layers_for_period(p) for p in range(40)]
+    torch.manual_seed(5)
+    random.seed(5)
+    again = LayerSampler(8, 3, seed=2, mode="balanced")
+    assert [again.layers_for_period(p) for p in reversed(range(40))][::-1] == first
+    assert [LayerSampler(8, 3, seed=3, mode="balanced").layers_for_period(p) for p in range(40)] != first
+    cycles = [tuple(first[c * 8:(c + 1) * 8]) for c in range(5)]
+    assert len(set(cycles)) == 5  # each cycle is a fresh permutation
+    # Pinned like the uniform schedule: a resumed run with newer versions continues the same schedule.
+    assert [LayerSampler(8, 2, seed=0, mode="balanced").layers_for_period(p) for p in range(4)] == [
+        (0, 1), (4, 5), (2, 3), (6, 7)]
+
+
+# ------------------------------------------------------------------------------------------------ auto weights
+def _entry(period, layers, norms, module_norm=1.0, steps=10):
+    return {"period": period, "first_step": period * steps, "last_step": period * steps + steps - 1,
+            "partial": False, "layers": list(layers), "layer_update_norms": list(norms),
+            "module_update_norms": {"model.embed_tokens": module_norm}}
+
+
+LOG = [_entry(0, (0, 1), (4.0, 1.0)), _entry(1, (2, 3), (1.0, 1.0), module_norm=0.5),
+       _entry(2, (0, 2), (2.0, 0.5)), _entry(3, (1, 4), (0.1, 1.0))]
+
+
+def test_auto_weights_are_deterministic_and_use_only_periods_two_back():
+    n = 6
+    assert auto_layer_weights(LOG, n, 0) is None and auto_layer_weights(LOG, n, 1) is None  # nothing ended yet
+    w = auto_layer_weights(LOG, n, 4)  # periods 0..2
+    assert w == auto_layer_weights(list(reversed(LOG)), n, 4)  # order of the log does not matter
+    assert w == auto_layer_weights(json.loads(json.dumps(LOG)), n, 4)  # survives a JSON/checkpoint round trip
+    assert w == auto_layer_weights(LOG[:3], n, 4)  # period 3 has not counted yet
+    assert w != auto_layer_weights(LOG, n, 5)
+    assert sum(w) == pytest.approx(1.0)
+    # Layer 0: 4/1 then 2/1, smoothed 0.5 -> 3; layers 2, 3: 1/0.5 = 2 then 0.5 -> 1.25 for layer 2.
+    est = [3.0, 1.0, 1.25, 2.0]
+    fill = sum(est) / 4
+    est += [fill, fill]  # layers 4, 5 not observed: the mean of the others
+    expected = [0.5 / n + 0.5 * x / sum(est) for x in est]
+    assert w == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("floor", [0.5, 0.1, 1.0])
+def test_auto_weights_never_starve_a_layer(floor):
+    log = [_entry(p, (0, 1), (1e6, 0.0)) for p in range(10)]  # layer 1 never moves, layer 0 moves a lot
+    w = auto_layer_weights(log, 8, 12, floor=floor)
+    assert min(w) >= floor / 8 - 1e-15 and all(x > 0 for x in w)
+    assert w[0] == max(w) and w[1] == min(w)
+    sampler = LayerSampler(8, 2, seed=0)
+    chosen = {i for p in range(400) for i in sampler.layers_for_period(p, w)}
+    assert chosen == set(range(8))
+
+
+def test_auto_weights_without_modules_scale_by_steps_and_reject_bad_knobs():
+    entry = _entry(2, (0, 1), (2.0, 1.0))
+    entry["module_update_norms"] = {}
+    w = auto_layer_weights([entry], 2, 4, floor=0.5)
+    assert w == pytest.approx((0.25 + 0.5 * 2 / 3, 0.25 + 0.5 / 3))
+    for kwargs in (dict(floor=0.0), dict(floor=1.5), dict(smoothing=0.0)):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            auto_layer_weights([entry], 2, 4, **kwargs)
+
+
+def test_layers_for_period_checks_per_period_weights():
+    sampler = LayerSampler(4, 2, seed=0)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        sampler.layers_for_period(0, [1, 1, 1])
+    assert sampler.layers_for_period(3, [0, 1, 0, 1]) == (1, 3)

@@ -47,6 +47,7 @@ FLAG_OF_FIELD = {
     "interval_steps": "--lisa_interval_steps",
     "layers_attribute": "--lisa_layers_attribute",
     "layer_weights": "--lisa_layer_weights",
+    "sampling": "--lisa_sampling",
     "state_policy": "--lisa_state_policy",
     "prefetch_steps": "--lisa_prefetch_steps",
     "seed": "--seed",
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa_interval_steps", type=_positive_int, help="K: optimizer steps per period (demo 10, else 20)")
     g.add_argument("--lisa_layers_attribute", help="dotted path of the decoder-layer list, e.g. model.layers (default: found by structure)")
     g.add_argument("--lisa_state_policy", default="park", choices=("park", "reset", "keep"), help="what happens to a deactivated layer's optimizer state")
-    g.add_argument("--lisa_layer_weights", help="importance weights per layer: comma list, JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
+    g.add_argument("--lisa_layer_weights", help="importance weights per layer: 'auto' (estimated during the run from update norms), a comma list, JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
+    g.add_argument("--lisa_sampling", default="uniform", choices=("uniform", "balanced"), help="uniform: independent draws each period (the paper); balanced: every layer trains equally often over each cycle")
     g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
 
     g = p.add_argument_group("optimization")
@@ -156,13 +158,15 @@ def _number_list(doc, where: str) -> list[float]:
     return [float(w) for w in doc]
 
 
-def parse_layer_weights(value: str) -> list[float]:
-    """``--lisa_layer_weights``: "1,2,1,...", a JSON list "[1, 2, 1, ...]", a JSON file (a list, or
+def parse_layer_weights(value: str) -> list[float] | str:
+    """``--lisa_layer_weights``: "auto", "1,2,1,...", a JSON list "[1, 2, 1, ...]", a JSON file (a list, or
     {"layer_weights": [...]}) or a JSONL run log.
 
     From a run log the weight of a layer is its mean weight-update norm over the periods it trained in; layers
     never sampled there get the mean of the others, so they can still be chosen.
     """
+    if value.strip() == "auto":
+        return "auto"
     path = Path(value)
     if path.is_file():
         text = path.read_text()
@@ -313,6 +317,7 @@ def _lisa_config(args, values, weights):
             layers_attribute=args.lisa_layers_attribute,
             seed=args.seed,
             layer_weights=weights,
+            sampling=args.lisa_sampling,
             state_policy=args.lisa_state_policy,
             prefetch_steps=args.lisa_prefetch_steps,
         )
@@ -436,7 +441,7 @@ def _train(args, demo: bool, values: dict, dataset_path: Path, out_model: Path, 
         raise CliError(f"--lisa_layers_attribute: {e}") from None
     if values["lisa_activated_layers"] > len(layers):
         raise CliError(f"--lisa_activated_layers {values['lisa_activated_layers']} exceeds the model's {len(layers)} decoder layers")
-    if weights is not None and len(weights) != len(layers):
+    if isinstance(weights, list) and len(weights) != len(layers):
         raise CliError(f"--lisa_layer_weights has {len(weights)} entries but the model has {len(layers)} decoder layers")
     _check_block_size(model, values["block_size"])
 

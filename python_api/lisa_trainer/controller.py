@@ -22,7 +22,7 @@ from torch import nn
 from lisa_kernels import FusedAdamW, HostStateBank, StateParker
 
 from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
-from .sampler import LayerSampler
+from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights
 
 __all__ = ["LisaConfig", "LisaController", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
 
@@ -45,7 +45,10 @@ class LisaConfig:
     interval_steps: K, optimizer steps per period (the paper's typical value is 20).
     layers_attribute: dotted path of the decoder-layer list; None finds it by structure.
     seed: the layer schedule is a pure function of (seed, period).
-    layer_weights: per-layer importance weights (non-negative, one per layer); None samples uniformly.
+    layer_weights: per-layer importance weights (non-negative, one per layer); None samples uniformly; "auto"
+        estimates them during the run from the update norms of past periods (`sampler.auto_layer_weights`).
+    sampling: "uniform" (independent draws each period, the paper's rule) or "balanced" (every layer trains in the
+        same number of periods over each cycle of n_layers / gcd(n_layers, n_active_layers) periods; no weights).
     state_policy: what happens to a deactivated layer's AdamW state: "park" (host memory, brought back when the
         layer is sampled again), "reset" (dropped) or "keep" (stays on the device).
     prefetch_steps: start bringing the next period's parked state back this many steps before the switch
@@ -60,7 +63,8 @@ class LisaConfig:
     interval_steps: int = 20
     layers_attribute: str | None = None
     seed: int = 0
-    layer_weights: Sequence[float] | None = None
+    layer_weights: Sequence[float] | str | None = None
+    sampling: str = "uniform"
     state_policy: str = "park"
     prefetch_steps: int = 1
     always_trainable: Sequence[str] | None = None
@@ -77,8 +81,12 @@ class LisaConfig:
             )
         if not _is_int(self.seed):
             raise ValueError(f"LisaConfig.seed must be an int, got {self.seed!r}")
-        if self.layer_weights is not None:
-            if isinstance(self.layer_weights, str) or not isinstance(self.layer_weights, Sequence):
+        if isinstance(self.layer_weights, str):
+            if self.layer_weights != "auto":
+                raise ValueError(f"LisaConfig.layer_weights must be None, 'auto' or a sequence of numbers, got "
+                                 f"{self.layer_weights!r}")
+        elif self.layer_weights is not None:
+            if not isinstance(self.layer_weights, Sequence):
                 raise ValueError(f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}")
             try:
                 weights = [float(w) for w in self.layer_weights]
@@ -109,6 +117,14 @@ class LisaConfig:
             self.always_trainable = tuple(self.always_trainable)
         if not isinstance(self.track_update_norms, bool):
             raise ValueError(f"LisaConfig.track_update_norms must be a bool, got {self.track_update_norms!r}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"LisaConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.sampling == "balanced" and self.layer_weights is not None:
+            raise ValueError("LisaConfig.sampling='balanced' gives every layer the same share; it takes no "
+                             f"LisaConfig.layer_weights (got {self.layer_weights!r})")
+        if self.layer_weights == "auto" and not self.track_update_norms:
+            raise ValueError("LisaConfig.layer_weights='auto' learns from update norms: it needs "
+                             "LisaConfig.track_update_norms=True")
 
 
 class OptimizerMissesParameters(ValueError):
@@ -177,7 +193,9 @@ class LisaController:
                 f"found at {self.layers_path!r}"
             )
         try:
-            self.sampler = LayerSampler(self.n_layers, config.n_active_layers, config.seed, config.layer_weights)
+            fixed_weights = None if config.layer_weights == "auto" else config.layer_weights
+            self.sampler = LayerSampler(self.n_layers, config.n_active_layers, config.seed, fixed_weights,
+                                        mode=config.sampling)
         except ValueError as err:
             raise ValueError(f"LisaConfig.layer_weights does not fit the {self.n_layers} layers at "
                              f"{self.layers_path!r}: {err}") from None
@@ -227,6 +245,13 @@ class LisaController:
     def layer_parameters(self, index: int) -> list[nn.Parameter]:
         return list(self._layer_params[index])
 
+    def layers_for_period(self, period: int) -> tuple[int, ...]:
+        """The layers of `period`: the sampler's answer, given the importance weights observed so far with "auto"."""
+        weights = None
+        if self.config.layer_weights == "auto":
+            weights = auto_layer_weights(self.period_log, self.n_layers, period)
+        return self.sampler.layers_for_period(period, weights)
+
     def on_step_begin(self, step: int) -> None:
         """Switch layers when `step` starts a new period; prefetch the next period's state when it is near."""
         period = step // self.config.interval_steps
@@ -255,7 +280,8 @@ class LisaController:
             "n_layers": self.n_layers,
             "n_active_layers": c.n_active_layers,
             "interval_steps": c.interval_steps,
-            "layer_weights": None if c.layer_weights is None else list(c.layer_weights),
+            "layer_weights": c.layer_weights if c.layer_weights in (None, "auto") else list(c.layer_weights),
+            "sampling": c.sampling,
             "layers_attribute": self.layers_path,
             "state_policy": c.state_policy,
             "period": self._period,
@@ -268,7 +294,8 @@ class LisaController:
         if state.get("format") != _STATE_DICT_FORMAT:
             raise ValueError(f"unknown LisaController state format {state.get('format')!r}")
         mine = self.state_dict()
-        for key in ("seed", "n_layers", "n_active_layers", "interval_steps", "layer_weights"):
+        state = {"sampling": "uniform", **state}  # written before sampling modes existed
+        for key in ("seed", "n_layers", "n_active_layers", "interval_steps", "layer_weights", "sampling"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"the checkpoint was written with {key}={state[key]!r} but this run has {key}={mine[key]!r}: "
@@ -316,7 +343,7 @@ class LisaController:
         return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
 
     def _enter_period(self, period: int, enforce_all: bool = False) -> None:
-        new = self.sampler.layers_for_period(period)
+        new = self.layers_for_period(period)
         old = set(range(self.n_layers)) if enforce_all else set(self._active)
         leaving = sorted(old - set(new))
         # At construction/resume nothing needs unparking now: the parker unparks on demand before a step.
@@ -350,7 +377,7 @@ class LisaController:
         nxt = self._period + 1
         if self._prefetched_for == nxt or step < nxt * c.interval_steps - c.prefetch_steps:
             return
-        incoming = set(self.sampler.layers_for_period(nxt)) - set(self._active)
+        incoming = set(self.layers_for_period(nxt)) - set(self._active)
         self.parker.prefetch(self._params_of(incoming))
         self._prefetched_for = nxt
 

@@ -9,6 +9,15 @@ Sampling without replacement uses exponential keys (Efraimidis & Spirakis 2006):
 key_i = -ln(u_i) / w_i and the `n_active` smallest keys win. That is exactly sequential weighted sampling
 without replacement (draw one layer with probability proportional to w, remove it, repeat); with equal weights
 it is a uniform random subset, the paper's rule. A zero weight gives an infinite key: never chosen.
+
+Two further rules, both measured in `benchmarks/bench_quality.py` (see the README's "Quality" section):
+
+- `mode="balanced"`: coverage-balanced sampling. Consecutive periods take consecutive slices of a seeded
+  permutation of the layers, so over a cycle of n_layers / gcd(n_layers, n_active) periods every layer trains in
+  exactly n_active / gcd(...) of them (independent draws leave some layers idle for many periods by chance).
+- `auto_layer_weights(period_log, ...)`: importance weights estimated from the update norms the controller records
+  each period, smoothed, with a floor so no layer starves. They depend only on periods that ended at least one
+  period earlier, so the prefetcher knows period p+1 during period p, and the log is in every checkpoint.
 """
 
 from __future__ import annotations
@@ -17,26 +26,36 @@ import hashlib
 import math
 from collections.abc import Sequence
 
-__all__ = ["LayerSampler"]
+__all__ = ["LayerSampler", "SAMPLING_MODES", "auto_layer_weights"]
+
+SAMPLING_MODES = ("uniform", "balanced")
+# auto_layer_weights: every layer keeps at least this share of a uniform draw's weight (0.5: no layer is sampled
+# less than half as often as uniform sampling would), and each new observation of a layer moves its estimate
+# halfway (a layer trains about every n_layers / n_active periods, so older periods soon stop counting).
+AUTO_FLOOR = 0.5
+AUTO_SMOOTHING = 0.5
+AUTO_WINDOW = 256  # periods looked back over: bounds the cost per period in long runs
 
 _TWO_POW_53 = float(1 << 53)
 
 
-def _uniform(seed: int, period: int, layer: int) -> float:
-    """A uniform number in (0, 1) determined by (seed, period, layer) alone."""
-    digest = hashlib.blake2b(f"lisa:{seed}:{period}:{layer}".encode(), digest_size=8).digest()
+def _uniform(*key) -> float:
+    """A uniform number in (0, 1) determined by `key` alone ((seed, period, layer) for independent draws)."""
+    digest = hashlib.blake2b(("lisa:" + ":".join(map(str, key))).encode(), digest_size=8).digest()
     return ((int.from_bytes(digest, "little") >> 11) + 0.5) / _TWO_POW_53  # 53 random bits, never 0 or 1
 
 
 class LayerSampler:
-    """Choose `n_active` of `n_layers` decoder layers for each period, uniformly or by importance weights.
+    """Choose `n_active` of `n_layers` decoder layers for each period: independent uniform draws (the paper's
+    rule), importance-weighted draws, or coverage-balanced slices of seeded permutations (`mode="balanced"`).
 
     >>> s = LayerSampler(n_layers=8, n_active=2, seed=0)
     >>> s.layers_for_period(0) == s.layers_for_period(0)
     True
     """
 
-    def __init__(self, n_layers: int, n_active: int, seed: int, weights: Sequence[float] | None = None):
+    def __init__(self, n_layers: int, n_active: int, seed: int, weights: Sequence[float] | None = None,
+                 mode: str = "uniform"):
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be a positive int, got {n_layers!r}")
         if isinstance(n_active, bool) or not isinstance(n_active, int) or not 1 <= n_active <= n_layers:
@@ -46,6 +65,11 @@ class LayerSampler:
         self.n_layers = n_layers
         self.n_active = n_active
         self.seed = seed
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"mode must be one of {SAMPLING_MODES}, got {mode!r}")
+        if mode == "balanced" and weights is not None:
+            raise ValueError("mode='balanced' gives every layer the same share; it takes no weights")
+        self.mode = mode
         self.weights = None if weights is None else self._check_weights(weights, n_layers, n_active)
 
     @staticmethod
@@ -67,19 +91,53 @@ class LayerSampler:
             )
         return values
 
-    def layers_for_period(self, period: int) -> tuple[int, ...]:
-        """The sorted layer indices active in `period` (0-based)."""
+    def layers_for_period(self, period: int, weights: Sequence[float] | None = None) -> tuple[int, ...]:
+        """The sorted layer indices active in `period` (0-based). `weights`, when given, replaces the sampler's own
+        for this period (the controller passes `auto_layer_weights`)."""
         if isinstance(period, bool) or not isinstance(period, int) or period < 0:
             raise ValueError(f"period must be a non-negative int, got {period!r}")
         if self.n_active == self.n_layers:
             return tuple(range(self.n_layers))
+        if self.mode == "balanced":
+            return self._balanced(period)
+        if weights is not None:
+            weights = self._check_weights(weights, self.n_layers, self.n_active)
+        else:
+            weights = self.weights
         keys = []
         for i in range(self.n_layers):
-            w = 1.0 if self.weights is None else self.weights[i]
+            w = 1.0 if weights is None else weights[i]
             key = math.inf if w == 0 else -math.log(_uniform(self.seed, period, i)) / w
             keys.append((key, i))
         keys.sort()
         return tuple(sorted(i for _, i in keys[: self.n_active]))
+
+    def cycle_length(self) -> int:
+        """Periods after which `mode="balanced"` has given every layer the same number of periods."""
+        return self.n_layers // math.gcd(self.n_layers, self.n_active)
+
+    def _balanced(self, period: int) -> tuple[int, ...]:
+        cycle, index = divmod(period, self.cycle_length())
+        order = self._cycle_order(cycle)
+        return tuple(sorted(order[index * self.n_active:(index + 1) * self.n_active]))
+
+    def _cycle_order(self, cycle: int) -> list[int]:
+        """n_active / gcd permutations of the layers, end to end; period i of the cycle takes slice i.
+
+        A slice that straddles two permutations takes the tail of one and the head of the next; a layer in both
+        would be chosen twice, so such a layer is swapped out of the head with the next layer further on that is
+        not in the tail. A swap within a permutation keeps every layer's count per cycle exact."""
+        n, k = self.n_layers, self.n_active
+        order: list[int] = []
+        for j in range(k // math.gcd(n, k)):
+            perm = sorted(range(n), key=lambda i: _uniform("balanced", self.seed, cycle, j, i))
+            tail = set(order[len(order) - len(order) % k:])
+            for pos in range(k - len(tail) if tail else 0):
+                if perm[pos] in tail:
+                    swap = next(q for q in range(k - len(tail), n) if perm[q] not in tail)
+                    perm[pos], perm[swap] = perm[swap], perm[pos]
+            order += perm
+        return order
 
     def inclusion_probabilities(self, n_periods: int = 10_000) -> list[float]:
         """Empirical fraction of the first `n_periods` periods in which each layer is active (for diagnostics)."""
@@ -91,4 +149,47 @@ class LayerSampler:
 
     def __repr__(self) -> str:
         w = "" if self.weights is None else f", weights={list(self.weights)}"
-        return f"LayerSampler(n_layers={self.n_layers}, n_active={self.n_active}, seed={self.seed}{w})"
+        m = "" if self.mode == "uniform" else f", mode={self.mode!r}"
+        return f"LayerSampler(n_layers={self.n_layers}, n_active={self.n_active}, seed={self.seed}{w}{m})"
+
+
+def auto_layer_weights(period_log: Sequence[dict], n_layers: int, period: int, *, floor: float = AUTO_FLOOR,
+                       smoothing: float = AUTO_SMOOTHING) -> tuple[float, ...] | None:
+    """Importance weights for `period` from the update norms observed in periods <= period - 2 (None: no
+    observation yet, sample uniformly).
+
+    `period_log` is `LisaController.period_log`: per period its layers, `layer_update_norms` and
+    `module_update_norms`. A layer's observation is its update norm divided by the total update norm of the
+    always-trainable modules in the same period (they train in every period at the same learning rate, so the ratio
+    does not shrink as the schedule decays the learning rate, nor with a period cut short); without such modules,
+    divided by the period's step count. Observations are smoothed per layer (exponential moving average,
+    `smoothing` = weight of the newest); a layer never observed gets the mean of the others. The result is mixed
+    with uniform weights: weight_i = floor / n + (1 - floor) * estimate_i / sum(estimates), so every layer keeps at
+    least `floor` times its uniform share. Summing floats in period order makes the result identical on every rank
+    and after a resume (the log is in the checkpoint).
+
+    Why two periods back: during period p the prefetcher asks for period p+1's layers, when period p has not
+    ended yet; both questions must see the same observations.
+    """
+    if not 0 < floor <= 1:
+        raise ValueError(f"floor must be in (0, 1], got {floor!r}")
+    if not 0 < smoothing <= 1:
+        raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+    last = period - 2
+    entries = sorted((e for e in period_log
+                      if last - AUTO_WINDOW < e["period"] <= last and e.get("layer_update_norms")),
+                     key=lambda e: (e["period"], e["first_step"]))
+    estimate: list[float | None] = [None] * n_layers
+    for e in entries:
+        modules = sum((e.get("module_update_norms") or {}).values())
+        scale = modules if modules > 0 else e["last_step"] - e["first_step"] + 1
+        for layer, norm in zip(e["layers"], e["layer_update_norms"]):
+            x = norm / scale
+            estimate[layer] = x if estimate[layer] is None else (1 - smoothing) * estimate[layer] + smoothing * x
+    seen = [x for x in estimate if x is not None]
+    if not seen or sum(seen) <= 0 or not all(math.isfinite(x) for x in seen):
+        return None
+    fill = sum(seen) / len(seen)
+    filled = [fill if x is None else x for x in estimate]
+    total = sum(filled)
+    return tuple(floor / n_layers + (1 - floor) * x / total for x in filled)
