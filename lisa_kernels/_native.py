@@ -71,13 +71,14 @@ def build_dir() -> Path:
 
 
 def source_dir() -> Path:
-    """`csrc/` of a source checkout, or the installed `lisa_kernels.csrc` package."""
+    """`csrc/` beside this package in a source checkout, else the installed `lisa_kernels.csrc` package. The
+    checkout comes first: with an editable install of another checkout, `lisa_kernels.csrc` resolves to that one."""
     here = Path(__file__).resolve().parent
     candidates = [here.parent / "csrc"]
     try:
         from importlib import resources
 
-        candidates.insert(0, Path(str(resources.files("lisa_kernels.csrc"))))
+        candidates.append(Path(str(resources.files("lisa_kernels.csrc"))))
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
     for path in candidates:
