@@ -411,7 +411,6 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_title(f"{shape}: params + grads + optimizer state resident on the device", fontsize=9)
         ax.set_xlabel("period")
         ax.set_ylabel("GB (10^9 bytes)")
-        ax.set_yscale("log")
         ax.legend(fontsize=7)
     c = payload["config"]
     fig.suptitle(f"bench_memory on meta: {c['periods']} periods, γ={c['n_active']} (no activations, no prefetch)")
