@@ -8,9 +8,9 @@ the bytes resident on the device:
 
 - params: the model's parameters as built;
 - grads: every parameter that requires a gradient after peft's or the controller's freezing gets
-  `.grad = torch.empty_like(p)`, which is what backward leaves on a leaf parameter (same shape and dtype). Meta
-  tensors could run a backward pass, but at 70B x 200 steps x 7 variants that costs minutes for the same answer; on
-  the tiny shape the tests run a real forward/backward on CPU instead and find the same bytes;
+  `.grad = torch.empty_like(p)`, which is what backward leaves on a leaf parameter (same shape and dtype). A whole
+  model's forward does not run on meta (transformers' mask code reads a value with `.item()`); on the tiny shape the
+  tests run a real forward/backward on CPU instead and find the same bytes;
 - optimizer_state: what the optimizer's own `step()` allocated (FusedAdamW's `_state_for_step`, torch AdamW's state)
   after the controller's policy parked, dropped or kept it;
 - prefetched: with "park" the controller starts bringing the next period's incoming layers back one step before the
