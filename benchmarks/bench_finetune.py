@@ -45,7 +45,8 @@ from benchmarks.common import environment, print_table, results_path, summarize,
 METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
 
-# Llama configs. "1b" follows Llama-3.2-1B (GQA, tied embeddings, 128k vocab), "7b" follows Llama-2-7B.
+# Llama configs. "1b" follows Llama-3.2-1B (GQA, tied embeddings, 128k vocab), "7b" Llama-2-7B, "8b" Llama-3-8B
+# (GQA, untied 128k embedding and head), "70b" Llama-2-70B (GQA); bench_memory.py accounts all of them on `meta`.
 # LoRA rank 128 is the paper's comparison at 7B (1/32 of the hidden size); on the tiny model rank 128 would equal
 # the hidden size and give adapters larger than the layers, so it uses rank 8 there.
 SHAPES = {
@@ -61,6 +62,14 @@ SHAPES = {
         config=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
         seq_len=1024, batch_size=2, steps=45, lora_rank=128),
+    "8b": dict(
+        config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0),
+        seq_len=1024, batch_size=1, steps=45, lora_rank=128),
+    "70b": dict(
+        config=dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                    num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+        seq_len=1024, batch_size=1, steps=45, lora_rank=128),
 }
 
 
@@ -132,8 +141,9 @@ def torch_adamw(params, args, device):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, **kw)
 
 
-def setup_method(method: str, model, args, device):
-    """-> (model, optimizer, controller or None). Raises ImportError when a method's package is missing."""
+def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
+    """-> (model, optimizer, controller or None). Raises ImportError when a method's package is missing.
+    `lisa_optimizer_kwargs` go to our LISA methods' FusedAdamW (e.g. state_dtype, state_bank)."""
     if method == "full":
         return model, torch_adamw(model.parameters(), args, device), None
     if method == "lora":
@@ -153,11 +163,11 @@ def setup_method(method: str, model, args, device):
 
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
                          state_policy=method.removeprefix("lisa-").removesuffix("-torch"),
-                         track_update_norms=args.track_update_norms)
+                         track_update_norms=args.track_update_norms, prefetch_steps=args.prefetch_steps)
         if method.endswith("-torch"):
             optimizer = torch_adamw(model.parameters(), args, device)
         else:
-            optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay)
+            optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay, **lisa_optimizer_kwargs)
         controller = LisaController(model, optimizer, cfg)
         if cfg.state_policy == "park":
             # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
@@ -189,23 +199,27 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
-def device_state_bytes(model, optimizer, device) -> int:
-    """Parameters + gradients + optimizer state that live on the training device right now (scalar `step`
-    counters excluded). Deterministic and device-independent: the CPU stand-in for the GPU peak."""
-    seen, total = set(), 0
+def device_state_breakdown(model, optimizer, device) -> dict:
+    """Bytes of parameters, gradients and optimizer state that live on the training device right now (scalar `step`
+    counters excluded). Deterministic and device-independent: the CPU (and meta) stand-in for the GPU peak."""
+    seen, out = set(), {"params": 0, "grads": 0, "optimizer_state": 0}
     for p in model.parameters():
         if id(p) in seen:  # tied embeddings count once
             continue
         seen.add(id(p))
         if p.device == device:
-            total += _tensor_bytes(p)
+            out["params"] += _tensor_bytes(p)
             if p.grad is not None:
-                total += _tensor_bytes(p.grad)
+                out["grads"] += _tensor_bytes(p.grad)
     for state in optimizer.state.values():
         for t in state.values():
             if isinstance(t, torch.Tensor) and t.device == device and t.dim() > 0:
-                total += _tensor_bytes(t)
-    return total
+                out["optimizer_state"] += _tensor_bytes(t)
+    return out
+
+
+def device_state_bytes(model, optimizer, device) -> int:
+    return sum(device_state_breakdown(model, optimizer, device).values())
 
 
 def _rss_bytes() -> int:
@@ -317,7 +331,7 @@ def failure(method: str, exc: Exception) -> dict:
 
 def run_figures(method: str, run: TrainingRun, args) -> dict:
     """Memory held, step time (warm-up steps left out), switch stall and losses of a finished run."""
-    model, optimizer, times_ms = run.model, run.optimizer, run.step_times_ms
+    model, times_ms = run.model, run.step_times_ms
     timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
     plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
     switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
@@ -371,6 +385,8 @@ def parse_args(argv=None):
     p.add_argument("--n-active", type=int, default=2, help="LISA γ: middle layers trained per period")
     p.add_argument("--interval", type=int, default=20, help="LISA K: steps per period")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefetch-steps", type=int, default=1,
+                   help="LisaConfig.prefetch_steps: steps ahead of a switch that parked state starts coming back")
     p.add_argument("--no-update-norms", dest="track_update_norms", action="store_false",
                    help="LisaConfig(track_update_norms=False): no per-period host snapshot of the trained weights")
     p.add_argument("--threads", type=int, default=None,
@@ -397,6 +413,8 @@ def parse_args(argv=None):
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.prefetch_steps < 0:
+        p.error("--prefetch-steps must be >= 0")
     args.warmup = min(args.warmup, args.steps - 1)
     return args
 
@@ -511,7 +529,8 @@ def main(argv=None) -> int:
         "config": dict(shape=args.shape, model=SHAPES[args.shape]["config"], steps=args.steps, warmup=args.warmup,
                        seq_len=args.seq_len, batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
                        lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
-                       n_active=args.n_active, interval=args.interval, seed=args.seed, isolated=isolated,
+                       n_active=args.n_active, interval=args.interval, prefetch_steps=args.prefetch_steps,
+                       seed=args.seed, isolated=isolated,
                        track_update_norms=args.track_update_norms,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),

@@ -146,6 +146,8 @@ def device_name(device: torch.device | str | None = None) -> str:
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "meta":  # tensors without data: accounting of allocations, no hardware involved
+        return "meta"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -156,8 +158,11 @@ def device_name(device: torch.device | str | None = None) -> str:
 
 
 def device_slug(device: torch.device | str | None = None) -> str:
-    """'nvidia-h100-80gb-hbm3' for a GPU, 'cpu' for any CPU (one CPU file per benchmark, not one per model)."""
+    """'nvidia-h100-80gb-hbm3' for a GPU, 'cpu' for any CPU (one CPU file per benchmark, not one per model),
+    'meta' for the meta device."""
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "meta":
+        return "meta"
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 __all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate"]

@@ -1,0 +1,499 @@
+"""Memory of full fine-tuning, LoRA and LISA at 7B, 8B and 70B without a GPU: the real code, run on the meta device.
+
+Tensors on PyTorch's `meta` device have a shape and a dtype but no data, so even Llama-2-70B costs nothing to build.
+This benchmark builds each model on `meta` with transformers (bf16 weights), sets each method up exactly as
+bench_finetune.py does (torch AdamW; peft LoRA; lisa_trainer.build_optimizer + LisaController; the public
+implementations' `requires_grad` toggling), runs a long LISA schedule through that code, and after each period counts
+the bytes resident on the device:
+
+- params: the model's parameters as built;
+- grads: every parameter that requires a gradient after peft's or the controller's freezing gets
+  `.grad = torch.empty_like(p)`, which is what backward leaves on a leaf parameter (same shape and dtype). A whole
+  model's forward does not run on meta (transformers' mask code reads a value with `.item()`); on the tiny shape the
+  tests run a real forward/backward on CPU instead and find the same bytes;
+- optimizer_state: what the optimizer's own `step()` allocated (FusedAdamW's `_state_for_step`, torch AdamW's state)
+  after the controller's policy parked, dropped or kept it;
+- prefetched: with "park" the controller starts bringing the next period's incoming layers back one step before the
+  switch (`prefetch_steps=1`); on a GPU those copies sit on the device beside the active state during that step;
+- host: bytes parked in the host state bank.
+
+Two steps are run per period (its first, where the switch happens, and its last, where the prefetch happens); the
+other steps of a period allocate nothing new. Full fine-tuning and LoRA train the same tensors at every step, so one
+period of theirs is measured (torch AdamW on meta costs ~1 ms per tensor and step). Parking goes through FusedAdamW's
+public park/unpark/prefetch hooks into `SizeOnlyStateBank`, a HostStateBank that records what would be parked (shape,
+dtype) instead of copying data, which meta tensors do not have.
+
+Activations are not in those figures; they are estimated for `--seq-len` x `--batch-size` with gradient
+checkpointing of every decoder layer (how LISA and LoRA are run at these sizes), from what autograd saves, measured on
+meta with saved-tensor hooks (parameters excluded, shared storage counted once):
+
+    checkpoints  = n_layers x batch x seq x hidden x 2 bytes   (each decoder layer's bf16 input, kept for recompute)
+    layer        = the largest decoder layer's saved tensors    (one layer is recomputed at a time in backward)
+    head         = final norm + LM head + transformers' loss: its saved tensors, where the fp32 log-probabilities
+                   (tokens x vocab x 4 bytes) count 3 times: saved, plus the incoming gradient and the result of the
+                   cross-entropy backward, alive together
+    head_chunked = the same with the vocabulary-wide terms for `--loss-chunk` tokens instead of all of them
+                   (a loss computed over chunks of tokens fused with the LM head)
+    activations  = checkpoints + max(layer, head)              (the head's buffers are gone before layers recompute)
+
+Attention is measured through the flash-attention op (`aten._scaled_dot_product_flash_attention`, what SDPA runs on
+a GPU in bf16: no seq x seq matrix is saved) with k/v repeated to every head, an upper bound where the kernel reads
+grouped k/v directly. Not counted: a layer's backward temporaries (a few batch x seq x intermediate buffers),
+the CUDA context, allocator fragmentation. "total" adds the peak device state (after the optimizer step, all
+gradients alive) to the activation peak, so it is an upper bound of what the two add up to at any one time.
+
+Variants are one entry each in VARIANTS: a bench_finetune method plus FusedAdamW arguments, so a new optimizer option
+(e.g. a per-group state dtype or a row-sparse embedding state) is measured by adding one line.
+
+    python -m benchmarks.bench_memory                              # 7b, 8b, 70b; 100 periods, γ=2
+    python -m benchmarks.bench_memory --shapes 8b --variants lisa-park,lisa-park-bf16-moments,lora
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.bench_finetune import SHAPES, build_model, device_state_breakdown, setup_method
+from benchmarks.common import environment, print_table, results_path, write_results
+from lisa_kernels import HostStateBank
+
+GB = 1e9
+DTYPE = torch.bfloat16
+RESIDENT_KEYS = ("params", "grads", "optimizer_state")
+STATE_KEYS = (*RESIDENT_KEYS, "prefetched")
+
+# Figures the paper reports (Pan et al. 2024, peak GPU memory). Its 70B runs split the model over several GPUs, so
+# only the LISA / LoRA ratio compares with the single-device totals here.
+PAPER = {
+    "7b": "LISA (E+H+2L) fits a 24 GB card",
+    "70b": "LISA (E+H+2L) 75 GB vs LoRA r128 79 GB (ratio 0.95)",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str                                    # a bench_finetune method
+    optimizer: dict = field(default_factory=dict)  # extra FusedAdamW arguments (our LISA methods only)
+    settings: dict = field(default_factory=dict)   # bench_finetune arguments to override, e.g. prefetch_steps
+    note: str = ""
+
+
+VARIANTS = {
+    "full": Variant("full", note="torch AdamW over everything (bf16 moments for bf16 weights)"),
+    "lora": Variant("lora", note="peft LoRA on all linear layers (fp32 adapters, as peft makes them), torch AdamW"),
+    "lisa-park": Variant("lisa-park", note="ours: frozen layers' moments parked in host memory (fp32 moments)"),
+    "lisa-reset": Variant("lisa-reset", note="ours: frozen layers' moments dropped"),
+    "lisa-keep": Variant("lisa-keep", note="ours: moments of every layer ever sampled stay on the device"),
+    "lisa-public": Variant("lisa-public",
+                           note="requires_grad toggling; torch AdamW keeps every state (LMFlow, Axolotl)"),
+    "lisa-park-bf16-moments": Variant("lisa-park", {"state_dtype": torch.bfloat16},
+                                      note="ours, park, FusedAdamW(state_dtype=torch.bfloat16)"),
+    "lisa-park-no-prefetch": Variant("lisa-park", settings={"prefetch_steps": 0},
+                                     note="ours, park, LisaConfig(prefetch_steps=0): the switch waits for the copy"),
+    "lisa-park-bf16-moments-no-prefetch": Variant("lisa-park", {"state_dtype": torch.bfloat16},
+                                                  {"prefetch_steps": 0}, note="both of the above"),
+}
+# Methods whose trainable set never changes allocate nothing new after their first step: one period is measured.
+STATIC_METHODS = ("full", "lora")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parking without data
+
+
+class SizeOnlyStateBank(HostStateBank):
+    """A HostStateBank that records what is parked (shape, dtype, device) instead of copying it: meta tensors have
+    no data to copy, and a 70B model's parked moments (~0.5 TB) would not fit in this host anyway.
+
+    `restore` hands back an uninitialised tensor of the parked shape and dtype; `prefetch` allocates that tensor on
+    the device ahead of time and keeps it until `restore`, as the real bank does on a GPU, so `prefetched_bytes`
+    counts what a prefetch holds on the device."""
+
+    def __init__(self):
+        super().__init__(backend="fallback", pin=False)
+        self._records: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self._prefetched: dict[str, torch.Tensor] = {}
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(shape.numel() * dtype.itemsize for shape, dtype, _ in self._records.values())
+
+    @property
+    def prefetched_bytes(self) -> int:
+        return sum(t.nbytes for t in self._prefetched.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self):
+        return iter(list(self._records))
+
+    def reserve(self, size) -> None:
+        pass
+
+    def offload(self, name: str, tensor: torch.Tensor, **_) -> None:
+        self.discard(name)
+        self._records[name] = (tensor.shape, tensor.dtype, tensor.device)
+
+    def prefetch(self, name: str, device=None) -> None:
+        if name not in self._prefetched:
+            self._prefetched[name] = self._empty(name, device)
+
+    def restore(self, name: str, device=None, non_blocking: bool = True) -> torch.Tensor:
+        out = self._prefetched.pop(name, None)
+        if out is None or (device is not None and out.device != torch.device(device)):
+            out = self._empty(name, device)
+        del self._records[name]
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        shape, dtype, _ = self._records[name]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def discard(self, name: str) -> None:
+        self._records.pop(name, None)
+        self._prefetched.pop(name, None)
+
+    def _empty(self, name: str, device) -> torch.Tensor:
+        shape, dtype, home = self._records[name]
+        return torch.empty(shape, dtype=dtype, device=home if device is None else device)
+
+
+def make_state_bank(device: torch.device) -> HostStateBank:
+    """SizeOnlyStateBank on meta; the real bank (pure-PyTorch arena, unpinned) with real tensors."""
+    return SizeOnlyStateBank() if device.type == "meta" else HostStateBank(backend="fallback", pin=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule
+
+
+def make_gradients(model, device: torch.device, batch: torch.Tensor | None) -> None:
+    """What backward leaves: on meta, an empty gradient per parameter that requires one; else a real backward."""
+    if device.type == "meta":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.empty_like(p)
+        return
+    model(input_ids=batch, labels=batch).loss.backward()
+
+
+def bench_args(shape: str, variant: Variant, args) -> SimpleNamespace:
+    """The arguments bench_finetune.setup_method reads."""
+    return SimpleNamespace(**{
+        "lr": 1e-4, "weight_decay": 0.0, "lora_rank": args.lora_rank or SHAPES[shape]["lora_rank"],
+        "n_active": args.n_active, "interval": args.interval, "seed": args.seed, "prefetch_steps": 1,
+        "track_update_norms": False, "steps": args.periods * args.interval, **variant.settings})
+
+
+def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
+    """Run `args.periods` periods of `variant` on `shape`; bytes on the device (and parked on the host) per period."""
+    setup = bench_args(shape, variant, args)
+    model = build_model(shape, device, DTYPE, args.seed)
+    kwargs = dict(variant.optimizer)
+    bank = None
+    if variant.method == "lisa-park":
+        bank = kwargs["state_bank"] = make_state_bank(device)
+    model, optimizer, controller = setup_method(variant.method, model, setup, device, **kwargs)
+    batch = None
+    if device.type != "meta":
+        batch = torch.randint(0, SHAPES[shape]["config"]["vocab_size"], (1, 16),
+                              generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    per_period = {key: [] for key in (*STATE_KEYS, "host", "layers_sampled")}
+    peak, sampled = None, set()
+    for period in range(1 if variant.method in STATIC_METHODS else args.periods):
+        first = period * args.interval
+        for step in sorted({first, first + args.interval - 1}):
+            if controller is not None:
+                controller.on_step_begin(step)
+                sampled.update(controller.active_layers)
+            make_gradients(model, device, batch)
+            optimizer.step()
+            now = device_state_breakdown(model, optimizer, device)
+            now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
+            if peak is None or sum(now.values()) > sum(peak.values()):
+                peak = now
+            optimizer.zero_grad(set_to_none=True)
+            if controller is not None:
+                controller.on_step_end(step)
+        for key in STATE_KEYS:
+            per_period[key].append(now[key])
+        per_period["host"].append(bank.bytes_held if bank is not None else 0)
+        per_period["layers_sampled"].append(len(sampled))
+
+    result = {
+        "variant_method": variant.method,
+        "optimizer": {k: str(v).removeprefix("torch.") for k, v in variant.optimizer.items()},
+        "settings": dict(variant.settings),
+        "note": variant.note,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "per_period": per_period,
+        "peak": {**peak, "device_state": sum(peak.values())},
+    }
+    if device.type == "meta":
+        result["activations"] = activation_bytes(model, shape, args)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations
+
+
+def _flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention through the flash-attention op, which has a meta implementation (SDPA on meta would
+    take the math path and save a seq x seq matrix that the GPU never holds)."""
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, False, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+_ATTENTION = "lisa_meta_sdpa"  # a name with "flash" in it would make transformers look for a hub kernel
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION, _flash_attention)
+
+
+def saved_tensors(fn, exclude: set) -> list[torch.Tensor]:
+    """The tensors autograd saves while `fn()` runs, one per storage, leaving out storages in `exclude`."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in exclude and storage._cdata not in seen:
+            seen[storage._cdata] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return list(seen.values())
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def activation_bytes(model, shape: str, args) -> dict:
+    """The activation terms of the module docstring, in bytes, for this model as the method left it (frozen
+    layers save less than trained ones; LoRA adapters save their inputs)."""
+    from lisa_trainer.layers import find_decoder_layers
+
+    _register_attention()
+    cfg = SHAPES[shape]["config"]
+    b, s, h, vocab = args.batch_size, args.seq_len, cfg["hidden_size"], cfg["vocab_size"]
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    _, layers = find_decoder_layers(model)
+    x = torch.empty(b, s, h, dtype=DTYPE, device="meta", requires_grad=True)
+    position_ids = torch.arange(s, device="meta")[None]
+    position_embeddings = lm.model.rotary_emb(x, position_ids)
+
+    config, previous = lm.config, lm.config._attn_implementation
+    config._attn_implementation = _ATTENTION
+    try:
+        layer_bytes = {}
+        for layer in layers:  # layers frozen alike save alike: measure each pattern of requires_grad once
+            pattern = tuple(p.requires_grad for p in layer.parameters())
+            if pattern not in layer_bytes:
+                layer_bytes[pattern] = _nbytes(saved_tensors(
+                    lambda: layer(x, attention_mask=None, position_ids=position_ids,
+                                  position_embeddings=position_embeddings), params))
+    finally:
+        config._attn_implementation = previous
+    labels = torch.zeros(b, s, dtype=torch.long, device="meta")
+    head = saved_tensors(lambda: lm.loss_function(lm.get_output_embeddings()(lm.model.norm(x)), labels,
+                                                  vocab_size=vocab), params)
+    vocab_wide = _nbytes(t for t in head if t.dim() and t.shape[-1] == vocab)
+    other = _nbytes(head) - vocab_wide
+    out = {
+        "checkpoints": len(layers) * b * s * h * DTYPE.itemsize,
+        "layer": max(layer_bytes.values()),
+        "head": other + 3 * vocab_wide,
+        "head_chunked": other + 3 * vocab_wide * min(args.loss_chunk, b * s) // (b * s),
+    }
+    out["total"] = out["checkpoints"] + max(out["layer"], out["head"])
+    out["total_chunked_loss"] = out["checkpoints"] + max(out["layer"], out["head_chunked"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparisons, table, chart
+
+
+def totals(r: dict) -> tuple[float, float]:
+    """(total, total with the chunked loss) in bytes: peak device state + activations."""
+    a = r["activations"]
+    return r["peak"]["device_state"] + a["total"], r["peak"]["device_state"] + a["total_chunked_loss"]
+
+
+def compare(results: dict, target_bytes: float) -> dict:
+    """The package's memory targets, judged on the totals without the chunked loss: park at or below LoRA and at most
+    45% of full fine-tuning. Then what each saving brings on its own against plain `lisa-park` (every other park
+    variant, and the chunked loss), and the leanest park variant with the chunked loss against `target_bytes`, and
+    against LoRA and full fine-tuning with the chunked loss too."""
+    t = {name: totals(r) for name, r in results.items()}
+    park = [n for n in t if VARIANTS[n].method == "lisa-park"]
+    out = {}
+    for name in park:
+        mine = t[name][0]
+        if "lora" in t:
+            out[f"{name}_vs_lora"] = mine / t["lora"][0]
+            out[f"{name}_at_or_below_lora"] = mine <= t["lora"][0]
+        if "full" in t:
+            out[f"{name}_vs_full"] = mine / t["full"][0]
+            out[f"{name}_at_most_45pct_of_full"] = mine <= 0.45 * t["full"][0]
+    if "lisa-park" in t:
+        base = t["lisa-park"][0]
+        out["savings_vs_lisa_park_bytes"] = {"chunked_loss": base - t["lisa-park"][1],
+                                             **{n: base - t[n][0] for n in park if n != "lisa-park"}}
+    if park:  # with the chunked loss, against LoRA and full fine-tuning with the chunked loss too
+        lean = min(park, key=lambda n: t[n][1])
+        out["leanest"] = {"variant": lean, "chunked_loss": True, "total_bytes": t[lean][1],
+                          "within_target": t[lean][1] <= target_bytes}
+        for ref in ("lora", "full"):
+            if ref in t:
+                out["leanest"][f"vs_{ref}"] = t[lean][1] / t[ref][1]
+    return out
+
+
+def rows_for(shape: str, results: dict) -> list[dict]:
+    full = totals(results["full"])[0] if "full" in results else None
+    lora = totals(results["lora"])[0] if "lora" in results else None
+    rows = []
+    for name, r in results.items():
+        total, chunked = totals(r)
+        peak, last = r["peak"], {k: v[-1] for k, v in r["per_period"].items()}
+        rows.append({
+            "shape": shape, "variant": name,
+            "params_gb": peak["params"] / GB, "grads_gb": peak["grads"] / GB,
+            "opt_state_gb": peak["optimizer_state"] / GB, "prefetch_gb": peak["prefetched"] / GB,
+            "resident_first_gb": sum(r["per_period"][k][0] for k in RESIDENT_KEYS) / GB,
+            "resident_last_gb": sum(last[k] for k in RESIDENT_KEYS) / GB,
+            "host_gb": last["host"] / GB,
+            "activations_gb": r["activations"]["total"] / GB, "total_gb": total / GB,
+            "total_chunked_gb": chunked / GB,
+            "vs_full": total / full if full else None, "vs_lora": total / lora if lora else None,
+        })
+    return rows
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(payload["results"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for name, r in payload["results"][shape].items():
+            per = r["per_period"]
+            state = [sum(per[k][i] for k in RESIDENT_KEYS) / GB for i in range(len(per["params"]))]
+            if VARIANTS[name].method in STATIC_METHODS:
+                ax.axhline(state[-1], label=name, linestyle="--", color="gray" if name == "full" else "black")
+            else:
+                ax.plot(range(len(state)), state, label=name)
+        ax.set_title(f"{shape}: params + grads + optimizer state resident on the device", fontsize=9)
+        ax.set_xlabel("period")
+        ax.set_ylabel("GB (10^9 bytes)")
+        ax.legend(fontsize=7)
+    c = payload["config"]
+    fig.suptitle(f"bench_memory on meta: {c['periods']} periods, γ={c['n_active']} (no activations, no prefetch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="7b,8b,70b", help=f"comma-separated subset of {','.join(SHAPES)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--periods", type=int, default=100)
+    p.add_argument("--n-active", type=int, default=2, help="LISA γ: middle layers trained per period")
+    p.add_argument("--interval", type=int, default=20, help="LISA K: steps per period")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=None, help="default: the shape's (128; 8 on the tiny shape)")
+    p.add_argument("--seq-len", type=int, default=1024, help="for the activation estimate")
+    p.add_argument("--batch-size", type=int, default=1, help="for the activation estimate")
+    p.add_argument("--loss-chunk", type=int, default=256, help="tokens per chunk of a chunked LM-head loss")
+    p.add_argument("--target-gb", type=float, default=20.0, help="the budget the lean LISA total is judged against")
+    p.add_argument("--name", default="memory", help="results name")
+    p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for flag, chosen, known in (("--shapes", args.shapes, SHAPES), ("--variants", args.variants, VARIANTS)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown or not chosen:
+            p.error(f"{flag}: unknown or empty {unknown}; choose from {', '.join(known)}")
+    for flag in ("periods", "n_active", "interval", "seq_len", "batch_size", "loss_chunk"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("meta")
+    results, rows, comparisons = {}, [], {}
+    for shape in args.shapes:
+        results[shape] = {}
+        for name in args.variants:
+            t0 = time.monotonic()
+            results[shape][name] = account(shape, VARIANTS[name], device, args)
+            print(f"[bench_memory] {shape} {name}: {time.monotonic() - t0:.1f} s", flush=True)
+        comparisons[shape] = compare(results[shape], args.target_gb * GB)
+        rows += rows_for(shape, results[shape])
+
+    payload = {
+        "benchmark": "memory",
+        "what": "accounting of the allocations made by the package's real code on the meta device, not a GPU "
+                "measurement; activations estimated as the module docstring states",
+        "config": dict(periods=args.periods, n_active=args.n_active, interval=args.interval, seed=args.seed,
+                       seq_len=args.seq_len, batch_size=args.batch_size, loss_chunk=args.loss_chunk,
+                       dtype=str(DTYPE).removeprefix("torch."), gradient_checkpointing=True,
+                       target_gb=args.target_gb, gb=GB,
+                       shapes={s: SHAPES[s]["config"] for s in args.shapes},
+                       lora_rank={s: args.lora_rank or SHAPES[s]["lora_rank"] for s in args.shapes}),
+        "environment": environment(device),
+        "paper": {s: PAPER[s] for s in args.shapes if s in PAPER},
+        "comparisons": comparisons,
+        "table": rows,
+        "results": results,
+    }
+    print_table(rows, title=f"\nbytes on the device ({args.periods} periods, γ={args.n_active}; activations for "
+                            f"seq {args.seq_len} x batch {args.batch_size}, gradient checkpointing; GB = 1e9 B)")
+    for shape, c in comparisons.items():
+        print(f"{shape}: {c}")
+    path = write_results(args.name, payload, device, results_dir=args.results_dir)
+    print(f"results: {path}")
+    if not args.no_plot:
+        try:
+            png = results_path(args.name, device, ".png", results_dir=args.results_dir)
+            plot(payload, png)
+            print(f"chart:   {png}")
+        except ImportError as exc:
+            print(f"chart skipped: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench_memory: the meta-device accounting equals the bytes real tensors take, method by method, period by period."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_memory
+from lisa_trainer import LayerSampler
+
+pytest.importorskip("peft")
+
+PERIODS, INTERVAL, N_ACTIVE = 4, 2, 2
+ARGS = bench_memory.parse_args(["--shapes", "tiny", "--periods", str(PERIODS), "--interval", str(INTERVAL),
+                                "--n-active", str(N_ACTIVE), "--seq-len", "32", "--loss-chunk", "8"])
+RESIDENT = ("params", "grads", "optimizer_state")
+
+
+@pytest.fixture(scope="module")
+def runs(pytorch_optimizer_path):
+    """Every variant on the tiny shape: on CPU with real tensors (real backward, real host state bank), and on meta."""
+    torch.manual_seed(0)
+    return {device: {name: bench_memory.account("tiny", variant, torch.device(device), ARGS)
+                     for name, variant in bench_memory.VARIANTS.items()}
+            for device in ("cpu", "meta")}
+
+
+@pytest.mark.parametrize("name", list(bench_memory.VARIANTS))
+def test_meta_accounting_equals_real_allocations(runs, name):
+    real, meta = runs["cpu"][name]["per_period"], runs["meta"][name]["per_period"]
+    for key in (*RESIDENT, "host", "layers_sampled"):
+        assert meta[key] == real[key], key
+    assert all(b > 0 for b in real["params"]) and all(b > 0 for b in real["grads"])
+    assert runs["meta"][name]["trainable_params"] == runs["cpu"][name]["trainable_params"]
+
+
+def test_keep_creeps_and_park_stays_flat(runs):
+    per = {name: r["per_period"] for name, r in runs["meta"].items()}
+
+    def resident(name):
+        return [sum(per[name][k][i] for k in RESIDENT) for i in range(PERIODS)]
+
+    assert len(set(resident("lisa-park"))) == 1 and len(set(resident("lisa-reset"))) == 1
+    assert resident("lisa-park") == resident("lisa-reset")
+    for creeping in ("lisa-keep", "lisa-public"):
+        assert resident(creeping) == sorted(resident(creeping)) and resident(creeping)[-1] > resident(creeping)[0]
+    assert per["lisa-keep"]["layers_sampled"][-1] > N_ACTIVE
+    assert resident("lisa-keep")[-1] > resident("lisa-park")[-1]
+    # bf16 moments halve the optimizer state and the parked bytes
+    assert per["lisa-park-bf16-moments"]["optimizer_state"][0] * 2 == per["lisa-park"]["optimizer_state"][0]
+    assert per["lisa-park-bf16-moments"]["host"][-1] * 2 == per["lisa-park"]["host"][-1]
+
+
+def test_prefetch_holds_the_incoming_layers_parked_moments(runs):
+    """At a period's last step, the next period's incoming layers that have parked state are on the device
+    (fp32 moments, two per parameter); without prefetch nothing is."""
+    from bench_finetune import SHAPES, build_model
+    from lisa_trainer.layers import find_decoder_layers
+
+    _, layers = find_decoder_layers(build_model("tiny", torch.device("meta"), torch.bfloat16, 0))
+    layer_moment_bytes = sum(p.numel() for p in layers[0].parameters()) * 4 * 2
+    sampler = LayerSampler(SHAPES["tiny"]["config"]["num_hidden_layers"], N_ACTIVE, ARGS.seed)
+    trained, expected = set(), []
+    for period in range(PERIODS):
+        now, nxt = set(sampler.layers_for_period(period)), set(sampler.layers_for_period(period + 1))
+        trained |= now
+        expected.append(len((nxt - now) & trained) * layer_moment_bytes if period + 1 < PERIODS else 0)
+    assert any(expected)
+    got = runs["meta"]["lisa-park"]["per_period"]["prefetched"]
+    assert got[:-1] == expected[:-1]
+    assert set(runs["meta"]["lisa-park-no-prefetch"]["per_period"]["prefetched"]) == {0}
+    assert set(runs["cpu"]["lisa-park"]["per_period"]["prefetched"]) == {0}  # the real bank prefetches only to GPUs
+
+
+def test_activation_terms(runs):
+    cfg = bench_memory.SHAPES["tiny"]["config"]
+    tokens = ARGS.seq_len * ARGS.batch_size
+    for r in runs["meta"].values():
+        a = r["activations"]
+        assert a["checkpoints"] == cfg["num_hidden_layers"] * tokens * cfg["hidden_size"] * 2
+        # the fp32 log-probabilities (tokens x vocab x 4 bytes) count 3 times; a chunk of 8 of 32 tokens keeps 1/4
+        vocab_wide = 3 * tokens * cfg["vocab_size"] * 4
+        assert a["head"] - a["head_chunked"] == vocab_wide - vocab_wide // 4
+        assert a["layer"] > 0
+        assert a["total"] == a["checkpoints"] + max(a["layer"], a["head"])
+    full, park = runs["meta"]["full"]["activations"], runs["meta"]["lisa-park"]["activations"]
+    assert park["layer"] == full["layer"]  # an active layer saves what a fully trained one does
+
+
+def test_cli_writes_json_and_chart(tmp_path, capsys):
+    assert bench_memory.main(["--shapes", "tiny", "--periods", "2", "--interval", "2", "--seq-len", "32",
+                              "--variants", "full,lora,lisa-park,lisa-park-bf16-moments",
+                              "--results-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "memory-meta.json").read_text())
+    assert data["environment"]["device"] == "meta" and data["environment"]["git_commit"]
+    c = data["comparisons"]["tiny"]
+    assert set(c["savings_vs_lisa_park_bytes"]) == {"chunked_loss", "lisa-park-bf16-moments"}
+    assert c["leanest"]["variant"] == "lisa-park-bf16-moments"
+    assert [row["variant"] for row in data["table"]] == ["full", "lora", "lisa-park", "lisa-park-bf16-moments"]
+    assert (tmp_path / "memory-meta.png").stat().st_size > 0
+    assert "lisa-park-bf16-moments" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_memory.parse_args(["--variants", "lisa-nope"])
