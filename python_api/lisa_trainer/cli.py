@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
     g.add_argument("--bf16", default=False, **flag, help="bf16 autocast (CUDA only)")
     g.add_argument("--gradient_checkpointing", default=False, **flag)
+    g.add_argument("--chunked_loss", default=True, **flag, help="LM-head loss over tiles of the logits, never all of them (0: the plain loss)")
     g.add_argument("--seed", type=int, default=0, help="data order, layer schedule and demo weights")
 
     g = p.add_argument_group("logging and saving")
@@ -420,6 +421,7 @@ def _run(args) -> int:
             max_grad_norm=args.max_grad_norm,
             bf16=args.bf16,
             gradient_checkpointing=args.gradient_checkpointing,
+            chunked_loss=args.chunked_loss,
             seed=args.seed,
             logging_steps=args.logging_steps,
             eval_steps=values["eval_steps"],
