@@ -54,11 +54,20 @@ def _capped_logits(hidden, weight, bias, softcap):
     return torch.mul(tanh, softcap, out=logits), tanh
 
 
-def _logits_grad_(logits, tanh, lse, labels, first_column, scale=None):
-    """In place: a tile's logits -> gradient of the summed loss w.r.t. the tile's pre-cap logits,
+def _softmax_(logits):
+    """In place: a tile of whole rows of logits -> their softmax; returns the rows' log-sum-exp. No second tile:
+    ``torch.logsumexp`` would allocate two."""
+    peak = logits.amax(1, keepdim=True)
+    sums = logits.sub_(peak).exp_().sum(1, keepdim=True)
+    logits.div_(sums)
+    return (peak + sums.log()).squeeze(1)
+
+
+def _logits_grad_(probs, tanh, labels, first_column, scale=None):
+    """In place: a tile's softmax -> gradient of the summed loss w.r.t. the tile's pre-cap logits,
     ``(softmax - onehot(labels)) * scale * d(softcap)``. Labels outside ``[first_column, first_column + width)``
     belong to other tiles."""
-    grad = logits.sub_(lse[:, None]).exp_()
+    grad = probs
     local = labels - first_column
     rows = ((local >= 0) & (local < grad.shape[1])).nonzero().squeeze(1)
     grad[rows, local[rows]] -= 1
@@ -67,6 +76,30 @@ def _logits_grad_(logits, tanh, lse, labels, first_column, scale=None):
     if tanh is not None:
         grad.mul_(1 - tanh.square_())
     return grad
+
+
+def _token_chunk(hidden, weight, bias, labels, softcap, grad_hidden):
+    """Forward over one chunk of tokens (whole rows of logits): returns their log-sum-exp and summed loss, and
+    writes their hidden-state gradient into ``grad_hidden`` unless it is None. A function of its own so that the
+    tile is freed before the next one is allocated."""
+    logits, tanh = _capped_logits(hidden, weight, bias, softcap)
+    target = logits.gather(1, labels[:, None]).squeeze(1)
+    lse = _softmax_(logits)
+    if grad_hidden is not None:
+        grad = _logits_grad_(logits, tanh, labels, 0)
+        torch.matmul(grad.to(weight.dtype), weight, out=grad_hidden)
+    return lse, (lse - target).sum()
+
+
+def _vocab_block(hidden, weight, bias, labels, lse, softcap, first, grad_loss, grad_weight, grad_bias):
+    """Backward over one block of vocabulary rows starting at ``first``, all tokens: writes the block's weight and
+    bias gradients (either may be None)."""
+    logits, tanh = _capped_logits(hidden, weight, bias, softcap)
+    grad = _logits_grad_(logits.sub_(lse[:, None]).exp_(), tanh, labels, first, scale=grad_loss)
+    if grad_weight is not None:
+        torch.matmul(grad.T.to(hidden.dtype), hidden, out=grad_weight)
+    if grad_bias is not None:
+        grad_bias.copy_(grad.sum(0))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -84,12 +117,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
         for start in range(0, tokens, chunk_size):
             rows = slice(start, start + chunk_size)
-            logits, tanh = _capped_logits(hidden[rows], weight, bias, softcap)
-            lse[rows] = torch.logsumexp(logits, dim=1)
-            loss += (lse[rows] - logits.gather(1, labels[rows, None]).squeeze(1)).sum()
-            if grad_hidden_needed:
-                grad = _logits_grad_(logits, tanh, lse[rows], labels[rows], 0)
-                torch.matmul(grad.to(weight.dtype), weight, out=grad_hidden[rows])
+            lse[rows], chunk_loss = _token_chunk(hidden[rows], weight, bias, labels[rows], softcap,
+                                                 None if grad_hidden is None else grad_hidden[rows])
+            loss += chunk_loss
         ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_hidden)
         ctx.softcap = softcap
         # Backward tiles span all tokens, so they get as many vocabulary rows as keep them the forward chunk's size.
@@ -107,12 +137,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if needs_weight or needs_bias:
             for first in range(0, weight.shape[0], ctx.vocab_block):
                 block = slice(first, first + ctx.vocab_block)
-                logits, tanh = _capped_logits(hidden, weight[block], None if bias is None else bias[block], ctx.softcap)
-                grad = _logits_grad_(logits, tanh, lse, labels, first, scale=grad_loss)
-                if needs_weight:
-                    torch.matmul(grad.T.to(hidden.dtype), hidden, out=grad_weight[block])
-                if needs_bias:
-                    grad_bias[block] = grad.sum(0)
+                _vocab_block(hidden, weight[block], None if bias is None else bias[block], labels, lse, ctx.softcap,
+                             first, grad_loss, None if grad_weight is None else grad_weight[block],
+                             None if grad_bias is None else grad_bias[block])
         return (grad_hidden if needs_hidden else None), grad_weight, grad_bias, None, None, None, None, None
 
 
