@@ -1,3 +1,7 @@
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -181,3 +185,15 @@ def test_head_temporaries_scale_with_the_tile_not_tokens_times_vocab():
         chunked = largest_head_tensor(linear_cross_entropy, tokens, hidden_size, vocab, tile_elements=tile)
         assert plain >= tokens * vocab * 4
         assert chunked <= max(tile * 4, weight_bytes), (tokens, chunked)
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path, monkeypatch):
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_linear_cross_entropy", bench / "bench_linear_cross_entropy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tokens", "64", "--vocab", "300", "--hidden", "8", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("bench_linear_cross_entropy-*.json")).read_text())
+    plain, chunked = result["rows"]
+    assert plain["peak_MiB"] > 0 and chunked["peak_MiB"] > 0 and result["loss_difference"] < 1e-3

@@ -1,4 +1,4 @@
-"""The trainer's chunked LM-head loss: the same training as the plain loss, and a stated fallback where it cannot apply."""
+"""The trainer's chunked LM-head loss: the same training as the plain loss, a stated fallback where it cannot apply."""
 
 import pytest
 import torch

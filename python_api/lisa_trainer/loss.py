@@ -88,7 +88,8 @@ def _structure_problem(model) -> str | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, torch.nn.Linear):
-        return f"{type(model).__name__} has no nn.Linear output embedding (get_output_embeddings() gives {type(head).__name__})"
+        return (f"{type(model).__name__} has no nn.Linear output embedding "
+                f"(get_output_embeddings() gives {type(head).__name__})")
     base = getattr(model, "base_model", None)
     if not isinstance(base, torch.nn.Module) or base is model:
         return f"{type(model).__name__} has no separate base_model to give the final hidden states"
