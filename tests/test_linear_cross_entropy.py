@@ -8,22 +8,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lisa_kernels.linear_cross_entropy import (
     causal_lm_cross_entropy,
+    kernel_available,
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from reference_check import assert_matches_reference
+from reference_check import assert_matches_reference, devices
 
 IGNORE = -100
 
 
-def make_inputs(shape, hidden_size, vocab, dtype, *, bias, seed=0):
+def make_inputs(shape, hidden_size, vocab, dtype, *, bias, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, hidden_size, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5 * 3).to(dtype).requires_grad_()
-    b = torch.randn(vocab, generator=gen).to(dtype).requires_grad_() if bias else None
+    hidden = torch.randn(*shape, hidden_size, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5 * 3).to(device, dtype).requires_grad_()
+    b = torch.randn(vocab, generator=gen).to(device, dtype).requires_grad_() if bias else None
     labels = torch.randint(0, vocab, shape, generator=gen)
     labels[torch.rand(shape, generator=gen) < 0.25] = IGNORE
-    return hidden, weight, b, labels
+    return hidden, weight, b, labels.to(device)
 
 
 def loss_and_grads(loss_fn, hidden, weight, bias, labels, **kw):
@@ -56,16 +57,21 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kernel", [False, True], ids=["pytorch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_equals_the_plain_loss_and_gradients(dtype, case, reduction):
+def test_equals_the_plain_loss_and_gradients(device, kernel, dtype, case, reduction):
+    if kernel and not kernel_available(torch.device(device)):
+        pytest.skip("Triton cannot run on this device here")
     shape, hidden_size, vocab, chunk, tile, bias, softcap = CASES[case]
-    hidden, weight, b, labels = make_inputs(shape, hidden_size, vocab, dtype, bias=bias)
+    hidden, weight, b, labels = make_inputs(shape, hidden_size, vocab, dtype, bias=bias, device=device)
     if len(shape) == 2:
         labels[:, -4:] = IGNORE  # right padding
     kw = dict(softcap=softcap, reduction=reduction)
-    out = loss_and_grads(linear_cross_entropy, hidden, weight, b, labels, chunk_size=chunk, tile_elements=tile, **kw)
+    out = loss_and_grads(linear_cross_entropy, hidden, weight, b, labels, chunk_size=chunk, tile_elements=tile,
+                         kernel=kernel, **kw)
     ref = loss_and_grads(linear_cross_entropy_reference, hidden, weight, b, labels, **kw)
     ref64 = loss_and_grads(linear_cross_entropy_reference, *fp64_leaves(hidden, weight, b), labels, upcast=True, **kw)
     assert_close_to_plain(out, ref, ref64, ["loss", "grad hidden", "grad weight", "grad bias"])
@@ -143,6 +149,7 @@ def test_all_tokens_ignored():
         (dict(softcap=0.0), "softcap must be > 0"),
         (dict(chunk_size=0), "chunk_size and tile_elements must be >= 1"),
         (dict(reduction="none"), "reduction must be one of"),
+        (dict(kernel=True, hidden=torch.zeros(3, 8, device="meta")), "kernel=True needs Triton and a CUDA tensor"),
     ],
 )
 def test_bad_input_is_named(change, message):
