@@ -12,10 +12,10 @@ and backward copies of the same size. Here the logits exist one tile at a time:
 
 Gradients are therefore exact to the rounding of the plain loss (in bf16 the hidden states' gradient is rounded
 once more, when the backward scales it by the loss's incoming gradient), and nothing of size ``vocab x hidden`` is
-allocated beyond the weight's gradient itself. The price is one more ``tokens x hidden x vocab``
-matmul than the plain loss (4 instead of 3: the backward recomputes each logits tile once). Accumulating the weight
-gradient over token chunks instead would avoid that recomputation but would need a ``vocab x hidden`` fp32
-accumulator (2.1 GB for Llama-3-8B's head, 4x the logits it saves) or would round bf16 partial sums once per chunk.
+allocated beyond the weight's gradient itself. The price is one more ``tokens x hidden x vocab`` matmul than the
+plain loss (4 instead of 3: the backward recomputes each logits tile once). Accumulating the weight gradient over
+token chunks instead would avoid that recomputation but would need a ``vocab x hidden`` fp32 accumulator (2.1 GB
+for Llama-3-8B's head, 4x the logits it saves) or would round bf16 partial sums once per chunk.
 
 The matmuls are torch's (cuBLAS's on a GPU). What happens between them, on each tile, has two paths, chosen by
 the ``kernel`` argument: plain PyTorch (the default: in-place ops on an fp32 copy of the tile, about eight passes
