@@ -6,7 +6,18 @@ C++ extension builds at first use.
 
 from .adamw import adamw_reference, fused_adamw_
 from .host_state_bank import HostStateBank
+from .linear_cross_entropy import causal_lm_cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 from .optimizer import FusedAdamW
 from .state_parking import ParkedState, StateParker
 
-__all__ = ["FusedAdamW", "HostStateBank", "ParkedState", "StateParker", "adamw_reference", "fused_adamw_"]
+__all__ = [
+    "FusedAdamW",
+    "HostStateBank",
+    "ParkedState",
+    "StateParker",
+    "adamw_reference",
+    "causal_lm_cross_entropy",
+    "fused_adamw_",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+]

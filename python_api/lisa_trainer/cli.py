@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
     g.add_argument("--bf16", default=False, **flag, help="bf16 autocast (CUDA only)")
     g.add_argument("--gradient_checkpointing", default=False, **flag)
+    g.add_argument("--chunked_loss", default=True, **flag, help="LM-head loss over tiles of the logits, never all of them (0: the plain loss)")
     g.add_argument("--seed", type=int, default=0, help="data order, layer schedule and demo weights")
     g.add_argument("--max_nonfinite_steps", type=_positive_int, default=10, help="stop after this many steps in a row with a NaN/inf loss or gradient norm (each is skipped)")
 
@@ -469,6 +470,7 @@ def _train(args, demo: bool, values: dict, dataset_path: Path, out_model: Path, 
             max_grad_norm=args.max_grad_norm,
             bf16=args.bf16,
             gradient_checkpointing=args.gradient_checkpointing,
+            chunked_loss=args.chunked_loss,
             seed=args.seed,
             logging_steps=args.logging_steps,
             eval_steps=values["eval_steps"],

@@ -41,6 +41,7 @@ from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
+from .loss import ChunkedCausalLMLoss
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -64,6 +65,7 @@ class TrainingArguments:
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     bf16: bool = False  # bf16 autocast on CUDA (weights and optimizer state stay as they are)
     gradient_checkpointing: bool = False
+    chunked_loss: bool = True  # LM-head loss over tiles of the logits, never all of them (lisa_trainer.loss)
     seed: int = 0
     logging_steps: int = 1
     eval_steps: int | None = None  # None: evaluate before training and at the end only
@@ -166,6 +168,7 @@ class LisaTrainer:
             eps=args.adam_epsilon,
         )
         self.controller = LisaController(model, self.optimizer, lisa_config)
+        self.chunked_loss = ChunkedCausalLMLoss(model) if args.chunked_loss else None
         self.collator = Collator(pad_token_id(tokenizer))
         bs = args.per_device_train_batch_size
         self.batches_per_epoch = math.ceil(len(train_dataset) / bs)
@@ -202,6 +205,9 @@ class LisaTrainer:
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed next-token cross-entropy over the batch's trained tokens (fp32 logits)."""
         with self._autocast():
+            loss = self.chunked_loss(batch) if self.chunked_loss else None
+            if loss is not None:
+                return loss
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         return F.cross_entropy(
