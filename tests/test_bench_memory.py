@@ -53,7 +53,7 @@ def test_keep_creeps_and_park_stays_flat(runs):
 def test_prefetch_holds_the_incoming_layers_parked_moments(runs):
     """At a period's last step, the next period's incoming layers that have parked state are on the device
     (fp32 moments, two per parameter); without prefetch nothing is."""
-    from bench_finetune import SHAPES, build_model
+    from benchmarks.bench_finetune import SHAPES, build_model
     from lisa_trainer.layers import find_decoder_layers
 
     _, layers = find_decoder_layers(build_model("tiny", torch.device("meta"), torch.bfloat16, 0))
