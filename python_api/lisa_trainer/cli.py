@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", help="a checkpoint-N folder, or 'latest' (the newest in --output_dir)")
     g.add_argument("--disable_tqdm", default=False, **flag, help="no progress bar")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    g.add_argument("--ddp_timeout", type=_positive_int, default=1800,
+                   help="under torchrun: seconds a rank waits for the others before the run fails")
     return p
 
 
@@ -345,11 +347,16 @@ def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, pn
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import DistributedError, shutdown
+
     try:
         return _run(args)
     except CliError as e:
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:  # another rank failed or disagrees; that rank prints its own traceback
+        print(f"lisa-finetune: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from .checkpoint import latest_checkpoint
 
@@ -358,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"from it" if found else "no checkpoint was written (--save_steps N writes them)")
         print(f"\nlisa-finetune: interrupted; {hint}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # the process group of a torchrun run, if there is one
 
 
 def _run(args) -> int:
@@ -428,6 +437,7 @@ def _run(args) -> int:
             save_model=False,
             progress=not args.disable_tqdm,
             device=args.device,
+            ddp_timeout=args.ddp_timeout,
         )
     except ValueError as e:  # the fields are named like the flags
         raise CliError(str(e).replace("TrainingArguments.", "--")) from None
@@ -436,15 +446,18 @@ def _run(args) -> int:
         trainer = LisaTrainer(model, tokenizer, train_data, targs, lisa, eval_dataset=eval_data)
     except ValueError as e:
         raise CliError(_name_flags(str(e))) from None
-    print(
-        f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
-        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens "
-        f"({tokenized.stats['truncated']} instances truncated, {tokenized.stats['dropped_untrained']} without trained "
-        f"tokens left out); "
-        f"{trainer.max_steps} steps on {trainer.device}",
-        flush=True,
-    )
+    main_rank = trainer.dist is None or trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
+    ranks = f" x {trainer.dist.world_size} ranks (global batch {trainer.global_batch_size * args.gradient_accumulation_steps})" if trainer.dist else ""
+    if main_rank:
+        print(
+            f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
+            f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens "
+            f"({tokenized.stats['truncated']} instances truncated, {tokenized.stats['dropped_untrained']} without trained "
+            f"tokens left out); "
+            f"{trainer.max_steps} steps on {trainer.device}{ranks}",
+            flush=True,
+        )
     from .checkpoint import CheckpointError
 
     try:
@@ -452,6 +465,8 @@ def _run(args) -> int:
     except (FileNotFoundError, CheckpointError) as e:
         raise CliError(f"--resume_from_checkpoint: {e}") from None
     trainer.save_model(out_model)
+    if not main_rank:
+        return 0
     png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
     print(
         _format_summary(summary, demo=demo, out_model=out_model, log=out_dir / LOG_FILE, png=png,

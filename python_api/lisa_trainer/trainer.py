@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
+from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
 
 LOG_FILE = "train_log.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
@@ -63,6 +64,7 @@ class TrainingArguments:
     save_model: bool = True  # write the final model + tokenizer to output_dir
     progress: bool = True
     device: str | None = None  # None: CUDA when available
+    ddp_timeout: int = DEFAULT_TIMEOUT_S  # seconds a collective may wait for the other ranks (data-parallel runs)
 
     def __post_init__(self):
         checks = [
@@ -78,6 +80,7 @@ class TrainingArguments:
             (self.logging_steps >= 1, "logging_steps must be >= 1"),
             (self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1"),
             (self.save_steps is None or self.save_steps >= 1, "save_steps must be >= 1"),
+            (self.ddp_timeout > 0, "ddp_timeout must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -157,6 +160,8 @@ class LisaTrainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.output_dir = Path(args.output_dir)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
+        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout)
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
             warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
@@ -178,9 +183,12 @@ class LisaTrainer:
             eps=args.adam_epsilon,
         )
         self.controller = LisaController(model, self.optimizer, lisa_config)
+        if self.dist:
+            self.dist.attach(self.model)
         self.collator = Collator(pad_token_id(tokenizer))
-        bs = args.per_device_train_batch_size
-        self.batches_per_epoch = math.ceil(len(train_dataset) / bs)
+        # One global micro-batch is split over the ranks, so the batch sequence does not depend on their number.
+        self.global_batch_size = args.per_device_train_batch_size * (self.dist.world_size if self.dist else 1)
+        self.batches_per_epoch = math.ceil(len(train_dataset) / self.global_batch_size)
         if args.max_steps > 0:
             self.max_steps = args.max_steps
         else:
@@ -198,12 +206,15 @@ class LisaTrainer:
             self._epoch_order = {epoch: torch.randperm(len(self.train_dataset), generator=gen).tolist()}
         return self._epoch_order[epoch]
 
-    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Global micro-batch ``index`` (counting from the start of training), the same on every run."""
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor] | None:
+        """Global micro-batch ``index`` (counting from the start of training), the same on every run; with several
+        ranks, this rank's share of it (None when a short last batch leaves this rank nothing)."""
         epoch, pos = divmod(index, self.batches_per_epoch)
-        bs = self.args.per_device_train_batch_size
+        bs = self.global_batch_size
         order = self._order(epoch)[pos * bs : (pos + 1) * bs]  # the last batch of an epoch may be short
-        return self.collator([self.train_dataset[i] for i in order])
+        if self.dist:
+            order = self.dist.shard(order)
+        return self.collator([self.train_dataset[i] for i in order]) if order else None
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -228,16 +239,24 @@ class LisaTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = args.gradient_accumulation_steps
-        batches = [self.micro_batch(step * accum + j) for j in range(accum)]
+        batches = [b for b in (self.micro_batch(step * accum + j) for j in range(accum)) if b is not None]
         n_trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.dist:  # every rank divides by the global count: the summed gradient is the global token-mean's
+            self.dist.on_step_begin(self.controller.active_layers, self.controller.n_layers)
+            n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
         loss_total = 0.0
-        for b in batches:
+        for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self._loss_sum(b) / max(1, n_trained)
+            if self.dist:
+                self.dist.grad_sync.armed = i == len(batches) - 1  # all-reduce during the last backward only
             loss.backward()
             loss_total += loss.item()
+        if self.dist:
+            comm_bytes = self.dist.grad_sync.finish()
+            (loss_total,) = self.dist.sum(loss_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
@@ -263,6 +282,9 @@ class LisaTrainer:
             "tokens_per_s": n_tokens / elapsed if elapsed > 0 else None,
             "step_time_s": elapsed,
         }
+        if self.dist:
+            record["allreduce_bytes"] = comm_bytes
+            record["world_size"] = self.dist.world_size
         if self.device.type == "cuda":
             record["gpu_mem_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -276,10 +298,13 @@ class LisaTrainer:
         self.model.eval()
         bs = self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
         total, count = 0.0, 0
-        for i in range(0, len(self.eval_dataset), bs):
+        starts = range(0, len(self.eval_dataset), bs)
+        for i in starts[self.dist.rank::self.dist.world_size] if self.dist else starts:
             b = self.collator([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))])
             count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(self._loss_sum({k: v.to(self.device) for k, v in b.items()}))
+        if self.dist:
+            total, count = self.dist.sum(total, count)
         self.model.train()
         return total / max(1, count)
 
@@ -295,8 +320,12 @@ class LisaTrainer:
         }
 
     def save_checkpoint(self) -> Path:
-        path = save_checkpoint(
-            checkpoint_dir(self.output_dir, self.step),
+        path = checkpoint_dir(self.output_dir, self.step)
+        if self.dist and not self.dist.is_main:  # the ranks' states are identical: rank 0 writes, the others wait
+            self.dist.barrier(f"writing {path}")
+            return path
+        save_checkpoint(
+            path,
             model=self.model,
             optimizer=self.optimizer,
             controller=self.controller,
@@ -304,6 +333,8 @@ class LisaTrainer:
             tokenizer=self.tokenizer,
         )
         prune_checkpoints(self.output_dir, self.args.save_total_limit)
+        if self.dist:
+            self.dist.barrier(f"writing {path}")
         return path
 
     def resume(self, checkpoint: str | Path) -> int:
@@ -340,7 +371,7 @@ class LisaTrainer:
         if resume_from_checkpoint:
             self.resume(resume_from_checkpoint)
         resumed_at = self.step if resume_from_checkpoint else None
-        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at)
+        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at) if not self.dist or self.dist.is_main else NullLog()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n_layers = self.controller.n_layers
@@ -363,7 +394,7 @@ class LisaTrainer:
                 log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
         logged_periods = len(self.controller.period_log)
         losses, evals = [], []
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress, unit="step", desc="LISA", dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress or bool(self.dist and not self.dist.is_main), unit="step", desc="LISA", dynamic_ncols=True)
         try:
             while self.step < self.max_steps:
                 rec = self.train_step()
@@ -386,17 +417,27 @@ class LisaTrainer:
             self.controller.finish(last_step=self.step - 1)  # a last, partial period gets its norms too
             for entry in self.controller.period_log[logged_periods:]:
                 log.write(_period_record(entry, self.step))
+        except BaseException as error:
+            if self.dist:  # so the other ranks' failing collectives can say what happened here
+                self.dist.report_failure(error)
+            raise
         finally:
             bar.close()
         if args.save_model:
             self.save_model(self.output_dir)
-        summary = self._summary(losses, time.perf_counter() - wall_start)
+        if self.dist:  # the summary is read from rank 0's log; every rank returns rank 0's summary
+            main = self.dist.is_main
+            summary = self.dist.broadcast_object(self._summary(losses, time.perf_counter() - wall_start) if main else None)
+        else:
+            summary = self._summary(losses, time.perf_counter() - wall_start)
         log.write(summary)
         log.close()
         return summary
 
     def save_model(self, path: str | Path) -> None:
         """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``."""
+        if self.dist and not self.dist.is_main:
+            return  # every rank holds the same weights; rank 0 writes them
         path = Path(path)
         kwargs = {}
         if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
