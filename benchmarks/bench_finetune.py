@@ -20,6 +20,7 @@ in this process on CPU (where importing torch + transformers costs more than the
     python benchmarks/bench_finetune.py                        # tiny model, CPU or GPU
     python benchmarks/bench_finetune.py --shape 1b             # Llama-3.2-1B-like
     python benchmarks/bench_finetune.py --shape 7b --methods lisa-park,lora,full
+    python benchmarks/bench_finetune.py --nproc 8 --shape 7b --methods full,lora,lisa-park   # DDP on 8 GPUs
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_to_out, environment, print_table, results_path, summarize, synchronize, write_results  # noqa: E402
+from data_parallel import BenchDataParallel, launcher, rank, worker_argv, world_size  # noqa: E402
 
 METHODS = ("full", "lora", "lisa-park", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
@@ -214,7 +216,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
     # (~0.5 GB of GPU memory the workers would lose) until they are done. Parameters report cuda:0; cuda != cuda:0.
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    model = optimizer = controller = loss = None
+    model = optimizer = controller = loss = dp = None
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -232,7 +234,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
     rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
     try:
         batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
-                                                      args.n_batches, args.seed)]
+                                                      args.n_batches, args.seed + rank())]
         model = build_model(args.shape, device, dtype, args.seed)
         result["model_params"] = sum(p.numel() for p in model.parameters())
         if device.type == "cuda":
@@ -241,6 +243,10 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
             model, optimizer, controller = setup_method(method, model, args, device)
         except ImportError as exc:
             return {"method": method, "status": f"unavailable: {exc}"}
+        if world_size() > 1:  # under torchrun (--nproc): data parallel, bytes all-reduced counted
+            dp = BenchDataParallel(method, model, controller, device)
+            model = dp.model
+        comm_bytes = []
         trainable_ever = set()
         losses, times_ms, state_peak = [], [], 0
         for step in range(args.steps):
@@ -252,7 +258,10 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
             if controller is not None:
                 controller.on_step_begin(step)
             loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
+            if dp is None:
+                loss.backward()
+            else:
+                comm_bytes.append(dp.backward(loss))
             optimizer.step()
             state_peak = max(state_peak, device_state_bytes(model, optimizer, device))
             trainable_ever.update(id(p) for p in model.parameters() if p.grad is not None)
@@ -271,7 +280,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
             traceback.print_exc()
             result = {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
     if result["status"] == "ok":
-        tokens = args.batch_size * args.seq_len
+        tokens = args.batch_size * args.seq_len * world_size()
         timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
         plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
         switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
@@ -290,6 +299,8 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         # `state_bank` is created on first access, so only ask the method that parks.
         result["host_state_gb"] = optimizer.state_bank.bytes_held / GB if method == "lisa-park" else None
         result["bank_backend"] = optimizer.state_bank.backend if method == "lisa-park" else None
+        if dp is not None:
+            result.update(dp.report(device, comm_bytes))
     if device.type == "cuda":
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
@@ -297,7 +308,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         result["peak_allocated_gb"] = result["peak_reserved_gb"] = None
     result["peak_rss_delta_gb"] = (
         (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB if rss0 is not None else None)
-    del model, optimizer, controller, loss
+    del model, optimizer, controller, loss, dp
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -338,6 +349,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
     p.add_argument("--results-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks per method, data parallel under torchrun (one GPU each; gloo processes on CPU)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -362,16 +375,16 @@ def resolve(args):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    isolated = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda")
+    isolated = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda") or args.nproc > 1
     if args.threads is not None or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     return device, dtype, isolated
 
 
-def run_isolated(method: str, argv: list[str], timeout: float) -> dict:
+def run_isolated(method: str, argv: list[str], timeout: float, nproc: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", method, "--worker-out", str(out)]
+        cmd = [*launcher(nproc), str(Path(__file__).resolve()), *argv, "--worker", method, "--worker-out", str(out)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -441,8 +454,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype, isolated = resolve(args)
     if args.worker:  # child process: one method, result as JSON
+        if world_size() > 1 and device.type == "cuda":  # one GPU per rank, as torchrun numbers them
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         result = run_method(args.worker, args, device, dtype, isolated=True)
-        Path(args.worker_out).write_text(json.dumps(result))
+        if rank() == 0:
+            Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
     start = time.monotonic()
@@ -457,7 +473,7 @@ def main(argv=None) -> int:
             timeout = args.method_timeout
             if args.time_budget is not None:
                 timeout = max(1.0, min(timeout, args.time_budget - elapsed))
-            results.append(run_isolated(method, argv, timeout))
+            results.append(run_isolated(method, worker_argv(argv), timeout, args.nproc))
         else:
             results.append(run_method(method, args, device, dtype, isolated=False))
 
@@ -467,7 +483,7 @@ def main(argv=None) -> int:
                        seq_len=args.seq_len, batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
                        lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
                        n_active=args.n_active, interval=args.interval, seed=args.seed, isolated=isolated,
-                       track_update_norms=args.track_update_norms,
+                       track_update_norms=args.track_update_norms, nproc=args.nproc,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),
         "comparisons": add_comparisons(results),
@@ -475,6 +491,8 @@ def main(argv=None) -> int:
     }
     columns = ["method", "status", "peak_allocated_gb", "peak_reserved_gb", "device_state_gb", "mem_vs_full",
                "mem_vs_lora", "median_step_ms", "tokens_per_s", "switch_stall_ms", "loss_final"]
+    if args.nproc > 1:
+        columns.insert(-1, "allreduce_bytes_per_step")
     if device.type != "cuda":  # no GPU peaks; a fresh process per method makes the RSS growth meaningful
         columns = [c for c in columns if c not in ("peak_allocated_gb", "peak_reserved_gb")]
         if isolated:

@@ -227,3 +227,11 @@ def test_torchrun_lisa_finetune_writes_one_log_and_one_model(tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "lisa_run.png").is_file()
     assert done.stdout.count("LISA demo finished") == 1, done.stdout
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_bench_workers_get_the_arguments_without_nproc():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from data_parallel import launcher, worker_argv
+
+    assert worker_argv(["--nproc", "2", "--steps", "3", "--nproc=4", "--shape", "tiny"]) == ["--steps", "3", "--shape", "tiny"]
+    assert launcher(1) == [sys.executable] and launcher(2)[-2:] == ["--nproc_per_node", "2"]
