@@ -35,7 +35,7 @@ class BenchDataParallel:
         self.controller = controller
         self._counted = 0
         if method.startswith("lisa"):
-            self.parallel.attach(model)
+            self.parallel.attach(model, controller.layers)
             self.model = model
         else:
             from torch.nn.parallel import DistributedDataParallel

@@ -75,9 +75,17 @@ def _scenarios(rank: int, out: Path) -> None:
         summary = t.train()
         results[f"active{n_active}"] = {"weights": _weights(t), "summary": summary,
                                         "trainable": t.dist.grad_sync.n_elements}
+        t_ddp_state = t.optimizer.state
     resumed = _trainer(out / "resumed", tok, data, batch=BATCH, n_active=2)
     resumed.train(resume_from_checkpoint=out / "active2" / "checkpoint-2")
     results["resumed"] = {"weights": _weights(resumed)}
+    sharded = _trainer(out / "fsdp", tok, data, batch=BATCH, n_active=2, fsdp=True)
+    sharded.train()
+    results["fsdp"] = {"weights": sharded.dist.state_dict_to_save(sharded.model),
+                       "state_elements": sum(t.numel() for st in sharded.optimizer.state.values()
+                                             for t in st.values() if t.dim() > 0),
+                       "ddp_state_elements": sum(t.numel() for st in t_ddp_state.values() for t in st.values()
+                                                 if t.dim() > 0)}
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
     except DistributedError as e:
@@ -235,3 +243,17 @@ def test_bench_workers_get_the_arguments_without_nproc():
 
     assert worker_argv(["--nproc", "2", "--steps", "3", "--nproc=4", "--shape", "tiny"]) == ["--steps", "3", "--shape", "tiny"]
     assert launcher(1) == [sys.executable] and launcher(2)[-2:] == ["--nproc_per_node", "2"]
+
+
+def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
+    out, ranks = ddp
+    steps = {run: [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"] for run in ("active2", "fsdp")}
+    assert [r["loss"] for r in steps["fsdp"]] == pytest.approx([r["loss"] for r in steps["active2"]], rel=1e-6)
+    # Frozen layers cost no reduce-scatter: the trainable set's gradients only, as DDP all-reduces.
+    assert [r["reduce_scatter_bytes"] for r in steps["fsdp"]] == [r["allreduce_bytes"] for r in steps["active2"]]
+    for name, w in ranks[0]["active2"]["weights"].items():  # same reduction-order tolerance as above
+        torch.testing.assert_close(ranks[0]["fsdp"]["weights"][name], w, rtol=0, atol=2e-6, msg=name)
+    # Each rank holds its shard of the moments that DDP holds in full on every rank.
+    shards = [ranks[r]["fsdp"]["state_elements"] for r in range(WORLD)]
+    assert sum(shards) == ranks[0]["fsdp"]["ddp_state_elements"] and max(shards) < 0.51 * sum(shards)
+    assert (out / "fsdp" / "train_log.jsonl").is_file()

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     g.add_argument("--ddp_timeout", type=_positive_int, default=1800,
                    help="under torchrun: seconds a rank waits for the others before the run fails")
+    g.add_argument("--fsdp", default=False, **flag,
+                   help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2)")
     return p
 
 
@@ -438,6 +440,7 @@ def _run(args) -> int:
             progress=not args.disable_tqdm,
             device=args.device,
             ddp_timeout=args.ddp_timeout,
+            fsdp=args.fsdp,
         )
     except ValueError as e:  # the fields are named like the flags
         raise CliError(str(e).replace("TrainingArguments.", "--")) from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from datetime import timedelta
 
 import torch
@@ -64,22 +65,33 @@ def shutdown() -> None:
 class DataParallel:
     """The collectives a data-parallel `LisaTrainer` needs; one per trainer. Use `DataParallel.setup`."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, fsdp: bool = False):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device
+        self.fsdp = fsdp
+        self.model: nn.Module | None = None
         # NCCL only moves CUDA tensors; gloo only CPU ones (for tiny tensors both are right where they are used).
         self._comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.grad_sync: GradientSync | None = None
         self._checked_layers: tuple[int, ...] | None = None
 
     @classmethod
-    def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DataParallel | None, torch.device]:
+    def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *, fsdp: bool = False,
+              checkpoints: bool = False) -> tuple[DataParallel | None, torch.device]:
         """(a DataParallel, this rank's device) under a launcher with WORLD_SIZE > 1 or an initialised process
         group of more than one rank; (None, device) otherwise. Initialises the default group if needed: NCCL for
-        CUDA, gloo for CPU, collective timeout ``timeout_s`` seconds. ``device`` "cuda" becomes ``cuda:LOCAL_RANK``."""
+        CUDA, gloo for CPU, collective timeout ``timeout_s`` seconds. ``device`` "cuda" becomes ``cuda:LOCAL_RANK``.
+        ``fsdp`` shards the model with FSDP2 (`attach`); ``checkpoints``: the run will save or resume checkpoints
+        (not supported with FSDP yet: refused here, before any training time is spent)."""
         if launched_world_size() <= 1:
+            if fsdp:
+                warnings.warn("fsdp shards over several ranks (start with torchrun); one process trains unsharded",
+                              stacklevel=3)
             return None, device
+        if fsdp and checkpoints:
+            raise ValueError("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not supported with FSDP yet; "
+                             "train without them, or data-parallel without fsdp (checkpoints work there)")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
@@ -91,19 +103,40 @@ class DataParallel:
                     f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start the program "
                     f"with torchrun (or accelerate launch), which sets them")
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
-        return cls(device), device
+        return cls(device, fsdp), device
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     # ---------------------------------------------------------------------------------------------- set up
-    def attach(self, model: nn.Module) -> None:
-        """Start every rank from rank 0's weights and buffers, and hook the gradient all-reduce into `model`."""
+    def attach(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Start every rank from rank 0's weights and buffers; then hook the gradient all-reduce into `model`, or
+        with FSDP shard it: one FSDP2 unit per decoder layer in `layers`, plus the root (embeddings, head, final
+        norm). Call before building the optimizer: sharding replaces the parameters with DTensors."""
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 self._collective("broadcast of the initial weights", dist.broadcast, t.data, src=0)
-        self.grad_sync = GradientSync(model, self)
+        self.model = model
+        if not self.fsdp:
+            self.grad_sync = GradientSync(model, self)
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def check_batches(self, n_examples: int, global_batch_size: int) -> None:
+        """FSDP runs every layer's all-gather on every rank, so every rank needs data in every micro-batch."""
+        last = n_examples % global_batch_size
+        if self.fsdp and last and len(self.shard(list(range(last)))) == 0:
+            raise ValueError(
+                f"fsdp: the last micro-batch of each epoch has {last} examples, fewer than one per rank for some of "
+                f"the {self.world_size} ranks; choose a per-device batch size or a dataset size that leaves each "
+                f"rank at least one example ({n_examples} examples, global batch {global_batch_size})")
 
     def shard(self, items: list) -> list:
         """This rank's contiguous share of a global batch of ``len(items)`` = b x world_size (or fewer) items."""
@@ -145,8 +178,51 @@ class DataParallel:
         active = tuple(active_layers)
         if active != self._checked_layers:
             self.check_schedule(active, n_layers)
-            self.grad_sync.rebuild()
+            if self.grad_sync is not None:
+                self.grad_sync.rebuild()
             self._checked_layers = active
+
+    @property
+    def comm_record_key(self) -> str:
+        """The step record's name for the gradient bytes communicated per step."""
+        return "reduce_scatter_bytes" if self.fsdp else "allreduce_bytes"
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """``loss.backward()`` for one micro-batch; gradients are communicated in the ``last`` one only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            # FSDP2 averages over the ranks (gloo cannot do its pre-multiplied sum); `loss` is this rank's share
+            # of the global mean, whose gradients must be summed.
+            (loss * self.world_size).backward()
+        else:
+            self.grad_sync.armed = last
+            loss.backward()
+
+    def finish_gradients(self) -> int:
+        """After the step's last backward: complete the communication; returns its bytes (gradients sent)."""
+        if self.fsdp:  # each trainable parameter's full gradient goes into one reduce-scatter
+            return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.grad is not None)
+        return self.grad_sync.finish()
+
+    def eval_batches(self, starts: range) -> range:
+        """This rank's share of the held-out batches (all of them with FSDP: every rank runs every forward)."""
+        return starts if self.fsdp else starts[self.rank::self.world_size]
+
+    def eval_sums(self, total: float, count: int) -> tuple[float, int]:
+        if self.fsdp:
+            return total, count
+        total, count = self.sum(total, count)
+        return total, int(count)
+
+    def state_dict_to_save(self, model: nn.Module) -> dict | None:
+        """With FSDP, the full (unsharded) weights gathered to rank 0's CPU (a collective: every rank calls it);
+        None otherwise (each rank's model holds them)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return self._collective("gathering the sharded model", get_model_state_dict, model, options=options)
 
     # ------------------------------------------------------------------------------------------- failures
     def report_failure(self, error: BaseException) -> None:

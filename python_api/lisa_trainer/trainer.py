@@ -32,6 +32,7 @@ from .checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load
 from .controller import LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
+from .layers import find_decoder_layers
 
 LOG_FILE = "train_log.jsonl"
 SCHEDULES = ("linear", "cosine", "constant")
@@ -65,6 +66,7 @@ class TrainingArguments:
     progress: bool = True
     device: str | None = None  # None: CUDA when available
     ddp_timeout: int = DEFAULT_TIMEOUT_S  # seconds a collective may wait for the other ranks (data-parallel runs)
+    fsdp: bool = False  # several ranks: shard parameters, gradients and optimizer state with FSDP2
 
     def __post_init__(self):
         checks = [
@@ -161,11 +163,17 @@ class LisaTrainer:
         self.output_dir = Path(args.output_dir)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
-        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout)
+        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp,
+                                                    checkpoints=args.save_steps is not None)
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
             warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
         self.model = model.to(self.device)
+        if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
+            self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
+            if self.dist.fsdp and lisa_config.track_update_norms:
+                warnings.warn("update norms are not measured on FSDP shards: track_update_norms is off", stacklevel=2)
+                self.lisa_config = lisa_config = dataclasses.replace(lisa_config, track_update_norms=False)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -183,12 +191,12 @@ class LisaTrainer:
             eps=args.adam_epsilon,
         )
         self.controller = LisaController(model, self.optimizer, lisa_config)
-        if self.dist:
-            self.dist.attach(self.model)
         self.collator = Collator(pad_token_id(tokenizer))
         # One global micro-batch is split over the ranks, so the batch sequence does not depend on their number.
         self.global_batch_size = args.per_device_train_batch_size * (self.dist.world_size if self.dist else 1)
         self.batches_per_epoch = math.ceil(len(train_dataset) / self.global_batch_size)
+        if self.dist:
+            self.dist.check_batches(len(train_dataset), self.global_batch_size)
         if args.max_steps > 0:
             self.max_steps = args.max_steps
         else:
@@ -250,12 +258,13 @@ class LisaTrainer:
         for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self._loss_sum(b) / max(1, n_trained)
-            if self.dist:
-                self.dist.grad_sync.armed = i == len(batches) - 1  # all-reduce during the last backward only
-            loss.backward()
+            if self.dist:  # gradients are communicated during the last backward only
+                self.dist.backward(loss, last=i == len(batches) - 1)
+            else:
+                loss.backward()
             loss_total += loss.item()
         if self.dist:
-            comm_bytes = self.dist.grad_sync.finish()
+            comm_bytes = self.dist.finish_gradients()
             (loss_total,) = self.dist.sum(loss_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if args.max_grad_norm > 0:
@@ -283,7 +292,7 @@ class LisaTrainer:
             "step_time_s": elapsed,
         }
         if self.dist:
-            record["allreduce_bytes"] = comm_bytes
+            record[self.dist.comm_record_key] = comm_bytes
             record["world_size"] = self.dist.world_size
         if self.device.type == "cuda":
             record["gpu_mem_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
@@ -299,12 +308,12 @@ class LisaTrainer:
         bs = self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
         total, count = 0.0, 0
         starts = range(0, len(self.eval_dataset), bs)
-        for i in starts[self.dist.rank::self.dist.world_size] if self.dist else starts:
+        for i in self.dist.eval_batches(starts) if self.dist else starts:
             b = self.collator([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))])
             count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(self._loss_sum({k: v.to(self.device) for k, v in b.items()}))
         if self.dist:
-            total, count = self.dist.sum(total, count)
+            total, count = self.dist.eval_sums(total, count)
         self.model.train()
         return total / max(1, count)
 
@@ -339,6 +348,8 @@ class LisaTrainer:
 
     def resume(self, checkpoint: str | Path) -> int:
         """Load a checkpoint (a folder, or "latest" in output_dir); returns the step training continues from."""
+        if self.dist and self.dist.fsdp:
+            raise CheckpointError("fsdp: resuming from a checkpoint is not supported with FSDP yet")
         if str(checkpoint) == "latest":
             found = latest_checkpoint(self.output_dir)
             if found is None:
@@ -436,13 +447,14 @@ class LisaTrainer:
 
     def save_model(self, path: str | Path) -> None:
         """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``."""
+        state_dict = self.dist.state_dict_to_save(self.model) if self.dist else None  # FSDP: gathered to rank 0
         if self.dist and not self.dist.is_main:
             return  # every rank holds the same weights; rank 0 writes them
         path = Path(path)
         kwargs = {}
         if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # the default in recent transformers, where the flag is gone
-        self.model.save_pretrained(path, **kwargs)
+        self.model.save_pretrained(path, state_dict=state_dict, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
 
@@ -482,7 +494,7 @@ def _period_record(entry: dict, step: int) -> dict:
     rec = {"kind": "period", "step": step}
     for k, v in entry.items():
         rec[k] = _jsonable(v)
-    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms", ()))}
+    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms") or ())}
     norms.update({str(k): v for k, v in (entry.get("module_update_norms") or {}).items()})
     if norms:
         rec["update_norms"] = _jsonable(norms)
