@@ -21,6 +21,7 @@ in this process on CPU (where importing torch + transformers costs more than the
     python benchmarks/bench_finetune.py --shape 1b             # Llama-3.2-1B-like
     python benchmarks/bench_finetune.py --shape 7b --methods lisa-park,lora,full
     python benchmarks/bench_finetune.py --nproc 8 --shape 7b --methods full,lora,lisa-park   # DDP on 8 GPUs
+    python benchmarks/bench_finetune.py --nproc 8 --fsdp --shape 7b --methods full,lisa-park  # FSDP2 on 8 GPUs
 """
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def is_switch_step(method: str, step: int, interval: int) -> bool:
 
 
 def _tensor_bytes(t) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this rank holds
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
@@ -240,12 +242,13 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         if device.type == "cuda":
             result["model_gb"] = torch.cuda.memory_allocated(device) / GB
         try:
+            if world_size() > 1:  # under torchrun (--nproc): data parallel, bytes communicated counted
+                dp = BenchDataParallel(method, model, device, args.fsdp)
             model, optimizer, controller = setup_method(method, model, args, device)
         except ImportError as exc:
             return {"method": method, "status": f"unavailable: {exc}"}
-        if world_size() > 1:  # under torchrun (--nproc): data parallel, bytes all-reduced counted
-            dp = BenchDataParallel(method, model, controller, device)
-            model = dp.model
+        if dp is not None:
+            model = dp.wrap(model, controller)
         comm_bytes = []
         trainable_ever = set()
         losses, times_ms, state_peak = [], [], 0
@@ -351,6 +354,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks per method, data parallel under torchrun (one GPU each; gloo processes on CPU)")
+    p.add_argument("--fsdp", action="store_true", help="with --nproc: shard with FSDP2 instead of replicating")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -366,6 +370,8 @@ def parse_args(argv=None):
     if args.steps < 1:
         p.error("--steps must be >= 1")
     args.warmup = min(args.warmup, args.steps - 1)
+    if args.fsdp:
+        args.track_update_norms = False  # LisaController measures update norms on whole tensors, not FSDP shards
     return args
 
 
@@ -483,7 +489,7 @@ def main(argv=None) -> int:
                        seq_len=args.seq_len, batch_size=args.batch_size, dtype=str(dtype).removeprefix("torch."),
                        lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
                        n_active=args.n_active, interval=args.interval, seed=args.seed, isolated=isolated,
-                       track_update_norms=args.track_update_norms, nproc=args.nproc,
+                       track_update_norms=args.track_update_norms, nproc=args.nproc, fsdp=args.fsdp,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),
         "comparisons": add_comparisons(results),
@@ -492,7 +498,7 @@ def main(argv=None) -> int:
     columns = ["method", "status", "peak_allocated_gb", "peak_reserved_gb", "device_state_gb", "mem_vs_full",
                "mem_vs_lora", "median_step_ms", "tokens_per_s", "switch_stall_ms", "loss_final"]
     if args.nproc > 1:
-        columns.insert(-1, "allreduce_bytes_per_step")
+        columns.insert(-1, "grad_comm_bytes_per_step")
     if device.type != "cuda":  # no GPU peaks; a fresh process per method makes the RSS growth meaningful
         columns = [c for c in columns if c not in ("peak_allocated_gb", "peak_reserved_gb")]
         if isolated:

@@ -3,7 +3,9 @@
 - full fine-tuning and LoRA: torch DistributedDataParallel (every trainable parameter is used in every step, so no
   ``find_unused_parameters``), with a comm hook that counts the bytes of every bucket it all-reduces;
 - LISA (ours and the public variant): `lisa_trainer.distributed.GradientSync`, which all-reduces the active
-  layers + embeddings/head/final norm only, rebuilt at each switch after the schedule check.
+  layers + embeddings/head/final norm only, rebuilt at each switch after the schedule check;
+- with ``--fsdp``: FSDP2 (`lisa_trainer.distributed`, one unit per decoder layer + the root) for full fine-tuning
+  and LISA; the bytes are those reduce-scattered (the gradients of the trainable set).
 
 Every rank trains its own synthetic batches (seed + rank); rank 0 reports, with every rank's peak memory.
 """
@@ -26,36 +28,47 @@ def rank() -> int:
 
 
 class BenchDataParallel:
-    """Wraps one method's model for data parallel training; `model` is what the step loop calls."""
+    """One method's data-parallel machinery: create before `setup_method` (FSDP shards the model there, before the
+    optimizer sees its parameters), then `wrap` the method's model; `model` is what the step loop calls."""
 
-    def __init__(self, method: str, model, controller, device: torch.device):
+    def __init__(self, method: str, model, device: torch.device, fsdp: bool):
         from lisa_trainer.distributed import DataParallel
 
-        self.parallel, _ = DataParallel.setup(device)
-        self.controller = controller
+        if fsdp and method == "lora":
+            raise ImportError("LoRA under FSDP is not measured by this benchmark (peft wraps after sharding)")
+        self.method, self.fsdp = method, fsdp
+        self.parallel, _ = DataParallel.setup(device, fsdp=fsdp)
+        self.controller = self.model = None
         self._counted = 0
-        if method.startswith("lisa"):
+        if fsdp:
+            self.parallel.attach(model, model.model.layers)
+
+    def wrap(self, model, controller):
+        self.controller = controller
+        if self.fsdp:
+            self.model = model
+        elif self.method.startswith("lisa"):
             self.parallel.attach(model, controller.layers)
             self.model = model
         else:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids)
+            device = next(model.parameters()).device
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             self.model.register_comm_hook(self, _counting_allreduce)
+        return self.model
 
     def backward(self, loss: torch.Tensor) -> int:
-        """`loss.backward()` with the gradients averaged over the ranks; returns the bytes all-reduced."""
-        if self.controller is None:  # DDP: its hook all-reduces (mean) during backward
+        """`loss.backward()` with the gradients averaged over the ranks; returns the bytes they cost."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):  # its hook all-reduces (mean)
             loss.backward()
             sent, self._counted = self._counted, 0
             return sent
-        # A switch: check every rank samples the same layers, rebuild the buckets. GradientSync sums, so the
-        # per-rank mean loss is divided by the world size for a mean over the ranks, as DDP gives.
-        self.parallel.on_step_begin(self.controller.active_layers, len(self.controller.layers))
-        self.parallel.grad_sync.armed = True
-        (loss / self.parallel.world_size).backward()
-        return self.parallel.grad_sync.finish()
+        if self.controller is not None:  # a switch: every rank's layers checked, the buckets rebuilt
+            self.parallel.on_step_begin(self.controller.active_layers, len(self.controller.layers))
+        # The lisa_trainer machinery takes each rank's share of a global mean: here 1/N of the rank's mean loss.
+        self.parallel.backward(loss / self.parallel.world_size, last=True)
+        return self.parallel.finish_gradients()
 
     def report(self, device: torch.device, bytes_per_step: list[int]) -> dict:
         """Figures of every rank (gathered on all; rank 0 writes them)."""
@@ -68,7 +81,10 @@ class BenchDataParallel:
         steady = bytes_per_step[1:] or bytes_per_step
         return {
             "world_size": self.parallel.world_size,
-            "allreduce_bytes_per_step": sorted(steady)[len(steady) // 2],
+            "grad_comm": ("reduce-scatter (FSDP2)" if self.fsdp else
+                          "all-reduce (DDP)" if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                          else "all-reduce (active set)"),
+            "grad_comm_bytes_per_step": sorted(steady)[len(steady) // 2],
             "per_rank_peak_allocated_gb": [r["peak_allocated_gb"] for r in ranks],
             "per_rank_peak_rss_gb": [r["peak_rss_gb"] for r in ranks],
         }

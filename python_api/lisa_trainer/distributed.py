@@ -1,9 +1,8 @@
 """Data-parallel LISA on torch.distributed: only the active layers' gradients cross the wire.
 
 `LisaTrainer` (and so `lisa-finetune`) turns data-parallel by itself when it runs under a launcher that sets
-``WORLD_SIZE`` > 1 with ``RANK`` and ``LOCAL_RANK`` (``torchrun``, ``torchrun --nnodes``, ``accelerate launch``,
-``deepspeed``-style launchers all do), or when the caller has already initialised a process group. Per optimizer
-step:
+``WORLD_SIZE`` > 1 with ``RANK`` and ``LOCAL_RANK`` (``torchrun``, ``torchrun --nnodes`` and ``accelerate launch``
+do), or when the caller has already initialised a process group. Per optimizer step:
 
 - **data**: the global micro-batch is ``per_device_train_batch_size x world_size`` examples of the same seeded
   order a single process would use; rank r trains rows ``[r*b, (r+1)*b)``. Each rank's loss is its tokens' share
@@ -14,8 +13,11 @@ step:
   always-trainable embeddings, head and final norm), in ~25 MiB buckets launched from
   ``register_post_accumulate_grad_hook`` while the backward pass is still running. A frozen layer has no
   ``.grad`` and is in no bucket, so it costs no communication and there is no ``find_unused_parameters`` graph
-  traversal; the buckets are rebuilt at every LISA switch (no weights are re-broadcast). For a 7B Llama with
-  E+H+2L that is ~1.45 B of 6.7 B parameters: ~22 % of the bytes DDP over the whole model would move.
+  traversal; the buckets are rebuilt at every LISA switch (no weights are re-broadcast). For Llama-2-7B with
+  E+H+2L that is 0.67 B of 6.74 B parameters: ~10 % of the bytes DDP over the whole model would move.
+- **FSDP2** (``fsdp=True``): one ``fully_shard`` unit per decoder layer plus the root; FusedAdamW keeps moments for
+  each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. The final
+  model is gathered to rank 0 and saved once. Checkpoints and update norms are not supported there yet.
 - **schedule**: the layer schedule is a pure function of (seed, period); at each switch one all-gather of a
   per-layer mask checks that every rank samples the same layers (a mismatch names both ranks' layers).
 - **writes**: rank 0 alone writes the log, checkpoints, the model and the plot; every rank ends with the same
