@@ -86,6 +86,10 @@ def _scenarios(rank: int, out: Path) -> None:
                                              for t in st.values() if t.dim() > 0),
                        "ddp_state_elements": sum(t.numel() for st in t_ddp_state.values() for t in st.values()
                                                  if t.dim() > 0)}
+    try:
+        _trainer(out / "fsdp_checkpoints", tok, data, batch=BATCH, fsdp=True, save_steps=2)
+    except ValueError as e:
+        results["fsdp_checkpoints"] = str(e)
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
     except DistributedError as e:
@@ -256,7 +260,7 @@ def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
     # Each rank holds its shard of the moments that DDP holds in full on every rank.
     shards = [ranks[r]["fsdp"]["state_elements"] for r in range(WORLD)]
     assert sum(shards) == ranks[0]["fsdp"]["ddp_state_elements"] and max(shards) < 0.51 * sum(shards)
-    assert (out / "fsdp" / "train_log.jsonl").is_file()
+    assert ranks[0]["fsdp_checkpoints"].startswith("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not")
 
 
 def _nccl_runs(rank: int, out: Path) -> None:

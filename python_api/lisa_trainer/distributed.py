@@ -115,10 +115,15 @@ class DataParallel:
     def attach(self, model: nn.Module, layers: nn.ModuleList) -> None:
         """Start every rank from rank 0's weights and buffers; then hook the gradient all-reduce into `model`, or
         with FSDP shard it: one FSDP2 unit per decoder layer in `layers`, plus the root (embeddings, head, final
-        norm). Call before building the optimizer: sharding replaces the parameters with DTensors."""
+        norm). Call before building the optimizer: sharding replaces the parameters with DTensors. With FSDP the
+        model may still be on the CPU: each unit moves to the device as it is sharded, so a model larger than one
+        GPU never sits on one whole."""
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                self._collective("broadcast of the initial weights", dist.broadcast, t.data, src=0)
+                on_comm = t.data if t.device == self._comm_device else t.data.to(self._comm_device)
+                self._collective("broadcast of the initial weights", dist.broadcast, on_comm, src=0)
+                if on_comm is not t.data:
+                    t.data.copy_(on_comm)
         self.model = model
         if not self.fsdp:
             self.grad_sync = GradientSync(model, self)
@@ -134,7 +139,8 @@ class DataParallel:
     def check_batches(self, n_examples: int, global_batch_size: int) -> None:
         """FSDP runs every layer's all-gather on every rank, so every rank needs data in every micro-batch."""
         last = n_examples % global_batch_size
-        if self.fsdp and last and len(self.shard(list(range(last)))) == 0:
+        per_rank = -(-last // self.world_size)  # as `shard` cuts it: the last rank gets the fewest
+        if self.fsdp and last and (self.world_size - 1) * per_rank >= last:
             raise ValueError(
                 f"fsdp: the last micro-batch of each epoch has {last} examples, fewer than one per rank for some of "
                 f"the {self.world_size} ranks; choose a per-device batch size or a dataset size that leaves each "

@@ -168,7 +168,8 @@ class LisaTrainer:
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
             warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
-        self.model = model.to(self.device)
+        # FSDP moves the model to the device unit by unit as it shards it (attach).
+        self.model = model if self.dist and self.dist.fsdp else model.to(self.device)
         if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
             self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
             if self.dist.fsdp and lisa_config.track_update_norms:
