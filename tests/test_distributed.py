@@ -175,6 +175,7 @@ def test_schedule_mismatch_is_an_error_naming_both_ranks_layers(ddp):
     for r in range(WORLD):
         msg = ranks[r]["mismatch"]
         assert "LISA schedule differs between ranks" in msg and "rank 0 trains layers [" in msg and "rank 1 trains [" in msg
+        assert "(settings [0, 0, 2])" in msg and "(settings [0, 1, 2])" in msg  # period, seed, interval
 
 
 # ------------------------------------------------------------------------------------------------- failures

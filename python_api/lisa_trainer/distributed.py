@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DataParallel", "DistributedError", "GradientSync", "launched_world_size", "shutdown"]
+__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "launched_world_size", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 1800  # Hugging Face TrainingArguments.ddp_timeout's default
 # Gradient bucket size: big enough that per-collective latency is amortised (NCCL reaches most of its bus
@@ -76,7 +76,7 @@ class DataParallel:
         # NCCL only moves CUDA tensors; gloo only CPU ones (for tiny tensors both are right where they are used).
         self._comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.grad_sync: GradientSync | None = None
-        self._checked_layers: tuple[int, ...] | None = None
+        self._last_switch = None
 
     @classmethod
     def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *, fsdp: bool = False,
@@ -167,28 +167,34 @@ class DataParallel:
     def barrier(self, what: str) -> None:
         self._collective(what, dist.barrier)
 
-    def check_schedule(self, active_layers, n_layers: int) -> None:
-        """One all-gather of a per-layer mask: every rank must train the same decoder layers this period."""
-        mask = torch.zeros(n_layers, dtype=torch.uint8, device=self._comm_device)
-        mask[list(active_layers)] = 1
-        gathered = [torch.empty_like(mask) for _ in range(self.world_size)]
-        self._collective("LISA schedule check", dist.all_gather, gathered, mask)
-        layers = [tuple(int(i) for i in torch.nonzero(m).flatten().tolist()) for m in gathered]
-        for r, theirs in enumerate(layers):
-            if theirs != layers[0]:
+    def check_schedule(self, active_layers, n_layers: int, settings: tuple[int, ...] = ()) -> None:
+        """One all-gather of (settings..., per-layer mask): every rank must train the same decoder layers this
+        period, under the same schedule settings (period, seed, interval: a rank that switched at another step
+        would pair its collectives with the wrong ones of the others)."""
+        mask = [0] * n_layers
+        for i in active_layers:
+            mask[i] = 1
+        mine = torch.tensor([*settings, *mask], dtype=torch.int64, device=self._comm_device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._collective("LISA schedule check", dist.all_gather, gathered, mine)
+        seen = [(g[:len(settings)].tolist(), torch.nonzero(g[len(settings):]).flatten().tolist()) for g in gathered]
+        for r, theirs in enumerate(seen):
+            if theirs != seen[0]:
                 raise DistributedError(
-                    f"LISA schedule differs between ranks: rank 0 trains layers {list(layers[0])}, rank {r} trains "
-                    f"{list(theirs)}. Every rank needs the same LisaConfig (seed, n_active_layers, interval_steps, "
-                    f"layer_weights) and model")
+                    f"LISA schedule differs between ranks: rank 0 trains layers {seen[0][1]} (settings {seen[0][0]}), "
+                    f"rank {r} trains {theirs[1]} (settings {theirs[0]}). Every rank needs the same LisaConfig "
+                    f"(seed, n_active_layers, interval_steps, layer_weights) and model")
 
-    def on_step_begin(self, active_layers, n_layers: int) -> None:
-        """After the controller's `on_step_begin`: at a switch, check the schedule and rebuild the buckets."""
-        active = tuple(active_layers)
-        if active != self._checked_layers:
-            self.check_schedule(active, n_layers)
+    def on_step_begin(self, active_layers, n_layers: int, *, period: int | None = None,
+                      settings: tuple[int, ...] = ()) -> None:
+        """After the controller's `on_step_begin`: at a switch (a new `period`, or new layers when no period is
+        given), check the schedule with `check_schedule` and rebuild the gradient buckets."""
+        switch = (period, tuple(active_layers)) if period is not None else tuple(active_layers)
+        if switch != self._last_switch:
+            self.check_schedule(active_layers, n_layers, settings if period is None else (period, *settings))
             if self.grad_sync is not None:
                 self.grad_sync.rebuild()
-            self._checked_layers = active
+            self._last_switch = switch
 
     @property
     def comm_record_key(self) -> str:

@@ -252,7 +252,9 @@ class LisaTrainer:
         n_trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         if self.dist:  # every rank divides by the global count: the summed gradient is the global token-mean's
-            self.dist.on_step_begin(self.controller.active_layers, self.controller.n_layers)
+            c = self.controller
+            self.dist.on_step_begin(c.active_layers, c.n_layers, period=c.period,
+                                    settings=(self.lisa_config.seed, self.lisa_config.interval_steps))
             n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
         loss_total = 0.0
