@@ -21,6 +21,8 @@ in this process on CPU (where importing torch + transformers costs more than the
     python -m benchmarks.bench_finetune                        # tiny model, CPU or GPU
     python -m benchmarks.bench_finetune --shape 1b             # Llama-3.2-1B-like
     python -m benchmarks.bench_finetune --shape 7b --methods lisa-park,lora,full
+    python -m benchmarks.bench_finetune --nproc 8 --shape 7b --methods full,lora,lisa-park   # DDP on 8 GPUs
+    python -m benchmarks.bench_finetune --nproc 8 --fsdp --shape 7b --methods full,lisa-park  # FSDP2 on 8 GPUs
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, print_table, results_path, summarize, synchronize, write_results
+from benchmarks.data_parallel import BenchDataParallel, launcher, rank, worker_argv, world_size
 
 METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
 GB = 1e9
@@ -196,6 +199,7 @@ def is_switch_step(method: str, step: int, interval: int) -> bool:
 
 
 def _tensor_bytes(t) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this rank holds
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
@@ -243,6 +247,8 @@ class TrainingRun:
     device_state_peak: int = 0        # bytes: the largest device_state_bytes after an optimizer step
     updated: set[int] = dataclasses.field(default_factory=set)  # ids of the parameters that ever had a gradient
     bank: object = None               # the HostStateBank of a method that parks
+    data_parallel: object = None      # BenchDataParallel under torchrun (--nproc)
+    comm_bytes: list[int] = dataclasses.field(default_factory=list)  # bytes communicated per step (data parallel)
 
 
 def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isolated: bool) -> dict:
@@ -264,7 +270,7 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
     except Exception as exc:  # recorded as the method's result; the other methods still run
         result = failure(method, exc)
     else:
-        result = {"method": method, "status": "ok", **run_figures(method, run, args)}
+        result = {"method": method, "status": "ok", **run_figures(method, run, args, device)}
         del run
     result.update(peak_memory_figures(device, rss0))
     gc.collect()
@@ -289,16 +295,20 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
     """Build the model and the method's optimizer, then train `args.steps` steps, timing each whole step."""
     shape = SHAPES[args.shape]
     batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
-                                                  args.n_batches, args.seed)]
+                                                  args.n_batches, args.seed + rank())]  # each rank its own data
     model = build_model(args.shape, device, dtype, args.seed)
     model_params = sum(p.numel() for p in model.parameters())
     model_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
     try:
+        # Under torchrun (--nproc): data parallel, with the bytes communicated counted.
+        dp = BenchDataParallel(method, model, device, args.fsdp) if world_size() > 1 else None
         model, optimizer, controller = setup_method(method, model, args, device)
     except ImportError as exc:
         raise MethodUnavailable(exc) from exc
+    if dp is not None:
+        model = dp.wrap(model, controller)
     bank = controller.parker.bank if method.startswith("lisa-park") else None
-    run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank)
+    run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank, data_parallel=dp)
     for step in range(args.steps):
         batch = batches[step % len(batches)]
         synchronize(device)
@@ -308,7 +318,10 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         if controller is not None:
             controller.on_step_begin(step)
         loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        if dp is None:
+            loss.backward()
+        else:
+            run.comm_bytes.append(dp.backward(loss))
         optimizer.step()
         run.device_state_peak = max(run.device_state_peak, device_state_bytes(model, optimizer, device))
         run.updated.update(id(p) for p in model.parameters() if p.grad is not None)
@@ -329,20 +342,20 @@ def failure(method: str, exc: Exception) -> dict:
     return {"method": method, "status": f"error: {type(exc).__name__}: {exc}"}
 
 
-def run_figures(method: str, run: TrainingRun, args) -> dict:
+def run_figures(method: str, run: TrainingRun, args, device: torch.device) -> dict:
     """Memory held, step time (warm-up steps left out), switch stall and losses of a finished run."""
     model, times_ms = run.model, run.step_times_ms
     timed = [(s, t) for s, t in enumerate(times_ms) if s >= args.warmup]
     plain = [t for s, t in timed if not is_switch_step(method, s, args.interval)] or [t for _, t in timed]
     switch = [t for s, t in timed if is_switch_step(method, s, args.interval)]
     stats = summarize(plain)
-    return dict(
+    figures = dict(
         model_params=run.model_params, model_gb=run.model_gb,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         params_ever_updated=sum(p.numel() for p in model.parameters() if id(p) in run.updated),
         device_state_gb=run.device_state_peak / GB,
         median_step_ms=stats["median_ms"], p20_step_ms=stats["p20_ms"], p80_step_ms=stats["p80_ms"],
-        tokens_per_s=args.batch_size * args.seq_len / (stats["median_ms"] * 1e-3),
+        tokens_per_s=args.batch_size * args.seq_len * world_size() / (stats["median_ms"] * 1e-3),
         switch_steps=[s for s, _ in timed if is_switch_step(method, s, args.interval)],
         switch_stall_ms=(summarize(switch)["median_ms"] - stats["median_ms"]) if switch else None,
         loss_first=run.losses[0], loss_final=run.losses[-1],
@@ -350,6 +363,9 @@ def run_figures(method: str, run: TrainingRun, args) -> dict:
         host_state_gb=run.bank.bytes_held / GB if run.bank is not None else None,
         bank_backend=run.bank.backend if run.bank is not None else None,
     )
+    if run.data_parallel is not None:
+        figures.update(run.data_parallel.report(device, run.comm_bytes))
+    return figures
 
 
 def peak_memory_figures(device: torch.device, rss0: int | None) -> dict:
@@ -399,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="results name (default: finetune-<shape>)")
     p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="ranks per method, data parallel under torchrun (one GPU each; gloo processes on CPU)")
+    p.add_argument("--fsdp", action="store_true", help="with --nproc: shard with FSDP2 instead of replicating")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -416,6 +435,8 @@ def parse_args(argv=None):
     if args.prefetch_steps < 0:
         p.error("--prefetch-steps must be >= 0")
     args.warmup = min(args.warmup, args.steps - 1)
+    if args.fsdp:
+        args.track_update_norms = False  # LisaController measures update norms on whole tensors, not FSDP shards
     return args
 
 
@@ -425,16 +446,16 @@ def resolve(args):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
-    isolated = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda")
+    isolated = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda") or args.nproc > 1
     if args.threads is not None or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     return device, dtype, isolated
 
 
-def run_isolated(method: str, argv: list[str], timeout: float) -> dict:
+def run_isolated(method: str, argv: list[str], timeout: float, nproc: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", __spec__.name, *argv, "--worker", method, "--worker-out", str(out)]
+        cmd = [*launcher(nproc), "-m", __spec__.name, *argv, "--worker", method, "--worker-out", str(out)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -504,8 +525,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype, isolated = resolve(args)
     if args.worker:  # child process: one method, result as JSON
+        if world_size() > 1 and device.type == "cuda":  # one GPU per rank, as torchrun numbers them
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         result = run_method(args.worker, args, device, dtype, isolated=True)
-        Path(args.worker_out).write_text(json.dumps(result))
+        if rank() == 0:
+            Path(args.worker_out).write_text(json.dumps(result))
         return 0
 
     start = time.monotonic()
@@ -520,7 +544,7 @@ def main(argv=None) -> int:
             timeout = args.method_timeout
             if args.time_budget is not None:
                 timeout = max(1.0, min(timeout, args.time_budget - elapsed))
-            results.append(run_isolated(method, argv, timeout))
+            results.append(run_isolated(method, worker_argv(argv), timeout, args.nproc))
         else:
             results.append(run_method(method, args, device, dtype, isolated=False))
 
@@ -531,7 +555,7 @@ def main(argv=None) -> int:
                        lr=args.lr, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
                        n_active=args.n_active, interval=args.interval, prefetch_steps=args.prefetch_steps,
                        seed=args.seed, isolated=isolated,
-                       track_update_norms=args.track_update_norms,
+                       track_update_norms=args.track_update_norms, nproc=args.nproc, fsdp=args.fsdp,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),
         "comparisons": add_comparisons(results),
@@ -539,6 +563,8 @@ def main(argv=None) -> int:
     }
     columns = ["method", "status", "peak_allocated_gb", "peak_reserved_gb", "device_state_gb", "mem_vs_full",
                "mem_vs_lora", "median_step_ms", "tokens_per_s", "switch_stall_ms", "loss_final"]
+    if args.nproc > 1:
+        columns.insert(-1, "grad_comm_bytes_per_step")
     if device.type != "cuda":  # no GPU peaks; a fresh process per method makes the RSS growth meaningful
         columns = [c for c in columns if c not in ("peak_allocated_gb", "peak_reserved_gb")]
         if isolated:

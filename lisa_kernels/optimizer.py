@@ -9,6 +9,13 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter or gradient, which shares its storage; other tensors as
+    they are. Moments are kept per shard, so each rank steps and parks only its own share."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW with the same signature, defaults, math, validation and `state_dict` layout, plus:
 
@@ -67,8 +74,9 @@ class FusedAdamW(torch.optim.AdamW):
     def _state_for_step(self, param: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[param]
         if "step" not in state:
+            local = _local(param)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=self.moment_dtype(param), device=param.device)
+            state["exp_avg"] = torch.zeros(local.shape, dtype=self.moment_dtype(param), device=local.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -98,9 +106,10 @@ class FusedAdamW(torch.optim.AdamW):
                     raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
                 state = self._state_for_step(p, group["amsgrad"])
                 state["step"] += 1
-                key = (p.device, p.dtype, p.grad.dtype, state["exp_avg"].dtype, group["amsgrad"])
+                param, grad = _local(p), _local(p.grad)
+                key = (param.device, param.dtype, grad.dtype, state["exp_avg"].dtype, group["amsgrad"])
                 lists = launches.setdefault(key, ([], [], [], [], [], []))
-                row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                row = (param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
                        adamw_hyperparameters(h, state["step"].item(), inv_grad_scale))
                 for column, item in zip(lists, row):
                     column.append(item)

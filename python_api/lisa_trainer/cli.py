@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite_output_dir", default=False, **flag, help="start a new run in an --output_dir that holds another run's log or checkpoints")
     g.add_argument("--disable_tqdm", default=False, **flag, help="no progress bar")
     g.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    g.add_argument("--ddp_timeout", type=_positive_int, default=1800,
+                   help="under torchrun: seconds a rank waits for the others before the run fails")
+    g.add_argument("--fsdp", default=False, **flag,
+                   help="under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2)")
     return p
 
 
@@ -372,12 +376,14 @@ def _format_summary(summary: dict, *, demo: bool, out_model: Path, log: Path, pn
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .distributed import DistributedError, shutdown
+
     try:
         return _run(args)
     except CliError as e:
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 2
-    except RunFailed as e:
+    except (RunFailed, DistributedError) as e:  # a rank that failed prints its own traceback; the others say why
         print(f"lisa-finetune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"from it" if found else "no checkpoint was written (--save_steps N writes them)")
         print(f"\nlisa-finetune: interrupted; {hint}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()  # the process group of a torchrun run, if there is one
 
 
 def _run(args) -> int:
@@ -399,12 +407,14 @@ def _run(args) -> int:
     dataset_path, out_model, out_dir = _check_paths(args, demo)
     # The demo's own folder holds the last demo run: running the demo again starts afresh there.
     args.overwrite_output_dir = args.overwrite_output_dir or (demo and not (args.output_model_path or args.output_dir))
+    from .distributed import launched_rank
     from .run_folder import RunFolderError, claim_output_dir
 
     with contextlib.ExitStack() as held:
         try:  # held until the final model is written; a second run in out_dir stops here, before loading anything
-            held.enter_context(claim_output_dir(out_dir, resume_from=args.resume_from_checkpoint,
-                                                overwrite=args.overwrite_output_dir))
+            if launched_rank() == 0:  # under torchrun rank 0 holds the folder; the trainer tells the others the run
+                held.enter_context(claim_output_dir(out_dir, resume_from=args.resume_from_checkpoint,
+                                                    overwrite=args.overwrite_output_dir))
         except RunFolderError as e:
             raise CliError(f"--output_dir {e}") from None
         except FileNotFoundError as e:
@@ -481,6 +491,8 @@ def _train(args, demo: bool, values: dict, dataset_path: Path, out_model: Path, 
             device=args.device,
             overwrite_output_dir=args.overwrite_output_dir,
             max_nonfinite_steps=args.max_nonfinite_steps,
+            ddp_timeout=args.ddp_timeout,
+            fsdp=args.fsdp,
         )
     except ValueError as e:  # the fields are named like the flags
         raise CliError(str(e).replace("TrainingArguments.", "--")) from None
@@ -489,20 +501,25 @@ def _train(args, demo: bool, values: dict, dataset_path: Path, out_model: Path, 
         trainer = LisaTrainer(model, tokenizer, train_data, targs, lisa, eval_dataset=eval_data)
     except ValueError as e:
         raise CliError(_name_flags(str(e))) from None
-    print(
-        f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
-        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens "
-        f"({tokenized.stats['truncated']} instances truncated, {tokenized.stats['dropped_untrained']} without trained "
-        f"tokens left out); "
-        f"{trainer.max_steps} steps on {trainer.device}",
-        flush=True,
-    )
+    main_rank = trainer.dist is None or trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
+    ranks = f" x {trainer.dist.world_size} ranks (global batch {trainer.global_batch_size * args.gradient_accumulation_steps})" if trainer.dist else ""
+    if main_rank:
+        print(
+            f"lisa-finetune: {'demo model' if demo else args.model_name_or_path} with {len(layers)} decoder layers, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
+            f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= {values['block_size']} tokens "
+            f"({tokenized.stats['truncated']} instances truncated, {tokenized.stats['dropped_untrained']} without trained "
+            f"tokens left out); "
+            f"{trainer.max_steps} steps on {trainer.device}{ranks}",
+            flush=True,
+        )
     from .checkpoint import CheckpointError
 
     try:
         summary = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model(out_model)
+        trainer.save_model(out_model)  # every rank: under FSDP2 the shards are gathered to rank 0, which writes
+        if not main_rank:
+            return 0
         png = plot_run(out_dir / LOG_FILE, out_dir / PLOT_FILE, title=f"LISA: {'demo' if demo else args.model_name_or_path}")
     except (FileNotFoundError, CheckpointError) as e:
         raise CliError(f"--resume_from_checkpoint: {e}") from None

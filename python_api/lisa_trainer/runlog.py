@@ -63,7 +63,7 @@ def period_record(entry: dict, step: int) -> dict:
     rec = {"kind": "period", "step": step}
     for k, v in entry.items():
         rec[k] = _jsonable(v)
-    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms", ()))}
+    norms = {str(i): n for i, n in zip(entry.get("layers", ()), entry.get("layer_update_norms") or ())}
     norms.update({str(k): v for k, v in (entry.get("module_update_norms") or {}).items()})
     if norms:
         rec["update_norms"] = _jsonable(norms)

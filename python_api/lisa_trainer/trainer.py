@@ -42,6 +42,8 @@ from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
+from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
+from .layers import find_decoder_layers
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -76,6 +78,8 @@ class TrainingArguments:
     device: str | None = None  # None: CUDA when available
     overwrite_output_dir: bool = False  # start a new run in a folder that holds another run's log or checkpoints
     max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
+    ddp_timeout: int = DEFAULT_TIMEOUT_S  # seconds a collective may wait for the other ranks (data-parallel runs)
+    fsdp: bool = False  # several ranks: shard parameters, gradients and optimizer state with FSDP2
 
     def __post_init__(self):
         checks = [
@@ -92,6 +96,7 @@ class TrainingArguments:
             (self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1"),
             (self.save_steps is None or self.save_steps >= 1, "save_steps must be >= 1"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+            (self.ddp_timeout > 0, "ddp_timeout must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -147,10 +152,19 @@ class LisaTrainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.output_dir = Path(args.output_dir)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
+        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp,
+                                                    checkpoints=args.save_steps is not None)
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
             warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
-        self.model = model.to(self.device)
+        # FSDP moves the model to the device unit by unit as it shards it (attach).
+        self.model = model if self.dist and self.dist.fsdp else model.to(self.device)
+        if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
+            self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
+            if self.dist.fsdp and lisa_config.track_update_norms:
+                warnings.warn("update norms are not measured on FSDP shards: track_update_norms is off", stacklevel=2)
+                self.lisa_config = lisa_config = dataclasses.replace(lisa_config, track_update_norms=False)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -168,10 +182,15 @@ class LisaTrainer:
             eps=args.adam_epsilon,
         )
         self.controller = LisaController(model, self.optimizer, lisa_config)
-        self.chunked_loss = ChunkedCausalLMLoss(model) if args.chunked_loss else None
+        # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
+        # does not call: it would meet the head's shards.
+        self.chunked_loss = ChunkedCausalLMLoss(model) if args.chunked_loss and not (self.dist and self.dist.fsdp) else None
         self.collator = Collator(pad_token_id(tokenizer))
-        bs = args.per_device_train_batch_size
-        self.batches_per_epoch = math.ceil(len(train_dataset) / bs)
+        # One global micro-batch is split over the ranks, so the batch sequence does not depend on their number.
+        self.global_batch_size = args.per_device_train_batch_size * (self.dist.world_size if self.dist else 1)
+        self.batches_per_epoch = math.ceil(len(train_dataset) / self.global_batch_size)
+        if self.dist:
+            self.dist.check_batches(len(train_dataset), self.global_batch_size)
         if args.max_steps > 0:
             self.max_steps = args.max_steps
         else:
@@ -190,12 +209,15 @@ class LisaTrainer:
             self._epoch_order = {epoch: torch.randperm(len(self.train_dataset), generator=gen).tolist()}
         return self._epoch_order[epoch]
 
-    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """Global micro-batch ``index`` (counting from the start of training), the same on every run."""
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor] | None:
+        """Global micro-batch ``index`` (counting from the start of training), the same on every run; with several
+        ranks, this rank's share of it (None when a short last batch leaves this rank nothing)."""
         epoch, pos = divmod(index, self.batches_per_epoch)
-        bs = self.args.per_device_train_batch_size
+        bs = self.global_batch_size
         order = self._order(epoch)[pos * bs : (pos + 1) * bs]  # the last batch of an epoch may be short
-        return self.collator([self.train_dataset[i] for i in order])
+        if self.dist:
+            order = self.dist.shard(order)
+        return self.collator([self.train_dataset[i] for i in order]) if order else None
 
     # ------------------------------------------------------------------------------------------------- steps
 
@@ -223,16 +245,27 @@ class LisaTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = args.gradient_accumulation_steps
-        batches = [self.micro_batch(step * accum + j) for j in range(accum)]
+        batches = [b for b in (self.micro_batch(step * accum + j) for j in range(accum)) if b is not None]
         n_trained = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.dist:  # every rank divides by the global count: the summed gradient is the global token-mean's
+            c = self.controller
+            self.dist.on_step_begin(c.active_layers, c.n_layers, period=c.period,
+                                    settings=(self.lisa_config.seed, self.lisa_config.interval_steps))
+            n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
         loss_total = 0.0
-        for b in batches:
+        for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self._loss_sum(b) / max(1, n_trained)
-            loss.backward()
+            if self.dist:  # gradients are communicated during the last backward only
+                self.dist.backward(loss, last=i == len(batches) - 1)
+            else:
+                loss.backward()
             loss_total += loss.item()
+        if self.dist:
+            comm_bytes = self.dist.finish_gradients()
+            (loss_total,) = self.dist.sum(loss_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
@@ -262,6 +295,9 @@ class LisaTrainer:
         }
         if not finite:
             record["skipped"] = True
+        if self.dist:
+            record[self.dist.comm_record_key] = comm_bytes
+            record["world_size"] = self.dist.world_size
         if self.device.type == "cuda":
             record["gpu_mem_allocated_mb"] = torch.cuda.memory_allocated(self.device) / 2**20
             record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -275,10 +311,13 @@ class LisaTrainer:
         self.model.eval()
         bs = self.args.per_device_eval_batch_size or self.args.per_device_train_batch_size
         total, count = 0.0, 0
-        for i in range(0, len(self.eval_dataset), bs):
+        starts = range(0, len(self.eval_dataset), bs)
+        for i in self.dist.eval_batches(starts) if self.dist else starts:
             b = self.collator([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))])
             count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(self._loss_sum({k: v.to(self.device) for k, v in b.items()}))
+        if self.dist:
+            total, count = self.dist.eval_sums(total, count)
         self.model.train()
         return total / max(1, count)
 
@@ -295,7 +334,10 @@ class LisaTrainer:
 
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.step)
-        self._check_weights_finite(path)
+        self._check_weights_finite(path)  # every rank: the weights are the same everywhere
+        if self.dist and not self.dist.is_main:  # the ranks' states are identical: rank 0 writes, the others wait
+            self.dist.barrier(f"writing {path}")
+            return path
         save_checkpoint(
             path,
             model=self.model,
@@ -306,6 +348,8 @@ class LisaTrainer:
             run_id=self.run_id,
         )
         prune_checkpoints(self.output_dir, self.args.save_total_limit, self.run_id)
+        if self.dist:
+            self.dist.barrier(f"writing {path}")
         return path
 
     def _check_weights_finite(self, destination: Path) -> None:
@@ -319,6 +363,8 @@ class LisaTrainer:
 
     def resume(self, checkpoint: str | Path) -> int:
         """Load a checkpoint folder; returns the step training continues from."""
+        if self.dist and self.dist.fsdp:
+            raise CheckpointError("fsdp: resuming from a checkpoint is not supported with FSDP yet")
         try:
             state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
         except SafetensorError as e:
@@ -344,8 +390,14 @@ class LisaTrainer:
     def train(self, resume_from_checkpoint: str | Path | None = None) -> dict:
         """Run to ``max_steps``; returns the summary (also the log's last record). ``resume_from_checkpoint``: a
         checkpoint folder, or "latest" (the newest checkpoint of the run logged in ``output_dir``)."""
+        if self.dist and not self.dist.is_main:  # rank 0 holds the folder and decides the run; the others follow
+            claim = self.dist.broadcast_object(None)
+            self.run_id = claim.run_id
+            return self._train(claim.resume_from)
         with claim_output_dir(self.output_dir, resume_from=resume_from_checkpoint or None,
                               overwrite=self.args.overwrite_output_dir) as claim:
+            if self.dist:
+                self.dist.broadcast_object(claim)
             self.run_id = claim.run_id
             return self._train(claim.resume_from)
 
@@ -358,7 +410,8 @@ class LisaTrainer:
             self.resume(resume_from)
         resumed_at = self.step if resume_from else None
         own_log = resumed_at is not None and log_run_id(self.output_dir) == self.run_id
-        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None)
+        main = not self.dist or self.dist.is_main
+        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None) if main else NullLog()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n_layers = self.controller.n_layers
@@ -384,7 +437,8 @@ class LisaTrainer:
                 log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
         logged_periods = len(self.controller.period_log)
         nonfinite_in_a_row = 0
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress, unit="step", desc="LISA", dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress or not main, unit="step",
+                   desc="LISA", dynamic_ncols=True)
         try:
             while self.step < self.max_steps:
                 rec = self.train_step()
@@ -413,27 +467,38 @@ class LisaTrainer:
             self.controller.finish(last_step=self.step - 1)  # a last, partial period gets its norms too
             for entry in self.controller.period_log[logged_periods:]:
                 log.write(period_record(entry, self.step))
+        except BaseException as error:
+            if self.dist:  # so the other ranks' failing collectives can say what happened here
+                self.dist.report_failure(error)
+            raise
         finally:
             bar.close()
         if args.save_model:
             self.save_model(self.output_dir)
-        summary = self._summary(time.perf_counter() - wall_start)
+        if self.dist:  # the summary is read from rank 0's log; every rank returns rank 0's summary
+            summary = self.dist.broadcast_object(self._summary(time.perf_counter() - wall_start) if main else None)
+        else:
+            summary = self._summary(time.perf_counter() - wall_start)
         log.write(summary)
         log.close()
         return summary
 
     def save_model(self, path: str | Path) -> None:
         """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``.
+        With several ranks every rank calls it (FSDP gathers the shards to rank 0) and rank 0 writes.
 
         Raises :class:`TrainingDiverged` (writing nothing) if a weight is not finite, and
         :class:`~lisa_trainer.checkpoint.CheckpointWriteError` if the files cannot be written."""
         path = Path(path)
         self._check_weights_finite(path)
+        state_dict = self.dist.state_dict_to_save(self.model) if self.dist else None
+        if self.dist and not self.dist.is_main:
+            return  # every rank holds the same weights; rank 0 writes them
         kwargs = {}
         if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # the default in recent transformers, where the flag is gone
         try:
-            self.model.save_pretrained(path, **kwargs)
+            self.model.save_pretrained(path, state_dict=state_dict, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
         except (OSError, RuntimeError, SafetensorError) as e:

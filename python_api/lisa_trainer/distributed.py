@@ -1,0 +1,391 @@
+"""Data-parallel LISA on torch.distributed: only the active layers' gradients cross the wire.
+
+`LisaTrainer` (and so `lisa-finetune`) turns data-parallel by itself when it runs under a launcher that sets
+``WORLD_SIZE`` > 1 with ``RANK`` and ``LOCAL_RANK`` (``torchrun``, ``torchrun --nnodes`` and ``accelerate launch``
+do), or when the caller has already initialised a process group. Per optimizer step:
+
+- **data**: the global micro-batch is ``per_device_train_batch_size x world_size`` examples of the same seeded
+  order a single process would use; rank r trains rows ``[r*b, (r+1)*b)``. Each rank's loss is its tokens' share
+  of the global token-mean (the divisor is the global trained-token count, one 2-number all-reduce), so the summed
+  gradient is exactly the gradient of one process training the whole global batch: N ranks x batch b give the
+  losses of 1 process x batch N*b, to fp32 rounding. Scaling out is a pure speed change.
+- **gradients**: `GradientSync` all-reduces the trainable parameters only (the active decoder layers plus the
+  always-trainable embeddings, head and final norm), in ~25 MiB buckets launched from
+  ``register_post_accumulate_grad_hook`` while the backward pass is still running. A frozen layer has no
+  ``.grad`` and is in no bucket, so it costs no communication and there is no ``find_unused_parameters`` graph
+  traversal; the buckets are rebuilt at every LISA switch (no weights are re-broadcast). For Llama-2-7B with
+  E+H+2L that is 0.67 B of 6.74 B parameters: ~10 % of the bytes DDP over the whole model would move.
+- **FSDP2** (``fsdp=True``): one ``fully_shard`` unit per decoder layer plus the root; FusedAdamW keeps moments for
+  each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. The final
+  model is gathered to rank 0 and saved once. Checkpoints and update norms are not supported there yet.
+- **schedule**: the layer schedule is a pure function of (seed, period); at each switch one all-gather of a
+  per-layer mask checks that every rank samples the same layers (a mismatch names both ranks' layers).
+- **writes**: rank 0 alone writes the log, checkpoints, the model and the plot; every rank ends with the same
+  weights (same start, broadcast from rank 0; same summed gradients; same optimizer).
+- **failures**: a rank that raises records its message in the process group's store before it exits; the others
+  fail in their next collective (gloo: at once, when the peer's connection closes; NCCL: within
+  ``ddp_timeout`` seconds) and raise `DistributedError` quoting the failing rank's message.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "launched_rank", "launched_world_size",
+           "shutdown"]
+
+DEFAULT_TIMEOUT_S = 1800  # Hugging Face TrainingArguments.ddp_timeout's default
+# Gradient bucket size: big enough that per-collective latency is amortised (NCCL reaches most of its bus
+# bandwidth above ~16 MiB messages), small enough that the first buckets go out while backward still runs.
+BUCKET_BYTES = 25 * 2**20
+_FAILURE_KEY = "lisa_trainer/failed/"
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank raised (its message is quoted), died, or the ranks disagree."""
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``, set by torchrun and accelerate); 1 when none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``), before any process group exists; 0 when none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is up (call once at the end of a data-parallel program)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DataParallel:
+    """The collectives a data-parallel `LisaTrainer` needs; one per trainer. Use `DataParallel.setup`."""
+
+    def __init__(self, device: torch.device, fsdp: bool = False):
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device
+        self.fsdp = fsdp
+        self.model: nn.Module | None = None
+        # NCCL only moves CUDA tensors; gloo only CPU ones (for tiny tensors both are right where they are used).
+        self._comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.grad_sync: GradientSync | None = None
+        self._last_switch = None
+
+    @classmethod
+    def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *, fsdp: bool = False,
+              checkpoints: bool = False) -> tuple[DataParallel | None, torch.device]:
+        """(a DataParallel, this rank's device) under a launcher with WORLD_SIZE > 1 or an initialised process
+        group of more than one rank; (None, device) otherwise. Initialises the default group if needed: NCCL for
+        CUDA, gloo for CPU, collective timeout ``timeout_s`` seconds. ``device`` "cuda" becomes ``cuda:LOCAL_RANK``.
+        ``fsdp`` shards the model with FSDP2 (`attach`); ``checkpoints``: the run will save or resume checkpoints
+        (not supported with FSDP yet: refused here, before any training time is spent)."""
+        if launched_world_size() <= 1:
+            if fsdp:
+                warnings.warn("fsdp shards over several ranks (start with torchrun); one process trains unsharded",
+                              stacklevel=3)
+            return None, device
+        if fsdp and checkpoints:
+            raise ValueError("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not supported with FSDP yet; "
+                             "train without them, or data-parallel without fsdp (checkpoints work there)")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+            if missing:
+                raise DistributedError(
+                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start the program "
+                    f"with torchrun (or accelerate launch), which sets them")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        return cls(device, fsdp), device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---------------------------------------------------------------------------------------------- set up
+    def attach(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Start every rank from rank 0's weights and buffers; then hook the gradient all-reduce into `model`, or
+        with FSDP shard it: one FSDP2 unit per decoder layer in `layers`, plus the root (embeddings, head, final
+        norm). Call before building the optimizer: sharding replaces the parameters with DTensors. With FSDP the
+        model may still be on the CPU: each unit moves to the device as it is sharded, so a model larger than one
+        GPU never sits on one whole."""
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                on_comm = t.data if t.device == self._comm_device else t.data.to(self._comm_device)
+                self._collective("broadcast of the initial weights", dist.broadcast, on_comm, src=0)
+                if on_comm is not t.data:
+                    t.data.copy_(on_comm)
+        self.model = model
+        if not self.fsdp:
+            self.grad_sync = GradientSync(model, self)
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def check_batches(self, n_examples: int, global_batch_size: int) -> None:
+        """FSDP runs every layer's all-gather on every rank, so every rank needs data in every micro-batch."""
+        last = n_examples % global_batch_size
+        per_rank = -(-last // self.world_size)  # as `shard` cuts it: the last rank gets the fewest
+        if self.fsdp and last and (self.world_size - 1) * per_rank >= last:
+            raise ValueError(
+                f"fsdp: the last micro-batch of each epoch has {last} examples, fewer than one per rank for some of "
+                f"the {self.world_size} ranks; choose a per-device batch size or a dataset size that leaves each "
+                f"rank at least one example ({n_examples} examples, global batch {global_batch_size})")
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous share of a global batch of ``len(items)`` = b x world_size (or fewer) items."""
+        per_rank = -(-len(items) // self.world_size)
+        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    # ------------------------------------------------------------------------------------------ collectives
+    def sum(self, *values: float) -> list[float]:
+        """Sum plain numbers over the ranks (one small all-reduce, fp64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        self._collective("all-reduce of step counters", dist.all_reduce, t)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (pickled; for small results such as the run summary)."""
+        box = [obj]
+        self._collective("broadcast of rank 0's result", dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def barrier(self, what: str) -> None:
+        self._collective(what, dist.barrier)
+
+    def check_schedule(self, active_layers, n_layers: int, settings: tuple[int, ...] = ()) -> None:
+        """One all-gather of (settings..., per-layer mask): every rank must train the same decoder layers this
+        period, under the same schedule settings (period, seed, interval: a rank that switched at another step
+        would pair its collectives with the wrong ones of the others)."""
+        mask = [0] * n_layers
+        for i in active_layers:
+            mask[i] = 1
+        mine = torch.tensor([*settings, *mask], dtype=torch.int64, device=self._comm_device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._collective("LISA schedule check", dist.all_gather, gathered, mine)
+        seen = [(g[:len(settings)].tolist(), torch.nonzero(g[len(settings):]).flatten().tolist()) for g in gathered]
+        for r, theirs in enumerate(seen):
+            if theirs != seen[0]:
+                raise DistributedError(
+                    f"LISA schedule differs between ranks: rank 0 trains layers {seen[0][1]} (settings {seen[0][0]}), "
+                    f"rank {r} trains {theirs[1]} (settings {theirs[0]}). Every rank needs the same LisaConfig "
+                    f"(seed, n_active_layers, interval_steps, layer_weights) and model")
+
+    def on_step_begin(self, active_layers, n_layers: int, *, period: int | None = None,
+                      settings: tuple[int, ...] = ()) -> None:
+        """After the controller's `on_step_begin`: at a switch (a new `period`, or new layers when no period is
+        given), check the schedule with `check_schedule` and rebuild the gradient buckets."""
+        switch = (period, tuple(active_layers)) if period is not None else tuple(active_layers)
+        if switch != self._last_switch:
+            self.check_schedule(active_layers, n_layers, settings if period is None else (period, *settings))
+            if self.grad_sync is not None:
+                self.grad_sync.rebuild()
+            self._last_switch = switch
+
+    @property
+    def comm_record_key(self) -> str:
+        """The step record's name for the gradient bytes communicated per step."""
+        return "reduce_scatter_bytes" if self.fsdp else "allreduce_bytes"
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """``loss.backward()`` for one micro-batch; gradients are communicated in the ``last`` one only."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            # FSDP2 averages over the ranks (gloo cannot do its pre-multiplied sum); `loss` is this rank's share
+            # of the global mean, whose gradients must be summed.
+            (loss * self.world_size).backward()
+        else:
+            self.grad_sync.armed = last
+            loss.backward()
+
+    def finish_gradients(self) -> int:
+        """After the step's last backward: complete the communication; returns its bytes (gradients sent)."""
+        if self.fsdp:  # each trainable parameter's full gradient goes into one reduce-scatter
+            return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.grad is not None)
+        return self.grad_sync.finish()
+
+    def eval_batches(self, starts: range) -> range:
+        """This rank's share of the held-out batches (all of them with FSDP: every rank runs every forward)."""
+        return starts if self.fsdp else starts[self.rank::self.world_size]
+
+    def eval_sums(self, total: float, count: int) -> tuple[float, int]:
+        if self.fsdp:
+            return total, count
+        total, count = self.sum(total, count)
+        return total, int(count)
+
+    def state_dict_to_save(self, model: nn.Module) -> dict | None:
+        """With FSDP, the full (unsharded) weights gathered to rank 0's CPU (a collective: every rank calls it);
+        None otherwise (each rank's model holds them)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return self._collective("gathering the sharded model", get_model_state_dict, model, options=options)
+
+    # ------------------------------------------------------------------------------------------- failures
+    def report_failure(self, error: BaseException) -> None:
+        """Leave this rank's error where the other ranks look when their next collective fails."""
+        if isinstance(error, DistributedError):
+            return  # a consequence of another rank's failure, already reported there
+        store = _default_store()
+        if store is None:
+            return
+        message = "".join(traceback.format_exception_only(type(error), error)).strip()
+        try:
+            store.set(f"{_FAILURE_KEY}{self.rank}", message)
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the traceback still prints here
+            pass
+
+    def _collective(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as err:
+            raise self._explain(what, err) from err
+
+    def _explain(self, what: str, err: BaseException) -> DistributedError:
+        failed = _failures(self.world_size)
+        if failed:
+            said = "; ".join(f"rank {r} failed: {msg}" for r, msg in failed.items())
+            return DistributedError(f"rank {self.rank}: {what} did not complete because {said}")
+        return DistributedError(
+            f"rank {self.rank}: {what} failed ({str(err).strip().splitlines()[0][:300]}); another rank probably "
+            f"died or stalled past the collective timeout (--ddp_timeout)")
+
+
+class GradientSync:
+    """All-reduce (sum) of the trainable parameters' gradients, bucketed and overlapped with backward.
+
+    `rebuild()` (at each LISA switch) lays the parameters with ``requires_grad`` into buckets of one dtype, in
+    reverse registration order (roughly the order backward produces them). Every parameter carries a
+    post-accumulate-grad hook; while `armed` (the last local micro-batch of a step), a bucket is all-reduced as
+    soon as it and every bucket before it are complete, so all ranks issue the same collectives in the same order.
+    `finish()` launches what is left (a rank whose share of the step was empty contributes zeros), waits, and
+    writes the sums back into ``.grad``; it returns the bytes all-reduced.
+    """
+
+    def __init__(self, model: nn.Module, parallel: DataParallel, bucket_bytes: int = BUCKET_BYTES):
+        self.model, self.parallel, self.bucket_bytes = model, parallel, bucket_bytes
+        self.armed = False
+        self.buckets: list[list[nn.Parameter]] = []
+        self._bucket_of: dict[nn.Parameter, int] = {}
+        self._missing: list[int] = []
+        self._launched: list[tuple[torch.Tensor, object]] = []
+        self._hooks: dict[nn.Parameter, object] = {}  # torch hooks only params that require grad: added as they do
+        self.rebuild()
+
+    @property
+    def n_elements(self) -> int:
+        return sum(p.numel() for b in self.buckets for p in b)
+
+    def rebuild(self) -> None:
+        if self._launched:
+            raise RuntimeError("GradientSync.rebuild() during a step, before finish()")
+        open_buckets: dict[torch.dtype, tuple[list, list]] = {}  # dtype -> (params, [bytes])
+        self.buckets = []
+        for p in reversed(list(dict.fromkeys(self.model.parameters()))):
+            if not p.requires_grad:
+                continue
+            if p not in self._hooks:
+                self._hooks[p] = p.register_post_accumulate_grad_hook(self._on_grad)
+            bucket, size = open_buckets.setdefault(p.dtype, ([], [0]))
+            bucket.append(p)
+            size[0] += p.numel() * p.element_size()
+            if size[0] >= self.bucket_bytes:
+                self.buckets.append(open_buckets.pop(p.dtype)[0])
+        self.buckets += [bucket for bucket, _ in open_buckets.values()]
+        self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._missing = [len(b) for b in self.buckets]
+        self._launched = []
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        index = self._bucket_of.get(param)
+        if not self.armed or index is None:
+            return
+        self._missing[index] -= 1
+        while len(self._launched) < len(self.buckets) and self._missing[len(self._launched)] == 0:
+            self._launch(len(self._launched))
+
+    def _launch(self, index: int) -> None:
+        bucket = self.buckets[index]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        work = self.parallel._collective("gradient all-reduce", dist.all_reduce, flat, async_op=True)
+        self._launched.append((flat, work))
+
+    def finish(self) -> int:
+        """Complete the step's all-reduce; returns the bytes all-reduced (the gradients of the trainable set)."""
+        self.armed = False
+        while len(self._launched) < len(self.buckets):
+            self._launch(len(self._launched))
+        sent = 0
+        with torch.no_grad():
+            for bucket, (flat, work) in zip(self.buckets, self._launched):
+                self.parallel._collective("gradient all-reduce", work.wait)
+                sent += flat.numel() * flat.element_size()
+                for p, summed in zip(bucket, flat.split([p.numel() for p in bucket])):
+                    if p.grad is None:
+                        p.grad = summed.view_as(p).clone()
+                    else:
+                        p.grad.copy_(summed.view_as(p))
+        self._reset()
+        return sent
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def _failures(world_size: int) -> dict[int, str]:
+    store = _default_store()
+    if store is None:
+        return {}
+    found = {}
+    for r in range(world_size):
+        key = f"{_FAILURE_KEY}{r}"
+        try:
+            if store.check([key]):
+                found[r] = store.get(key).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - the store went down with its host rank; nothing more to learn
+            break
+    return found
+
+
+class NullLog:
+    """The run log of ranks other than 0: rank 0 writes the one log of a data-parallel run."""
+
+    is_new = False  # nothing is written here, a config record neither
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
