@@ -9,6 +9,7 @@ written once (param, moments): 28 bytes per fp32 element, 22 for bf16 params wit
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -154,6 +155,92 @@ def uses_kernel(param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor) ->
     return param.device.type == ("cpu" if KERNEL_RUNS_ON_CPU else "cuda")
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """The elements fill a block of memory exactly once, in some order (contiguous, channels_last, transposed)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda size_stride: size_stride[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _refuse(where: str, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) -> None:
+    """Raise, as torch does (RuntimeError), for what no path can update, naming the parameter (`where`)."""
+    if not param.is_floating_point():
+        raise RuntimeError(f"{where} is {param.dtype}; AdamW updates floating-point parameters only")
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq),
+                    ("max_exp_avg_sq", max_exp_avg_sq)):
+        if t is None:
+            continue
+        if t.shape != param.shape:
+            raise RuntimeError(f"{where} (shape {tuple(param.shape)}) has {name} of shape {tuple(t.shape)}")
+        if t.device != param.device:
+            raise RuntimeError(f"{where} is on {param.device} but its {name} is on {t.device}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"{where} has {name} of dtype {t.dtype}; it must be floating point")
+        if name != "grad" and t.dtype != exp_avg.dtype:
+            raise RuntimeError(f"{where} has exp_avg in {exp_avg.dtype} but {name} in {t.dtype}")
+    raise RuntimeError(f"{where}: its grad and moments do not match it")
+
+
+class Bucket(NamedTuple):
+    """Tensors of one device and one (param, grad, moment) dtype combination: one launch."""
+
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    max_exp_avg_sqs: list | None  # None without amsgrad
+    steps: list  # scalar tensors
+    hyperparameters: list  # AdamWHyperparameters of each tensor's group
+
+
+def bucket_tensors(rows, name) -> list[Bucket]:
+    """Group rows (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None, step, hyperparameters) into launches.
+
+    Every row is checked first, so a refused call changes nothing: grad and moments must have the param's shape
+    and device, dtypes must be floating point, the moments one dtype; else RuntimeError (as torch raises) naming
+    row i by `name(i)`. This runs for every tensor of every step, so each attribute is read once and dtypes are
+    checked once per bucket. A param listed twice (torch warns, then updates it twice in turn) gets its second
+    update in a later launch, so no launch writes one tensor from two places.
+    """
+    buckets, times_seen = {}, {}
+    for i, (p, g, m, v, vmax, step, h) in enumerate(rows):
+        shape, device, v_or_max = p.shape, p.device, v if vmax is None else vmax
+        if not (g.shape == shape and m.shape == shape and v.shape == shape and v_or_max.shape == shape
+                and g.device == device and m.device == device and v.device == device and v_or_max.device == device
+                and v.dtype == m.dtype and v_or_max.dtype == m.dtype):
+            _refuse(name(i), p, g, m, v, vmax)
+        repeat = times_seen[p] = times_seen.get(p, -1) + 1
+        key = (repeat, device, p.dtype, g.dtype, m.dtype, vmax is not None)
+        bucket = buckets.get(key)
+        if bucket is None:
+            if not (p.dtype.is_floating_point and g.dtype.is_floating_point and m.dtype.is_floating_point):
+                _refuse(name(i), p, g, m, v, vmax)
+            bucket = buckets[key] = Bucket([], [], [], [], None if vmax is None else [], [], [])
+        bucket.params.append(p)
+        bucket.grads.append(g)
+        bucket.exp_avgs.append(m)
+        bucket.exp_avg_sqs.append(v)
+        if vmax is not None:
+            bucket.max_exp_avg_sqs.append(vmax)
+        bucket.steps.append(step)
+        bucket.hyperparameters.append(h)
+    return [bucket for key, bucket in sorted(buckets.items(), key=lambda key_bucket: key_bucket[0][0])]
+
+
+def update_buckets(buckets: list[Bucket], inv_grad_scale: float, stochastic_rounding: bool, block_size=None):
+    """Count a step for every tensor (a param listed twice counts two), then run each bucket's launch."""
+    for b in buckets:
+        scalars = []
+        for step, h in zip(b.steps, b.hyperparameters):
+            step += 1
+            scalars.append(adamw_hyperparameters(h, step.item(), inv_grad_scale))
+        adamw_update_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, scalars,
+                      stochastic_rounding=stochastic_rounding, block_size=block_size)
+
+
 _chunk_tables: dict = {}
 
 
@@ -173,6 +260,23 @@ def _chunk_table(numels: tuple, block: int, device: torch.device) -> torch.Tenso
     return table
 
 
+def _walkable(columns: list) -> tuple[list, list]:
+    """The kernel walks each tensor's memory from its first element as if it were the parameter's, which is right
+    when every tensor of a row is contiguous, or all share the strides of a dense parameter (channels_last,
+    transposed). Returns the columns with other rows replaced by contiguous copies, and the (original, copy) pairs
+    the kernel writes (params and moments), to copy back after it ran."""
+    columns, copy_backs = [list(column) for column in columns], []
+    for i, row in enumerate(zip(*columns)):
+        p = row[0]
+        if all(t.is_contiguous() for t in row) or (_is_dense(p) and all(t.stride() == p.stride() for t in row)):
+            continue
+        for c, (column, t) in enumerate(zip(columns, row)):
+            column[i] = t.contiguous()
+            if c != 1 and column[i] is not t:  # column 1 holds the grads, which the kernel only reads
+                copy_backs.append((t, column[i]))
+    return columns, copy_backs
+
+
 def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers, stochastic_rounding, block):
     device = params[0].device
     block = block or (_INTERPRETER_BLOCK if KERNEL_RUNS_ON_CPU else _CUDA_BLOCK)
@@ -180,10 +284,9 @@ def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers
     chunks = _chunk_table(numels, block, device)
     if len(chunks) == 0:
         return
-    for i, p in enumerate(params):
-        if not p.is_contiguous():
-            raise ValueError(f"FusedAdamW needs contiguous parameters; parameter {i} has strides {p.stride()}")
-    grads = [g.contiguous() for g in grads]
+    columns = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs is not None else [])
+    (params, grads, exp_avgs, exp_avg_sqs, *maxes), copy_backs = _walkable(columns)
+    max_exp_avg_sqs = maxes[0] if maxes else None
     amsgrad = max_exp_avg_sqs is not None
     rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), n]
             for p, g, m, v, vmax, n in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs, numels)]
@@ -207,6 +310,8 @@ def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers
             BLOCK=block,
             num_warps=_CUDA_WARPS,
         )
+    for original, working in copy_backs:
+        original.copy_(working)
 
 
 def round_to_bfloat16_stochastic(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -286,16 +391,10 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
     if inv_grad_scale is None:
         return
     h = AdamWHyperparameters(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), maximize)
-    groups = {}
-    for i, (p, g, m, v, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
-        step += 1
-        vmax = max_exp_avg_sqs[i] if amsgrad else None
-        group = groups.setdefault((p.device, p.dtype, g.dtype, m.dtype), ([], [], [], [], [], []))
-        for column, item in zip(group, (p, g, m, v, vmax, adamw_hyperparameters(h, float(step), inv_grad_scale))):
-            column.append(item)
-    for p, g, m, v, vmax, hypers in groups.values():
-        adamw_update_(p, g, m, v, vmax if amsgrad else None, hypers, stochastic_rounding=stochastic_rounding,
-                      block_size=block_size)
+    rows = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps,
+               [h] * len(params))
+    buckets = bucket_tensors(rows, lambda i: f"fused_adamw_: params[{i}]")
+    update_buckets(buckets, inv_grad_scale, stochastic_rounding, block_size)
 
 
 def _unscale_factor(grad_scale, found_inf):

@@ -2,11 +2,20 @@
 
 import torch
 
-from .adamw import AdamWHyperparameters, _unscale_factor, adamw_hyperparameters, adamw_update_
+from .adamw import AdamWHyperparameters, _unscale_factor, bucket_tensors, update_buckets
 from .state_parking import StateParkingMixin
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _moment_like(param: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded moment as a new tensor in `dtype` on the param's device, laid out like the param (a torch state saved
+    in channels_last loads into a contiguous param's layout, so the kernel needs no copies). A moment of another
+    shape is kept as it is, for `step()` to refuse with the param named."""
+    if saved.shape != param.shape:
+        return saved.to(device=param.device, dtype=dtype, copy=True)
+    return torch.empty_like(param, dtype=dtype).copy_(saved)
 
 
 class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
@@ -49,7 +58,8 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
         state = self.state[param]
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=self.moment_dtype(param), device=param.device)
+            # The param's layout (channels_last, transposed), so the kernel walks all of them in the same order.
+            state["exp_avg"] = torch.zeros_like(param, dtype=self.moment_dtype(param))
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -66,12 +76,12 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
             return loss
 
         self._unpark_for_step()
-        launches = {}
-        for group in self.param_groups:
+        rows, names = [], []
+        for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = (float(b) for b in group["betas"])
             h = AdamWHyperparameters(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
                                      group["maximize"])
-            for p in group["params"]:
+            for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -79,17 +89,11 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
                 if p.is_complex():
                     raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
                 state = self._state_for_step(p, group["amsgrad"])
-                state["step"] += 1
-                key = (p.device, p.dtype, p.grad.dtype, state["exp_avg"].dtype, group["amsgrad"])
-                lists = launches.setdefault(key, ([], [], [], [], [], []))
-                row = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                       adamw_hyperparameters(h, state["step"].item(), inv_grad_scale))
-                for column, item in zip(lists, row):
-                    column.append(item)
-
-        for (*_, amsgrad), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers) in launches.items():
-            adamw_update_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, hypers,
-                          stochastic_rounding=self.stochastic_rounding)
+                rows.append((p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                             state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
+                names.append((group_index, param_index))
+        buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*names[i]))
+        update_buckets(buckets, inv_grad_scale, self.stochastic_rounding)
         return loss
 
     def load_state_dict(self, state_dict: dict, *, park=None) -> None:
@@ -111,5 +115,5 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             for key in _MOMENT_KEYS:
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=self.moment_dtype(p), copy=True)
+                    state[key] = _moment_like(p, saved[key], self.moment_dtype(p))
         self._park_loaded(parked, self.moment_dtype)

@@ -133,6 +133,16 @@ def test_functional_entry_point_rejects_mismatched_lists():
                      lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=True)
 
 
+def test_functional_entry_point_refuses_mismatched_tensors_and_changes_nothing():
+    params, grads = [torch.ones(8), torch.ones(300)], [torch.ones(8), torch.ones(300)]
+    exp_avgs, exp_avg_sqs = [torch.zeros(8), torch.zeros(30)], [torch.zeros(8), torch.zeros(300)]
+    steps = [torch.tensor(0.0), torch.tensor(0.0)]
+    with pytest.raises(RuntimeError, match=r"params\[1\] \(shape \(300,\)\) has exp_avg of shape \(30,\)"):
+        fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
+                     weight_decay=0.0)
+    assert [s.item() for s in steps] == [0.0, 0.0] and torch.equal(params[0], torch.ones(8))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("path", ["dispatch", "pytorch"])
 def test_stochastic_rounding_keeps_tiny_updates(device, path):

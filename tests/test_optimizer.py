@@ -255,3 +255,112 @@ def test_defaults_and_signature_match_torch():
     theirs = inspect.signature(torch.optim.AdamW).parameters
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default and ours[name].kind == parameter.kind, name
+
+
+# ---------------------------------------------------------------- inputs the kernel must never trust
+
+
+@pytest.fixture(params=["kernel", "pytorch"])
+def path(request, monkeypatch):
+    """FusedAdamW's CPU paths: the Triton kernel (interpreted) and the PyTorch path."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(adamw_module, "KERNEL_RUNS_ON_CPU", False)
+    return request.param
+
+
+def _trained_torch_state(shape, steps=2, memory_format=torch.contiguous_format):
+    param = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
+    opt = torch.optim.AdamW([param], lr=1e-2)
+    for step in range(steps):
+        _set_grads([[param]], seed=step)
+        opt.step()
+    saved = opt.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        saved["state"][0][key] = saved["state"][0][key].contiguous(memory_format=memory_format)
+    return param, opt, saved
+
+
+def test_moments_of_the_wrong_size_raise_like_torch(path):
+    params = _params("cpu", sizes=(300,))
+    opt = FusedAdamW(params)
+    _, _, saved = _trained_torch_state((300,))
+    saved["state"][0]["exp_avg"] = torch.zeros(10)
+    opt.load_state_dict(saved)
+    _set_grads([params], seed=0)
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 .*exp_avg of shape \(10,\)"):
+        opt.step()
+    assert torch.equal(params[0], before)
+
+
+def test_grad_of_the_wrong_shape_raises_like_torch(path):
+    params = _params("cpu", sizes=(5, 300))
+    opt = FusedAdamW(params)
+    _set_grads([params], seed=0)
+    params[1].grad.data = torch.randn(7)
+    with pytest.raises(RuntimeError, match=r"parameter 1 of param group 0 .*grad of shape \(7,\)"):
+        opt.step()
+
+
+def test_integer_param_or_moments_on_another_device_raise_like_torch(path):
+    p = torch.nn.Parameter(torch.arange(6), requires_grad=False)
+    p.grad = torch.ones(6, dtype=torch.int64)
+    with pytest.raises(RuntimeError):
+        torch.optim.AdamW([p]).step()
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*torch.int64"):
+        FusedAdamW([p]).step()
+    assert torch.equal(p, torch.arange(6))
+    q = torch.nn.Parameter(torch.ones(4))
+    q.grad = torch.ones(4)
+    opt = FusedAdamW([q])
+    opt.step()
+    opt.state[q]["exp_avg_sq"] = opt.state[q]["exp_avg_sq"].to("meta")
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*exp_avg_sq is on meta"):
+        opt.step()
+
+
+def test_channels_last_moments_from_torch_state_match_torch(path):
+    torch_param, torch_opt, saved = _trained_torch_state((2, 6, 5, 7), memory_format=torch.channels_last)
+    ours = torch.nn.Parameter(torch_param.detach().clone())
+    opt = FusedAdamW([ours], lr=1e-2)
+    opt.load_state_dict(saved)
+    torch_opt.load_state_dict(saved)
+    for step in range(2, 4):
+        _set_grads([[ours], [torch_param]], seed=step)
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(ours, torch_param, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[ours]["exp_avg"], torch_opt.state[torch_param]["exp_avg"])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided view"])
+def test_non_contiguous_params_match_torch(path, layout):
+    g = torch.Generator().manual_seed(11)
+    make = {"transposed": lambda: torch.randn(9, 13, generator=g).t(),
+            "channels_last": lambda: torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+            "strided view": lambda: torch.randn(10, 8, generator=g)[::2, 1:]}[layout]
+    ours, theirs = (torch.nn.Parameter(make()) for _ in range(2))
+    theirs.data.copy_(ours)
+    assert not ours.is_contiguous() and ours.stride() == theirs.stride()
+    opts = [FusedAdamW([ours], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
+    for step in range(3):
+        ours.grad, theirs.grad = make(), make()
+        theirs.grad.copy_(ours.grad)
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours.stride() == theirs.stride()
+
+
+def test_same_param_twice_in_a_group_matches_torch(path):
+    ours, theirs = _params("cpu", sizes=(5, 300), seed=6), _params("cpu", sizes=(5, 300), seed=6)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opts = [FusedAdamW([ours[0], ours[1], ours[0]], lr=1e-2),
+                torch.optim.AdamW([theirs[0], theirs[1], theirs[0]], lr=1e-2)]
+    for step in range(3):
+        _set_grads([ours, theirs], seed=step)
+        for opt in opts:
+            opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opts[0].state[ours[0]]["step"].item() == opts[1].state[theirs[0]]["step"].item() == 6
