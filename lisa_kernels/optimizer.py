@@ -2,7 +2,7 @@
 
 import torch
 
-from .adamw import AdamWHyperparameters, _unscale_factor, bucket_tensors, update_buckets
+from .adamw import AdamWHyperparameters, _skip_step, bucket_tensors, update_buckets
 from .state_parking import StateParkingMixin
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -23,27 +23,33 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
 
     - parameters whose `.grad` is None are skipped entirely: no state is created, no byte is read or written, so
       a LISA optimizer built over the whole model holds state only for the layers that have trained;
-    - one Triton launch per (param, grad, state) dtype combination covers every active tensor of every group;
+    - on CUDA one Triton launch per (param, grad, state) dtype combination covers every active tensor of every
+      group; on CPU torch's fused CPU kernel does the work (see `lisa_kernels.adamw` for the paths);
     - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
     - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
     - `park_state` / `unpark_state` / `prefetch_state` / `drop_state` move frozen params' moments to and from a
       HostStateBank (`state_bank`, created on first use); see `state_parking.py`.
 
-    `foreach` and `fused` are accepted for compatibility and ignored: the update is always fused. CUDA-graph
-    capture (`capturable`) and `differentiable` are not supported.
+    `fused` (None or True: the Triton kernel on CUDA, torch's fused kernel on CPU) and `foreach` (True, or
+    `fused=False`: torch `_foreach` ops) choose the path as in torch.optim.AdamW. `triton_on_cpu=True` runs the
+    Triton kernel on CPU tensors through Triton's interpreter (set TRITON_INTERPRET=1 before importing
+    lisa_kernels): how the tests check the kernel without a GPU, ~1 ms per 65,536 elements. CUDA-graph capture
+    (`capturable`) and `differentiable` are not supported.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None, stochastic_rounding=False, state_bank=None):
+                 state_dtype=None, stochastic_rounding=False, state_bank=None, triton_on_cpu=False):
         if capturable:
             raise ValueError("FusedAdamW does not support capturable=True; use torch.optim.AdamW for CUDA graphs")
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True; use torch.optim.AdamW")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         fused=fused)
         self.state_dtype = state_dtype
+        self.triton_on_cpu = triton_on_cpu
         self.stochastic_rounding = stochastic_rounding
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
@@ -71,8 +77,7 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        inv_grad_scale = _unscale_factor(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        if inv_grad_scale is None:
+        if _skip_step(getattr(self, "found_inf", None)):
             return loss
 
         self._unpark_for_step()
@@ -93,7 +98,9 @@ class FusedAdamW(StateParkingMixin, torch.optim.AdamW):
                              state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
                 names.append((group_index, param_index))
         buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*names[i]))
-        update_buckets(buckets, inv_grad_scale, self.stochastic_rounding)
+        update_buckets(buckets, fused=self.defaults["fused"], foreach=self.defaults["foreach"],
+                       triton_on_cpu=self.triton_on_cpu, grad_scale=getattr(self, "grad_scale", None),
+                       stochastic_rounding=self.stochastic_rounding)
         return loss
 
     def load_state_dict(self, state_dict: dict, *, park=None) -> None:
