@@ -101,10 +101,15 @@ def targets(rows, on_gpu):
         }
     result = {}
     for set_name in sorted({r["set"] for r in rows}):
-        result[f"{set_name}_fp32_time_vs_torch_fused <= 1.10"] = 1 / find[
-            (set_name, "float32", "torch AdamW fused")]["ours_speedup"]
-        result[f"{set_name}_bf16_fp32_moments_time_vs_torch_foreach_bf16 <= 1.10"] = 1 / find[
-            (set_name, "bfloat16", "torch AdamW foreach")]["ours_speedup"]
+        ours = {dtype: find[(set_name, dtype, "FusedAdamW (ours)")] for dtype in ("float32", "bfloat16")}
+        versus = {"float32": find[(set_name, "float32", "torch AdamW fused")],
+                  "bfloat16": find[(set_name, "bfloat16", "torch AdamW foreach")]}
+        names = {"float32": "fp32_time_vs_torch_fused", "bfloat16": "bf16_fp32_moments_time_vs_torch_foreach_bf16"}
+        # The median is the headline; p20 is steadier when other jobs share the machine.
+        for dtype, name in names.items():
+            for stat in ("median_ms", "p20_ms"):
+                result[f"{set_name}_{name}_{stat.removesuffix('_ms')} <= 1.10"] = (
+                    ours[dtype][stat] / versus[dtype][stat])
     return result
 
 

@@ -39,7 +39,8 @@ TRITON_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") =
 
 _constexpr = tl.constexpr if triton is not None else int
 # Columns of the kernel's tensor table (int64, one row per tensor): addresses, then the element count.
-PARAM_ADDRESS, GRAD_ADDRESS, EXP_AVG_ADDRESS, EXP_AVG_SQ_ADDRESS, MAX_EXP_AVG_SQ_ADDRESS, NUMEL = map(_constexpr, range(6))
+PARAM_ADDRESS, GRAD_ADDRESS, EXP_AVG_ADDRESS, EXP_AVG_SQ_ADDRESS, MAX_EXP_AVG_SQ_ADDRESS, NUMEL = map(
+    _constexpr, range(6))
 TABLE_COLUMNS = _constexpr(6)
 # Columns of the kernel's scalar table (fp32, one row per tensor), in the order `kernel_scalars` returns them.
 GRAD_SCALE, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, DECAY, STEP_SIZE, BIAS_CORRECTION2_SQRT = map(
@@ -170,8 +171,8 @@ def choose_path(device: torch.device, param_dtype, grad_dtype, state_dtype, *, f
         return "foreach"
     if param_dtype == torch.float64:
         return "torch_fused" if device.type == "cpu" else "foreach"  # exact fp64: never through the fp32 kernel
-    kernel_device = "cpu" if triton_on_cpu else "cuda"
-    if triton is not None and device.type == kernel_device and all(
+    kernel_devices = ("cuda", "cpu") if triton_on_cpu else ("cuda",)
+    if triton is not None and device.type in kernel_devices and all(
             d in KERNEL_DTYPES for d in (param_dtype, grad_dtype, state_dtype)):
         if device.type == "cpu" and not TRITON_INTERPRETED:
             raise RuntimeError("triton_on_cpu=True runs the kernel through Triton's interpreter: set "
@@ -231,28 +232,28 @@ def bucket_tensors(rows, name) -> list[Bucket]:
     update in a later launch, so no launch writes one tensor from two places.
     """
     buckets, times_seen = {}, {}
-    for i, (p, g, m, v, vmax, step, h) in enumerate(rows):
+    for i, row in enumerate(rows):
+        p, g, m, v, vmax, step, h = row
         shape, device, v_or_max = p.shape, p.device, v if vmax is None else vmax
         if not (g.shape == shape and m.shape == shape and v.shape == shape and v_or_max.shape == shape
                 and g.device == device and m.device == device and v.device == device and v_or_max.device == device
                 and v.dtype == m.dtype and v_or_max.dtype == m.dtype):
             _refuse(name(i), p, g, m, v, vmax)
-        repeat = times_seen[p] = times_seen.get(p, -1) + 1
+        repeat = times_seen.get(id(p), 0)  # id: a tensor's own __hash__ is a Python call, 3x slower
+        times_seen[id(p)] = repeat + 1
         key = (repeat, device, p.dtype, g.dtype, m.dtype, vmax is not None)
-        bucket = buckets.get(key)
-        if bucket is None:
+        bucket_rows = buckets.get(key)
+        if bucket_rows is None:
             if not (p.dtype.is_floating_point and g.dtype.is_floating_point and m.dtype.is_floating_point):
                 _refuse(name(i), p, g, m, v, vmax)
-            bucket = buckets[key] = Bucket([], [], [], [], None if vmax is None else [], [], [])
-        bucket.params.append(p)
-        bucket.grads.append(g)
-        bucket.exp_avgs.append(m)
-        bucket.exp_avg_sqs.append(v)
-        if vmax is not None:
-            bucket.max_exp_avg_sqs.append(vmax)
-        bucket.steps.append(step)
-        bucket.hyperparameters.append(h)
-    return [bucket for key, bucket in sorted(buckets.items(), key=lambda key_bucket: key_bucket[0][0])]
+            bucket_rows = buckets[key] = []
+        bucket_rows.append(row)
+    result = []
+    for key in sorted(buckets, key=lambda key: key[0]):
+        params, grads, exp_avgs, exp_avg_sqs, maxes, steps, hyperparameters = map(list, zip(*buckets[key]))
+        result.append(Bucket(params, grads, exp_avgs, exp_avg_sqs, maxes if key[-1] else None, steps,
+                             hyperparameters))
+    return result
 
 
 def update_buckets(buckets: list[Bucket], *, fused=None, foreach=None, triton_on_cpu=False, grad_scale=None,
@@ -377,7 +378,7 @@ def _walkable(columns: list) -> tuple[list, list]:
     columns, copy_backs = [list(column) for column in columns], []
     for i, row in enumerate(zip(*columns)):
         p = row[0]
-        if all(t.is_contiguous() for t in row) or (_is_dense(p) and all(t.stride() == p.stride() for t in row)):
+        if all(map(torch.Tensor.is_contiguous, row)) or (_is_dense(p) and all(t.stride() == p.stride() for t in row)):
             continue
         for c, (column, t) in enumerate(zip(columns, row)):
             column[i] = t.contiguous()
@@ -399,7 +400,8 @@ def _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalar
     max_exp_avg_sqs = maxes[0] if maxes else None
     amsgrad = max_exp_avg_sqs is not None
     rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), vmax.data_ptr(), n]
-            for p, g, m, v, vmax, n in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs, numels)]
+            for p, g, m, v, vmax, n in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or exp_avg_sqs,
+                                           numels)]
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     hyper = torch.tensor(scalars, dtype=torch.float32).to(device, non_blocking=True)
     aligned = all(address % 16 == 0 for row in rows for address in row[:5])

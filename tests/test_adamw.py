@@ -13,6 +13,7 @@ from lisa_kernels.adamw import (
     _batches,
     _launch_kernel,
     _update_foreach,
+    choose_path,
     kernel_scalars,
     round_to_bfloat16_stochastic,
     triton,
@@ -225,3 +226,18 @@ def test_working_copies_in_batches_match_reference(monkeypatch, amsgrad):
     for outs, refs, refs64 in zip((params, exp_avgs, exp_avg_sqs), ref, ref64):
         for out, r, r64 in zip(outs, refs, refs64):
             assert_matches_reference(out, r, r64, f"size {out.numel()}")
+
+
+def test_paths_are_chosen_by_arguments(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # choosing touches no GPU
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    kernel = "triton" if triton is not None else "foreach"
+    assert choose_path(cpu, f32, f32, f32) == choose_path(cpu, bf16, bf16, f32, fused=True) == "torch_fused"
+    assert choose_path(cpu, f64, f64, f64) == "torch_fused"
+    assert choose_path(cuda, bf16, bf16, f32) == choose_path(cuda, f32, f32, f32, triton_on_cpu=True) == kernel
+    assert choose_path(cuda, f64, f64, f64) == "foreach"  # fp64 is never computed in the fp32 kernel
+    assert choose_path(cpu, f32, f32, f32, foreach=True) == choose_path(cuda, f32, f32, f32, fused=False) == "foreach"
+    if triton is not None:
+        monkeypatch.setattr(adamw_module, "TRITON_INTERPRETED", False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            choose_path(cpu, f32, f32, f32, triton_on_cpu=True)
