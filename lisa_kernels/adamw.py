@@ -5,14 +5,14 @@ Three paths, chosen by arguments as torch's `adamw()` chooses its own (`choose_p
   combination. The kernel reads a table of tensor addresses and a table of chunks (tensor index, first element), so
   a LISA active set of ~20 tensors or a full model of ~300 costs one launch, not one per tensor. Each element is
   read once (param, grad, moments) and written once (param, moments): 28 bytes per fp32 element, 22 for bf16
-  params with fp32 moments. It is registered as the custom op `lisa_kernels::adamw_`, so `torch.compile` traces
-  a step around it without a graph break. With `triton_on_cpu=True` and `TRITON_INTERPRET=1` set before import,
+  params with fp32 moments. With `triton_on_cpu=True` and `TRITON_INTERPRET=1` set before import,
   Triton's interpreter runs the same kernel on CPU tensors: that is how the tests check the kernel without a GPU.
 - "torch_fused" (`fused=None|True` on CPU): torch's own fused CPU kernel, `torch._fused_adamw_`, which is several
   times faster than foreach ops there. Where the dtypes differ (bf16 params with fp32 moments) it runs on fp32
   working copies of the narrower tensors, written back once.
 - "foreach" (`foreach=True` or `fused=False`, and devices without a Triton kernel): torch `_foreach` ops.
-Every path computes in fp32, or in fp64 for fp64 params (fp64 never goes to the kernel).
+Every path computes in fp32, or in fp64 for fp64 params (fp64 never goes to the kernel). Each runs inside the
+custom op `lisa_kernels::adamw_`, so `torch.compile` traces a step around it without a graph break.
 """
 
 import contextlib
@@ -264,14 +264,26 @@ def update_buckets(buckets: list[Bucket], *, fused=None, foreach=None, triton_on
         path = choose_path(b.params[0].device, b.params[0].dtype, b.grads[0].dtype, b.exp_avgs[0].dtype,
                            fused=fused, foreach=foreach, triton_on_cpu=triton_on_cpu)
         torch._foreach_add_(b.steps, 1)
-        if path == "torch_fused":
-            _update_torch_fused(b, grad_scale, stochastic_rounding)
-            continue
-        inv_grad_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-        flat = [float(x) for h in b.hyperparameters for x in h]
-        torch.ops.lisa_kernels.adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs or [],
-                                      b.steps, flat, inv_grad_scale, stochastic_rounding, block_size or 0,
-                                      path == "triton")
+        if torch.compiler.is_compiling():
+            flat = [float(x) for h in b.hyperparameters for x in h]
+            torch.ops.lisa_kernels.adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs or [],
+                                          b.steps, flat, grad_scale, stochastic_rounding, block_size or 0, path)
+        else:  # the dispatcher's checks on every listed tensor cost ~5 us a tensor: fp32 CPU steps took 1.2x torch's
+            _update_bucket(b, grad_scale, stochastic_rounding, block_size, path)
+
+
+def _update_bucket(b: Bucket, grad_scale, stochastic_rounding: bool, block_size, path: str) -> None:
+    if path == "torch_fused":
+        _update_torch_fused(b, grad_scale, stochastic_rounding)
+        return
+    inv_grad_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+    scalars = [kernel_scalars(h, step.item(), inv_grad_scale) for h, step in zip(b.hyperparameters, b.steps)]
+    if path == "triton":
+        _launch_kernel(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, scalars,
+                       stochastic_rounding, block_size)
+    else:
+        _update_foreach(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, scalars,
+                        stochastic_rounding)
 
 
 def _update_torch_fused(b: Bucket, grad_scale, stochastic_rounding: bool) -> None:
@@ -473,31 +485,31 @@ def _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scala
                 dst.copy_(value)
 
 
-@torch.library.custom_op("lisa_kernels::adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs",
-                                                            "max_exp_avg_sqs"))
 def adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
            exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor],
-           hyperparameters: list[float], inv_grad_scale: float, stochastic_rounding: bool, block_size: int,
-           use_kernel: bool) -> None:
-    """Update tensors of one device and one (param, grad, state) dtype combination: one Triton launch
-    (`use_kernel`) or the foreach path. `steps` are already counted; `hyperparameters` holds each tensor's
-    AdamWHyperparameters, flattened; `max_exp_avg_sqs` is empty without amsgrad. One implementation serves every
-    device (the kernel runs on CPU tensors only under Triton's interpreter); `torch.compile` sees it as one op."""
+           hyperparameters: list[float], grad_scale: torch.Tensor | None, stochastic_rounding: bool,
+           block_size: int, path: str) -> None:
+    """The custom op `torch.compile` records for one bucket: tensors of one device and one (param, grad, state)
+    dtype combination, updated in place on `path` ("triton", "torch_fused" or "foreach"). `steps` are already
+    counted; `hyperparameters` holds each tensor's AdamWHyperparameters, flattened; `max_exp_avg_sqs` is empty
+    without amsgrad. Called directly, torch's fused kernel failed functionalization in a compiled forward +
+    backward + step (torch 2.13), and the Triton launcher reads addresses, which traced tensors do not have."""
     if not params:
         return
     width = len(AdamWHyperparameters._fields)
-    scalars = [kernel_scalars(AdamWHyperparameters(*hyperparameters[i * width:(i + 1) * width]), step.item(),
-                              inv_grad_scale) for i, step in enumerate(steps)]
-    if use_kernel:
-        _launch_kernel(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, scalars, stochastic_rounding,
-                       block_size or None)
-    else:
-        _update_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, scalars, stochastic_rounding)
+    hypers = [AdamWHyperparameters(*hyperparameters[i:i + width - 1], maximize=bool(hyperparameters[i + width - 1]))
+              for i in range(0, len(hyperparameters), width)]
+    bucket = Bucket(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs or None, steps, hypers)
+    _update_bucket(bucket, grad_scale, stochastic_rounding, block_size or None, path)
 
 
-@adamw_.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyperparameters, inv_grad_scale,
-      stochastic_rounding, block_size, use_kernel) -> None:
+_adamw_op = torch.library.custom_op("lisa_kernels::adamw_", adamw_,
+                                    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"))
+
+
+@_adamw_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyperparameters, grad_scale,
+      stochastic_rounding, block_size, path) -> None:
     return None
 
 

@@ -2,6 +2,8 @@
 kernel does the work, to 1e-12 in fp64), state_dict both ways, frozen params, GradScaler, bad inputs,
 torch.compile."""
 
+import copy
+
 import pytest
 import torch
 from reference_check import assert_matches_reference, devices
@@ -425,9 +427,9 @@ def test_same_param_twice_in_a_group_matches_torch(path):
 
 @pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 def test_compiled_step_has_no_graph_breaks_or_recompiles_and_equals_eager(path):
-    """torch.compile(step, fullgraph=True): one graph (the kernel and foreach paths are the custom op
-    lisa_kernels::adamw_, the CPU default is torch's fused op), retraced once after the first step creates state,
-    then reused. aot_eager functionalizes the op's in-place updates as inductor would, without a C++ compiler."""
+    """torch.compile(step, fullgraph=True): one graph around the custom op lisa_kernels::adamw_ (every path runs
+    inside it), retraced once after the first step creates state, then reused. aot_eager functionalizes the op's
+    in-place updates as inductor would, without a C++ compiler."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -444,3 +446,31 @@ def test_compiled_step_has_no_graph_breaks_or_recompiles_and_equals_eager(path):
             graphs_after_warm_up = counter.frame_count
     assert counter.frame_count == graphs_after_warm_up <= 2
     assert all(torch.equal(p, q) for p, q in zip(compiled, eager))
+
+
+def test_compiled_training_step_equals_eager():
+    """Forward, backward and step in one compiled function (aot_eager, as in the test above)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [FusedAdamW(m.parameters(), lr=1e-2) for m in models]
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def train_step(model, optimizer):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(train_step, backend=counter)
+    for step in range(4):
+        assert torch.equal(compiled_step(models[0], optimizers[0]), train_step(models[1], optimizers[1]))
+        if step == 1:
+            graphs_after_warm_up = counter.frame_count
+    assert counter.frame_count == graphs_after_warm_up
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
