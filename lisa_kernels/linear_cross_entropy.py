@@ -29,11 +29,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # macOS, or a CPU-only box without Triton: the PyTorch path does the work.
-    triton = None
+from ._triton import INTERPRETED, tl, triton
 
 IGNORE_INDEX = -100
 # Tokens x vocabulary entries of one fp32 logits tile: 2**25 is 128 MB, 256 tokens of a 128k vocabulary or 1024
@@ -117,16 +113,10 @@ if triton is not None:
                     grad = grad * (1 - tanh * tanh)
                 tl.store(logits + offsets, grad.to(logits.dtype.element_ty), mask=mask)
 
-    # Triton decides at decoration time whether a kernel is interpreted (TRITON_INTERPRET=1): then it runs on
-    # CPU tensors, and only then.
-    KERNEL_RUNS_ON_CPU = type(_cross_entropy_rows_kernel).__name__ == "InterpretedFunction"
-else:
-    KERNEL_RUNS_ON_CPU = False
-
 
 def kernel_available(device: torch.device) -> bool:
     """Whether ``kernel=True`` can run on tensors of this device."""
-    return triton is not None and device.type == ("cpu" if KERNEL_RUNS_ON_CPU else "cuda")
+    return triton is not None and device.type == ("cpu" if INTERPRETED else "cuda")
 
 
 def cross_entropy_rows_(logits, labels, *, stats=None, scale=None, first_column=0, softcap=None, write_grad=True):
@@ -142,7 +132,7 @@ def cross_entropy_rows_(logits, labels, *, stats=None, scale=None, first_column=
         stats = torch.empty(rows, 2, dtype=torch.float32, device=logits.device)
     losses = torch.empty(rows if forward else 0, dtype=torch.float32, device=logits.device)
     scale = torch.ones(1, device=logits.device) if scale is None else scale.float().reshape(1)
-    block = _INTERPRETER_BLOCK if KERNEL_RUNS_ON_CPU else _CUDA_BLOCK
+    block = _INTERPRETER_BLOCK if INTERPRETED else _CUDA_BLOCK
     if rows == 0:
         return (stats, losses) if forward else None
     with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():

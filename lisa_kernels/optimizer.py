@@ -2,7 +2,7 @@
 
 import torch
 
-from .adamw import AdamWHyperparameters, _unscale_factor, adamw_hyperparameters, adamw_update_
+from .adamw import AdamWHyperparameters, _skip_step, bucket_tensors, update_buckets
 from .state_parking import StateParker
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -16,12 +16,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _moment_like(param: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A loaded moment as a new tensor in `dtype` on the param's device, laid out like the param (a torch state saved
+    in channels_last loads into a contiguous param's layout, so the kernel needs no copies). A moment of another
+    shape is kept as it is, for `step()` to refuse with the param named."""
+    if saved.shape != param.shape:
+        return saved.to(device=param.device, dtype=dtype, copy=True)
+    return torch.empty_like(param, dtype=dtype).copy_(saved)
+
+
 class FusedAdamW(torch.optim.AdamW):
     """torch.optim.AdamW with the same signature, defaults, math, validation and `state_dict` layout, plus:
 
     - parameters whose `.grad` is None are skipped entirely: no state is created, no byte is read or written, so
       a LISA optimizer built over the whole model holds state only for the layers that have trained;
-    - one Triton launch per (param, grad, state) dtype combination covers every active tensor of every group;
+    - on CUDA one Triton launch per (param, grad, state) dtype combination covers every active tensor of every
+      group; on CPU torch's fused CPU kernel does the work (see `lisa_kernels.adamw` for the paths);
     - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
     - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
     - a `StateParker` (`optimizer.state_parker`) moves frozen params' moments to and from a HostStateBank
@@ -31,21 +41,26 @@ class FusedAdamW(torch.optim.AdamW):
     Deep copies and pickles, like torch's optimizers, carry the state (parked state included, as device tensors)
     but not hooks: the copy gets a parker of its own with a default bank.
 
-    `foreach` and `fused` are accepted for compatibility and ignored: the update is always fused. CUDA-graph
-    capture (`capturable`) and `differentiable` are not supported.
+    `fused` (None or True: the Triton kernel on CUDA, torch's fused kernel on CPU) and `foreach` (True, or
+    `fused=False`: torch `_foreach` ops) choose the path as in torch.optim.AdamW. `triton_on_cpu=True` runs the
+    Triton kernel on CPU tensors through Triton's interpreter (set TRITON_INTERPRET=1 before importing
+    lisa_kernels): how the tests check the kernel without a GPU, ~1 ms per 65,536 elements. CUDA-graph capture
+    (`capturable`) and `differentiable` are not supported.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None, stochastic_rounding=False, state_bank=None):
+                 state_dtype=None, stochastic_rounding=False, state_bank=None, triton_on_cpu=False):
         if capturable:
             raise ValueError("FusedAdamW does not support capturable=True; use torch.optim.AdamW for CUDA graphs")
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True; use torch.optim.AdamW")
         if state_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
+                         fused=fused)
         self.state_dtype = state_dtype
+        self.triton_on_cpu = triton_on_cpu
         self.stochastic_rounding = stochastic_rounding
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
@@ -54,7 +69,8 @@ class FusedAdamW(torch.optim.AdamW):
     def __getstate__(self):
         # torch.optim keeps defaults, state (a parked entry pickles as its tensor) and param_groups; our options too.
         return {**super().__getstate__(), "state_dtype": self.state_dtype,
-                "stochastic_rounding": self.stochastic_rounding, "_step_supports_amp_scaling": True}
+                "stochastic_rounding": self.stochastic_rounding, "triton_on_cpu": self.triton_on_cpu,
+                "_step_supports_amp_scaling": True}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -76,7 +92,8 @@ class FusedAdamW(torch.optim.AdamW):
         if "step" not in state:
             local = _local(param)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(local.shape, dtype=self.moment_dtype(param), device=local.device)
+            # The param's layout (channels_last, transposed), so the kernel walks all of them in the same order.
+            state["exp_avg"] = torch.zeros_like(local, dtype=self.moment_dtype(param))
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
@@ -88,16 +105,15 @@ class FusedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        inv_grad_scale = _unscale_factor(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
-        if inv_grad_scale is None:
+        if _skip_step(getattr(self, "found_inf", None)):
             return loss
 
-        launches = {}
-        for group in self.param_groups:
+        rows, names = [], []
+        for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = (float(b) for b in group["betas"])
             h = AdamWHyperparameters(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
                                      group["maximize"])
-            for p in group["params"]:
+            for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -105,18 +121,13 @@ class FusedAdamW(torch.optim.AdamW):
                 if p.is_complex():
                     raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
                 state = self._state_for_step(p, group["amsgrad"])
-                state["step"] += 1
-                param, grad = _local(p), _local(p.grad)
-                key = (param.device, param.dtype, grad.dtype, state["exp_avg"].dtype, group["amsgrad"])
-                lists = launches.setdefault(key, ([], [], [], [], [], []))
-                row = (param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                       adamw_hyperparameters(h, state["step"].item(), inv_grad_scale))
-                for column, item in zip(lists, row):
-                    column.append(item)
-
-        for (*_, amsgrad), (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hypers) in launches.items():
-            adamw_update_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None, hypers,
-                          stochastic_rounding=self.stochastic_rounding)
+                rows.append((_local(p), _local(p.grad), state["exp_avg"], state["exp_avg_sq"],
+                             state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
+                names.append((group_index, param_index))
+        buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*names[i]))
+        update_buckets(buckets, fused=self.defaults["fused"], foreach=self.defaults["foreach"],
+                       triton_on_cpu=self.triton_on_cpu, grad_scale=getattr(self, "grad_scale", None),
+                       stochastic_rounding=self.stochastic_rounding)
         return loss
 
     def load_state_dict(self, state_dict: dict, *, park: str | None = None) -> None:
@@ -144,4 +155,4 @@ class FusedAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             for key in _MOMENT_KEYS:
                 if key in saved and not parker.is_parked(p):
-                    state[key] = saved[key].to(device=p.device, dtype=self.moment_dtype(p), copy=True)
+                    state[key] = _moment_like(p, saved[key], self.moment_dtype(p))

@@ -62,13 +62,10 @@ def _record_first_gradients(trainer) -> dict:
 
 
 def _rank_entry(rank: int, port: int, scenario, out: str) -> None:
-    """A spawned rank: launcher environment, one torch thread, FusedAdamW's PyTorch path, then the scenario."""
-    import lisa_kernels.adamw
-
+    """A spawned rank: launcher environment, one torch thread, then the scenario."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    lisa_kernels.adamw.KERNEL_RUNS_ON_CPU = False
     from lisa_trainer.distributed import shutdown
 
     try:

@@ -1,4 +1,8 @@
-"""FusedAdamW as a drop-in torch.optim.AdamW: same results, state_dict both ways, frozen params, GradScaler."""
+"""FusedAdamW as a drop-in torch.optim.AdamW on each of its paths: same results (bit for bit where torch's fused
+kernel does the work, to 1e-12 in fp64), state_dict both ways, frozen params, GradScaler, bad inputs,
+torch.compile."""
+
+import copy
 
 import pytest
 import torch
@@ -8,6 +12,9 @@ import lisa_kernels.adamw as adamw_module
 from lisa_kernels import FusedAdamW
 
 SIZES = (0, 1, 3, 257, 70_003)  # 70,003 spans two interpreter blocks and many CUDA blocks
+# FusedAdamW's paths: the Triton kernel (on CPU through the interpreter), the default (torch's fused kernel on
+# CPU, the Triton kernel on CUDA) and torch _foreach ops.
+PATHS = {"kernel": dict(triton_on_cpu=True), "default": {}, "foreach": dict(foreach=True)}
 
 
 def _params(device, dtype=torch.float32, sizes=SIZES, seed=0):
@@ -48,12 +55,18 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_torch_adamw(device, config):
+def test_matches_torch_adamw(device, path, config):
     kwargs, groups = config
     ours = _params(device)
+    if path.get("foreach") and isinstance(kwargs.get("lr"), torch.Tensor):
+        for cls in (FusedAdamW, torch.optim.AdamW):  # torch's foreach path refuses a tensor lr; so do we
+            with pytest.raises(ValueError, match="lr as a Tensor"):
+                cls(ours, foreach=True, **kwargs)
+        return
     theirs, theirs64 = _clone(ours), _clone(ours, torch.float64)
-    optimizers = [FusedAdamW(_groups(ours, groups), **kwargs)] + [
+    optimizers = [FusedAdamW(_groups(ours, groups), **kwargs, **path)] + [
         torch.optim.AdamW(_groups(ps, groups), **kwargs) for ps in (theirs, theirs64)
     ]
     for step in range(5):
@@ -66,6 +79,49 @@ def test_matches_torch_adamw(device, config):
             s, t, t64 = (opt.state[x][key] for opt, x in zip(optimizers, (p, q, q64)))
             assert_matches_reference(s, t, t64, f"param {i} {key}")
         assert optimizers[0].state[p]["step"].item() == 5
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_float64_matches_torch_adamw_to_1e_12(path, config):
+    """fp64 params are computed in fp64 on every path (the kernel is fp32-only, so they never reach it). A tensor lr
+    is fp64 here: torch computes with a float32 one in float32 (1e-7 apart from fp64 math)."""
+    kwargs, groups = config
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if path.get("foreach") and "lr" in kwargs and isinstance(kwargs["lr"], torch.Tensor):
+        return  # refused by torch and by us: test_matches_torch_adamw
+    ours = _params("cpu", torch.float64, sizes=SIZES[:4])
+    theirs = _clone(ours)
+    optimizers = [FusedAdamW(_groups(ours, groups), **kwargs, **path),
+                  torch.optim.AdamW(_groups(theirs, groups), **kwargs)]
+    for step in range(5):
+        _set_grads([ours, theirs], seed=step)
+        for opt in optimizers:
+            opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizers[0].state[p][key], optimizers[1].state[q][key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, None), (torch.float64, None),
+                                               (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_cpu_default_equals_torch_fused_bit_for_bit(dtype, state_dtype, config):
+    """Where param, grad and moments share a dtype, the CPU default is torch's own fused kernel, called alike."""
+    kwargs, groups = config
+    ours = _params("cpu", dtype, sizes=SIZES[:4])
+    theirs = _clone(ours)
+    optimizers = [FusedAdamW(_groups(ours, groups), state_dtype=state_dtype, **kwargs),
+                  torch.optim.AdamW(_groups(theirs, groups), fused=True, **kwargs)]
+    for step in range(4):
+        _set_grads([ours, theirs], seed=step)
+        for opt in optimizers:
+            opt.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizers[0].state[p][key], optimizers[1].state[q][key])
 
 
 @pytest.mark.parametrize("device", devices())
@@ -85,13 +141,15 @@ def test_frozen_params_are_untouched_and_get_no_state(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_mixed_dtypes_in_one_optimizer(device, monkeypatch):
-    """fp32, bf16 and fp16 params (fp32 moments) in one optimizer: each matches the per-tensor reference, and
-    each dtype group is one kernel launch however many tensors it holds."""
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_mixed_dtypes_in_one_optimizer(device, path, monkeypatch):
+    """fp32, bf16 and fp16 params (fp32 moments) in one optimizer: each matches the per-tensor reference, and on
+    the kernel's path each dtype group is one launch however many tensors it holds."""
     dtypes = [torch.float32, torch.bfloat16, torch.float16] * 20
     g = torch.Generator().manual_seed(3)
     params = [torch.nn.Parameter(torch.randn(11 + i, generator=g).to(device, dt)) for i, dt in enumerate(dtypes)]
-    opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1)
+    opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, **path)
+    kernel = device == "cuda" and not path.get("foreach") or path.get("triton_on_cpu")
     launches = []
     real_launch = adamw_module._launch_kernel
     monkeypatch.setattr(adamw_module, "_launch_kernel", lambda *a: launches.append(a[0][0].dtype) or real_launch(*a))
@@ -102,7 +160,7 @@ def test_mixed_dtypes_in_one_optimizer(device, monkeypatch):
                                           torch.zeros_like(p, dtype=torch.float32)) for p in params}
         launches.clear()
         opt.step()
-        if adamw_module.uses_kernel(params[0], params[0], params[0]):
+        if kernel:
             assert sorted(launches, key=str) == sorted(set(dtypes), key=str)
         for p in params:
             ref, ref64 = ([t.double() if upcast else t.clone() for t in inputs[p]] for upcast in (False, True))
@@ -110,8 +168,10 @@ def test_mixed_dtypes_in_one_optimizer(device, monkeypatch):
                 adamw_module.adamw_reference(tensors[0], p.grad, tensors[1], tensors[2], step, lr=1e-2, beta1=0.9,
                                              beta2=0.999, eps=1e-8, weight_decay=0.1, upcast=upcast)
             assert opt.state[p]["exp_avg"].dtype == torch.float32
-            assert_matches_reference(p.detach(), ref[0], ref64[0], f"{p.dtype} param")
-            assert_matches_reference(opt.state[p]["exp_avg_sq"], ref[2], ref64[2], f"{p.dtype} exp_avg_sq")
+            interpreted = kernel and device == "cpu"
+            assert_matches_reference(p.detach(), ref[0], ref64[0], f"{p.dtype} param", interpreted)
+            assert_matches_reference(opt.state[p]["exp_avg_sq"], ref[2], ref64[2], f"{p.dtype} exp_avg_sq",
+                                     interpreted)
 
 
 def test_state_dtype_bfloat16_moments():
@@ -255,3 +315,162 @@ def test_defaults_and_signature_match_torch():
     theirs = inspect.signature(torch.optim.AdamW).parameters
     for name, parameter in theirs.items():
         assert ours[name].default == parameter.default and ours[name].kind == parameter.kind, name
+
+
+# ---------------------------------------------------------------- inputs the kernel must never trust
+
+
+@pytest.fixture(params=PATHS.values(), ids=PATHS.keys())
+def path(request):
+    """FusedAdamW's keyword arguments for each path."""
+    return request.param
+
+
+def _trained_torch_state(shape, steps=2, memory_format=torch.contiguous_format):
+    param = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
+    opt = torch.optim.AdamW([param], lr=1e-2)
+    for step in range(steps):
+        _set_grads([[param]], seed=step)
+        opt.step()
+    saved = opt.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        saved["state"][0][key] = saved["state"][0][key].contiguous(memory_format=memory_format)
+    return param, opt, saved
+
+
+def test_moments_of_the_wrong_size_raise_like_torch(path):
+    params = _params("cpu", sizes=(300,))
+    opt = FusedAdamW(params, **path)
+    _, _, saved = _trained_torch_state((300,))
+    saved["state"][0]["exp_avg"] = torch.zeros(10)
+    opt.load_state_dict(saved)
+    _set_grads([params], seed=0)
+    before = params[0].detach().clone()
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 .*exp_avg of shape \(10,\)"):
+        opt.step()
+    assert torch.equal(params[0], before)
+
+
+def test_grad_of_the_wrong_shape_raises_like_torch(path):
+    params = _params("cpu", sizes=(5, 300))
+    opt = FusedAdamW(params, **path)
+    _set_grads([params], seed=0)
+    params[1].grad.data = torch.randn(7)
+    with pytest.raises(RuntimeError, match=r"parameter 1 of param group 0 .*grad of shape \(7,\)"):
+        opt.step()
+
+
+def test_integer_param_or_moments_on_another_device_raise_like_torch(path):
+    p = torch.nn.Parameter(torch.arange(6), requires_grad=False)
+    p.grad = torch.ones(6, dtype=torch.int64)
+    with pytest.raises(RuntimeError):
+        torch.optim.AdamW([p]).step()
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*torch.int64"):
+        FusedAdamW([p], **path).step()
+    assert torch.equal(p, torch.arange(6))
+    q = torch.nn.Parameter(torch.ones(4))
+    q.grad = torch.ones(4)
+    opt = FusedAdamW([q], **path)
+    opt.step()
+    opt.state[q]["exp_avg_sq"] = opt.state[q]["exp_avg_sq"].to("meta")
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*exp_avg_sq is on meta"):
+        opt.step()
+
+
+def test_channels_last_moments_from_torch_state_match_torch(path):
+    torch_param, torch_opt, saved = _trained_torch_state((2, 6, 5, 7), memory_format=torch.channels_last)
+    ours = torch.nn.Parameter(torch_param.detach().clone())
+    opt = FusedAdamW([ours], lr=1e-2, **path)
+    opt.load_state_dict(saved)
+    torch_opt.load_state_dict(saved)
+    for step in range(2, 4):
+        _set_grads([[ours], [torch_param]], seed=step)
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(ours, torch_param, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[ours]["exp_avg"], torch_opt.state[torch_param]["exp_avg"])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided view"])
+def test_non_contiguous_params_match_torch(path, layout):
+    g = torch.Generator().manual_seed(11)
+    make = {"transposed": lambda: torch.randn(9, 13, generator=g).t(),
+            "channels_last": lambda: torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+            "strided view": lambda: torch.randn(10, 8, generator=g)[::2, 1:]}[layout]
+    ours, theirs = (torch.nn.Parameter(make()) for _ in range(2))
+    theirs.data.copy_(ours)
+    assert not ours.is_contiguous() and ours.stride() == theirs.stride()
+    opts = [FusedAdamW([ours], lr=1e-2, weight_decay=0.1, **path),
+            torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
+    for step in range(3):
+        ours.grad, theirs.grad = make(), make()
+        theirs.grad.copy_(ours.grad)
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert ours.stride() == theirs.stride()
+
+
+def test_same_param_twice_in_a_group_matches_torch(path):
+    ours, theirs = _params("cpu", sizes=(5, 300), seed=6), _params("cpu", sizes=(5, 300), seed=6)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opts = [FusedAdamW([ours[0], ours[1], ours[0]], lr=1e-2, **path),
+                torch.optim.AdamW([theirs[0], theirs[1], theirs[0]], lr=1e-2)]
+    for step in range(3):
+        _set_grads([ours, theirs], seed=step)
+        for opt in opts:
+            opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert opts[0].state[ours[0]]["step"].item() == opts[1].state[theirs[0]]["step"].item() == 6
+
+
+@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
+def test_compiled_step_has_no_graph_breaks_or_recompiles_and_equals_eager(path):
+    """torch.compile(step, fullgraph=True): one graph around the custom op lisa_kernels::adamw_ (every path runs
+    inside it), retraced once after the first step creates state, then reused. aot_eager functionalizes the op's
+    in-place updates as inductor would, without a C++ compiler."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    compiled, eager = (_params("cpu", sizes=(3, 257), seed=8) + _params("cpu", torch.bfloat16, sizes=(5,), seed=8)
+                       for _ in range(2))
+    optimizers = [FusedAdamW(ps, lr=1e-2, amsgrad=True, **path) for ps in (compiled, eager)]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(optimizers[0].step, backend=counter, fullgraph=True)
+    for step in range(4):
+        _set_grads([compiled, eager], seed=step)
+        compiled_step()
+        optimizers[1].step()
+        if step == 1:
+            graphs_after_warm_up = counter.frame_count
+    assert counter.frame_count == graphs_after_warm_up <= 2
+    assert all(torch.equal(p, q) for p, q in zip(compiled, eager))
+
+
+def test_compiled_training_step_equals_eager():
+    """Forward, backward and step in one compiled function (aot_eager, as in the test above)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [FusedAdamW(m.parameters(), lr=1e-2) for m in models]
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def train_step(model, optimizer):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled_step = torch.compile(train_step, backend=counter)
+    for step in range(4):
+        assert torch.equal(compiled_step(models[0], optimizers[0]), train_step(models[1], optimizers[1]))
+        if step == 1:
+            graphs_after_warm_up = counter.frame_count
+    assert counter.frame_count == graphs_after_warm_up
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
