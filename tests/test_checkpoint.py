@@ -17,7 +17,7 @@ from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.runlog import read_log
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
@@ -31,7 +31,7 @@ def data(tok):
 
 
 def trainer(out, tok, data, policy, **kw):
-    args = TrainingArguments(output_dir=str(out), learning_rate=3e-3, max_steps=8, per_device_train_batch_size=3,
+    args = LisaTrainingArguments(output_dir=str(out), learning_rate=3e-3, max_steps=8, per_device_train_batch_size=3,
                              gradient_accumulation_steps=2, warmup_steps=2, progress=False, save_model=False, seed=5, **kw)
     lisa = LisaConfig(n_active_layers=2, interval_steps=3, seed=11, state_policy=policy)
     return LisaTrainer(build_demo_model(tok, seed=1, **SMALL), tok, data, args, lisa)

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from lisa_trainer.cli import main, parse_layer_weights
+from lisa_trainer.cli import main
+from lisa_trainer.sampler import parse_layer_weights
 from lisa_trainer.runlog import read_log
 
 FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", "--per_device_train_batch_size", "2",

@@ -98,9 +98,9 @@ def test_config_errors_name_the_field(field, value):
 
 def test_controller_errors_name_the_problem():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"n_active_layers=5 exceeds the 4 decoder layers found at 'model.layers'"):
+    with pytest.raises(ValueError, match=r"n_active_layers \(5\) exceeds the model's 4 decoder layers \(at 'model.layers'\)"):
         LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=5))
-    with pytest.raises(ValueError, match="layer_weights does not fit the 4 layers"):
+    with pytest.raises(ValueError, match="layer_weights has 3 entries but the model has 4 decoder layers"):
         LisaController(model, make_optimizer(model), LisaConfig(n_active_layers=1, layer_weights=[1, 1, 1]))
     # Any torch optimizer works with every policy: "park" attaches a StateParker to it.
     plain = torch.optim.AdamW(model.parameters())

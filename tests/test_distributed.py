@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments, read_log
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, read_log
 
 WORLD = 2
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
@@ -41,7 +41,7 @@ def _trainer(out, tok, data, *, batch, n_active=1, seed=0, **kw):
                 gradient_accumulation_steps=ACCUM, warmup_steps=0, progress=False, save_model=False, ddp_timeout=60)
     args.update(kw)
     lisa = LisaConfig(n_active_layers=n_active, interval_steps=2, state_policy="keep", seed=seed)
-    return LisaTrainer(build_demo_model(tok, seed=0, **SMALL), tok, data, TrainingArguments(**args), lisa)
+    return LisaTrainer(build_demo_model(tok, seed=0, **SMALL), tok, data, LisaTrainingArguments(**args), lisa)
 
 
 def _weights(trainer) -> dict:

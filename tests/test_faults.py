@@ -19,7 +19,7 @@ from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.run_folder import LOCK_FILE, RunFolderError
 from lisa_trainer.runlog import read_log
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments, TrainingDiverged
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, TrainingDiverged
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
@@ -36,7 +36,7 @@ def trainer(out, tok, data, **kw):
                 progress=False, save_model=False, seed=5)
     args.update(kw)
     lisa = LisaConfig(n_active_layers=2, interval_steps=3, seed=11, state_policy="keep")
-    return LisaTrainer(build_demo_model(tok, seed=1, **SMALL), tok, data, TrainingArguments(**args), lisa)
+    return LisaTrainer(build_demo_model(tok, seed=1, **SMALL), tok, data, LisaTrainingArguments(**args), lisa)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lisa_trainer.cli import build_parser
+from lisa_trainer.cli import parse_options
 from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import IGNORE_INDEX, load_and_tokenize, split_dataset
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.loss import ChunkedCausalLMLoss
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
@@ -24,7 +24,7 @@ def data(tok):
 def run(tmp_path, tok, data, *, chunked_loss, tie, steps=3):
     train, held = split_dataset(data, 0.1, seed=0)
     model = build_demo_model(tok, seed=0, tie_word_embeddings=tie, **SMALL)
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, max_steps=steps,
+    args = LisaTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, max_steps=steps,
                              per_device_train_batch_size=4, gradient_accumulation_steps=2, progress=False,
                              save_model=False, chunked_loss=chunked_loss)
     trainer = LisaTrainer(model, tok, train, args, LisaConfig(n_active_layers=1, interval_steps=2, state_policy="keep"),
@@ -114,4 +114,4 @@ def test_model_without_a_linear_head_is_refused_at_once():
 
 @pytest.mark.parametrize("flags, expected", [([], True), (["--chunked_loss", "0"], False), (["--chunked_loss"], True)])
 def test_cli_switch(flags, expected):
-    assert build_parser().parse_args(["--demo", *flags]).chunked_loss is expected
+    assert parse_options(["--demo", *flags]).training.chunked_loss is expected

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from lisa_trainer.options import ConfigFileError, OptionError, add_options, build, flag_for_error, option, read_config_file
+from lisa_trainer.options import ConfigFileError, OptionError, add_options, build, command_line_message, option, read_config_file
 
 
 def _weights(text):
@@ -23,6 +23,9 @@ class Toy:
     def __post_init__(self):
         if self.count < 1:
             raise OptionError(Toy, "count", f"must be >= 1, got {self.count}")
+        if self.weights is not None and len(self.weights) < self.count:
+            raise OptionError(Toy, "weights", f"has {len(self.weights)} entries, fewer than {{count}}={self.count}",
+                              mentions=("count",))
 
 
 def parse(argv):
@@ -33,9 +36,9 @@ def parse(argv):
 
 def test_flags_types_and_absent_flags():
     assert parse([]) == {}  # nothing given: the dataclass defaults apply
-    values = parse(["--toy_count", "3", "--rate", "0.5", "--name", "b", "--switch", "--weights", "1,2"])
-    assert values == {"count": 3, "rate": 0.5, "name": "b", "switch": True, "weights": (1.0, 2.0)}
-    assert build(Toy, values) == Toy(3, 0.5, "b", True, (1.0, 2.0))
+    values = parse(["--toy_count", "3", "--rate", "0.5", "--name", "b", "--switch", "--weights", "1,2,4"])
+    assert values == {"count": 3, "rate": 0.5, "name": "b", "switch": True, "weights": (1.0, 2.0, 4.0)}
+    assert build(Toy, values) == Toy(3, 0.5, "b", True, (1.0, 2.0, 4.0))
     assert parse(["--switch", "0"]) == {"switch": False}
 
 
@@ -49,7 +52,17 @@ def test_validation_names_the_field_in_python_and_the_flag_on_the_command_line()
     with pytest.raises(OptionError) as caught:
         build(Toy, parse(["--toy_count", "0"]))
     assert str(caught.value) == "Toy.count must be >= 1, got 0"
-    assert flag_for_error(caught.value, [Toy]) == "--toy_count"
+    assert command_line_message(caught.value, [Toy]) == "--toy_count must be >= 1, got 0"
+    with pytest.raises(OptionError) as caught:
+        build(Toy, parse(["--toy_count", "3", "--weights", "1,2"]))
+    assert str(caught.value) == "Toy.weights has 2 entries, fewer than Toy.count=3"
+    assert command_line_message(caught.value, [Toy]) == "--weights has 2 entries, fewer than --toy_count=3"
+
+
+def test_a_parse_error_is_shown_as_it_is(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--weights", "1,x"])
+    assert "argument --weights: could not convert string to float: 'x'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix, text", [(".json", json.dumps({"toy_count": 4, "switch": True, "weights": "1,3"})),

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from lisa_trainer import LisaConfig, LisaController, build_optimizer
-from lisa_trainer.cli import parse_layer_weights
+from lisa_trainer.sampler import parse_layer_weights
 from lisa_trainer.sampler import auto_layer_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,8 +91,8 @@ def test_balanced_sampling_in_the_controller_trains_every_layer_equally():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(layer_weights="automatic"), "layer_weights must be None, 'auto' or a sequence"),
     (dict(sampling="stratified"), "sampling must be one of"),
-    (dict(sampling="balanced", layer_weights="auto"), "sampling='balanced'.*takes no"),
-    (dict(sampling="balanced", layer_weights=[1, 1, 1, 1]), "sampling='balanced'.*takes no"),
+    (dict(sampling="balanced", layer_weights="auto"), "sampling 'balanced'.*takes no"),
+    (dict(sampling="balanced", layer_weights=[1, 1, 1, 1]), "sampling 'balanced'.*takes no"),
     (dict(layer_weights="auto", track_update_norms=False), "needs LisaConfig.track_update_norms=True"),
 ])
 def test_config_refuses_contradictory_sampling_options(kwargs, match):

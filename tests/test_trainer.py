@@ -7,7 +7,7 @@ from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize, split_dataset
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.runlog import read_log
-from lisa_trainer.trainer import LisaTrainer, TrainingArguments, lr_at
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, lr_at
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 
@@ -26,7 +26,7 @@ def make_trainer(tmp_path, tok, train, *, eval_data=None, model_kw=SMALL, lisa=N
     args.update(kw)
     lisa = lisa or LisaConfig(n_active_layers=2, interval_steps=3, state_policy="keep")
     model = build_demo_model(tok, seed=0, **model_kw)
-    return LisaTrainer(model, tok, train, TrainingArguments(**args), lisa, eval_dataset=eval_data)
+    return LisaTrainer(model, tok, train, LisaTrainingArguments(**args), lisa, eval_dataset=eval_data)
 
 
 def test_loss_falls_on_the_demo(tmp_path, tok, data):
@@ -120,9 +120,9 @@ def test_lr_schedule_warmup_then_decay():
 
 def test_training_arguments_are_validated():
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        TrainingArguments(output_dir="x", gradient_accumulation_steps=0)
+        LisaTrainingArguments(output_dir="x", gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="lr_scheduler_type"):
-        TrainingArguments(output_dir="x", lr_scheduler_type="step")
+        LisaTrainingArguments(output_dir="x", lr_scheduler_type="step")
 
 
 def test_epochs_set_the_step_count(tmp_path, tok, data):

@@ -24,6 +24,7 @@ __all__ = [
     "LayerSampler",
     "LisaCallback",
     "LisaTrainer",
+    "LisaTrainingArguments",
     "build_optimizer",
     "find_decoder_layers",
     "always_trainable_modules",
@@ -33,7 +34,7 @@ __all__ = [
 
 
 # These import transformers, which costs seconds, so they load only when asked for.
-_LAZY = {"LisaCallback": "callback", "LisaTrainer": "trainer"}
+_LAZY = {"LisaCallback": "callback", "LisaTrainer": "trainer", "LisaTrainingArguments": "trainer"}
 
 
 def __getattr__(name):

@@ -22,9 +22,10 @@ from torch import nn
 from lisa_kernels import FusedAdamW, HostStateBank, StateParker
 
 from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
-from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights
+from .options import OptionError, option
+from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
 
-__all__ = ["LisaConfig", "LisaController", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
+__all__ = ["BITSANDBYTES_OPTIMIZERS", "LisaConfig", "LisaController", "OPTIMIZERS", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("park", "reset", "keep")
 _STATE_DICT_FORMAT = 1
@@ -39,92 +40,89 @@ def _is_int(x) -> bool:
 
 @dataclass
 class LisaConfig:
-    """LISA settings. Every field is validated on construction; errors name the field.
+    """LISA settings. Every field is validated on construction; errors (:class:`OptionError`, a ValueError) name
+    the field, and on the command line its flag (given beside each field).
 
-    n_active_layers: γ, decoder layers trained per period (the paper uses 1, 2, 4 or 8).
-    interval_steps: K, optimizer steps per period (the paper's typical value is 20).
-    layers_attribute: dotted path of the decoder-layer list; None finds it by structure.
-    seed: the layer schedule is a pure function of (seed, period).
-    layer_weights: per-layer importance weights (non-negative, one per layer); None samples uniformly; "auto"
-        estimates them during the run from the update norms of past periods (`sampler.auto_layer_weights`).
-    sampling: "uniform" (independent draws each period, the paper's rule) or "balanced" (every layer trains in the
-        same number of periods over each cycle of n_layers / gcd(n_layers, n_active_layers) periods; no weights).
-    state_policy: what happens to a deactivated layer's AdamW state: "park" (host memory, brought back when the
-        layer is sampled again), "reset" (dropped) or "keep" (stays on the device).
-    prefetch_steps: start bringing the next period's parked state back this many steps before the switch
-        (0 disables; only used with "park").
     always_trainable: roles ("input_embeddings", "output_embeddings", "final_norm") and/or dotted module paths
         trained in every period; None means all three roles; () means none.
     track_update_norms: record per-layer weight-update norms in `period_log` (costs one device-to-host copy of
         the period's trained weights at its start; False still logs the layers of each period).
     """
 
-    n_active_layers: int = 2
-    interval_steps: int = 20
-    layers_attribute: str | None = None
-    seed: int = 0
-    layer_weights: Sequence[float] | str | None = None
-    sampling: str = "uniform"
-    state_policy: str = "park"
-    prefetch_steps: int = 1
+    n_active_layers: int = option(2, flag="--lisa_activated_layers",
+                                  help="γ: decoder layers trained per period (the paper uses 1, 2, 4 or 8)")
+    interval_steps: int = option(20, flag="--lisa_interval_steps",
+                                 help="K: optimizer steps per period (the paper's typical value is 20)")
+    layers_attribute: str | None = option(None, flag="--lisa_layers_attribute",
+                                          help="dotted path of the decoder-layer list, e.g. model.layers or LMFlow's "
+                                               "model.model.layers (default: found by structure)")
+    seed: int = 0  # the layer schedule is a pure function of (seed, period); the command line's --seed sets it
+    layer_weights: Sequence[float] | str | None = option(
+        None, flag="--lisa_layer_weights", parse=parse_layer_weights,
+        help="per-layer importance weights (non-negative, one per layer; default: uniform): 'auto' (estimated "
+             "during the run from past periods' update norms), a comma or JSON list, a JSON file with a list, or a "
+             "previous run's train_log.jsonl (its mean update norms)")
+    sampling: str = option("uniform", flag="--lisa_sampling", choices=SAMPLING_MODES,
+                           help="uniform: independent draws each period (the paper's rule); balanced: every layer "
+                                "trains in the same number of periods over each cycle (no weights)")
+    state_policy: str = option("park", flag="--lisa_state_policy", choices=STATE_POLICIES,
+                               help="a deactivated layer's optimizer state: park (host memory, brought back when "
+                                    "sampled again), reset (dropped) or keep (stays on the device)")
+    prefetch_steps: int = option(1, flag="--lisa_prefetch_steps",
+                                 help="bring the next period's parked state back this many steps before the switch "
+                                      "(0: at the switch)")
     always_trainable: Sequence[str] | None = None
     track_update_norms: bool = True
 
     def __post_init__(self):
+        def refuse(name, problem, mentions=()):
+            raise OptionError(LisaConfig, name, problem, mentions)
+
         if not _is_int(self.n_active_layers) or self.n_active_layers < 1:
-            raise ValueError(f"LisaConfig.n_active_layers must be a positive int, got {self.n_active_layers!r}")
+            refuse("n_active_layers", f"must be a positive integer, got {self.n_active_layers!r}")
         if not _is_int(self.interval_steps) or self.interval_steps < 1:
-            raise ValueError(f"LisaConfig.interval_steps must be a positive int, got {self.interval_steps!r}")
+            refuse("interval_steps", f"must be a positive integer, got {self.interval_steps!r}")
         if self.layers_attribute is not None and not (isinstance(self.layers_attribute, str) and self.layers_attribute):
-            raise ValueError(
-                f"LisaConfig.layers_attribute must be None or a dotted module path, got {self.layers_attribute!r}"
-            )
+            refuse("layers_attribute", f"must be None or a dotted module path, got {self.layers_attribute!r}")
         if not _is_int(self.seed):
-            raise ValueError(f"LisaConfig.seed must be an int, got {self.seed!r}")
+            refuse("seed", f"must be an int, got {self.seed!r}")
         if isinstance(self.layer_weights, str):
             if self.layer_weights != "auto":
-                raise ValueError(f"LisaConfig.layer_weights must be None, 'auto' or a sequence of numbers, got "
-                                 f"{self.layer_weights!r}")
+                refuse("layer_weights", f"must be None, 'auto' or a sequence of numbers, got {self.layer_weights!r}")
         elif self.layer_weights is not None:
-            if not isinstance(self.layer_weights, Sequence):
-                raise ValueError(f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}")
             try:
+                if not isinstance(self.layer_weights, Sequence):
+                    raise TypeError
                 weights = [float(w) for w in self.layer_weights]
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"LisaConfig.layer_weights must be a sequence of numbers, got {self.layer_weights!r}"
-                ) from None
+                refuse("layer_weights", f"must be a sequence of numbers, got {self.layer_weights!r}")
             bad = [i for i, w in enumerate(weights) if not math.isfinite(w) or w < 0]
             if bad:
-                raise ValueError(f"LisaConfig.layer_weights must be finite and non-negative; bad entries at {bad}")
+                refuse("layer_weights", f"must be finite and non-negative; bad entries at {bad}")
             nonzero = sum(w > 0 for w in weights)
             if nonzero < self.n_active_layers:
-                raise ValueError(
-                    f"LisaConfig.layer_weights has {nonzero} non-zero entries, fewer than "
-                    f"LisaConfig.n_active_layers={self.n_active_layers}; layers are chosen without replacement"
-                )
+                refuse("layer_weights", f"has {nonzero} non-zero entries, fewer than {{n_active_layers}}="
+                       f"{self.n_active_layers}; layers are chosen without replacement", ("n_active_layers",))
             self.layer_weights = tuple(weights)
         if self.state_policy not in STATE_POLICIES:
-            raise ValueError(f"LisaConfig.state_policy must be one of {STATE_POLICIES}, got {self.state_policy!r}")
+            refuse("state_policy", f"must be one of {STATE_POLICIES}, got {self.state_policy!r}")
         if not _is_int(self.prefetch_steps) or self.prefetch_steps < 0:
-            raise ValueError(f"LisaConfig.prefetch_steps must be a non-negative int, got {self.prefetch_steps!r}")
+            refuse("prefetch_steps", f"must be a non-negative int, got {self.prefetch_steps!r}")
         if self.always_trainable is not None:
             if isinstance(self.always_trainable, str) or not all(isinstance(a, str) for a in self.always_trainable):
-                raise ValueError(
-                    f"LisaConfig.always_trainable must be None or a sequence of roles {ALWAYS_TRAINABLE_DEFAULT} or "
-                    f"module paths, got {self.always_trainable!r}"
-                )
+                refuse("always_trainable", f"must be None or a sequence of roles {ALWAYS_TRAINABLE_DEFAULT} or "
+                       f"module paths, got {self.always_trainable!r}")
             self.always_trainable = tuple(self.always_trainable)
         if not isinstance(self.track_update_norms, bool):
-            raise ValueError(f"LisaConfig.track_update_norms must be a bool, got {self.track_update_norms!r}")
+            refuse("track_update_norms", f"must be a bool, got {self.track_update_norms!r}")
         if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"LisaConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+            refuse("sampling", f"must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.sampling == "balanced" and self.layer_weights is not None:
-            raise ValueError("LisaConfig.sampling='balanced' gives every layer the same share; it takes no "
-                             f"LisaConfig.layer_weights (got {self.layer_weights!r})")
+            refuse("sampling", f"'balanced' gives every layer the same share, so it takes no {{layer_weights}} (got "
+                   f"{self.layer_weights!r})", ("layer_weights",))
         if self.layer_weights == "auto" and not self.track_update_norms:
-            raise ValueError("LisaConfig.layer_weights='auto' learns from update norms: it needs "
-                             "LisaConfig.track_update_norms=True")
+            refuse("layer_weights", "'auto' learns from update norms: it needs {track_update_norms}=True",
+                   ("track_update_norms",))
 
 
 class OptimizerMissesParameters(ValueError):
@@ -188,17 +186,14 @@ class LisaController:
         self.layers_path, self.layers = find_decoder_layers(model, config.layers_attribute)
         self.n_layers = len(self.layers)
         if config.n_active_layers > self.n_layers:
-            raise ValueError(
-                f"LisaConfig.n_active_layers={config.n_active_layers} exceeds the {self.n_layers} decoder layers "
-                f"found at {self.layers_path!r}"
-            )
-        try:
-            fixed_weights = None if config.layer_weights == "auto" else config.layer_weights
-            self.sampler = LayerSampler(self.n_layers, config.n_active_layers, config.seed, fixed_weights,
-                                        mode=config.sampling)
-        except ValueError as err:
-            raise ValueError(f"LisaConfig.layer_weights does not fit the {self.n_layers} layers at "
-                             f"{self.layers_path!r}: {err}") from None
+            raise OptionError(LisaConfig, "n_active_layers", f"({config.n_active_layers}) exceeds the model's "
+                              f"{self.n_layers} decoder layers (at {self.layers_path!r})")
+        fixed_weights = None if config.layer_weights == "auto" else config.layer_weights
+        if fixed_weights is not None and len(fixed_weights) != self.n_layers:
+            raise OptionError(LisaConfig, "layer_weights", f"has {len(fixed_weights)} entries but the model has "
+                              f"{self.n_layers} decoder layers (at {self.layers_path!r})")
+        self.sampler = LayerSampler(self.n_layers, config.n_active_layers, config.seed, fixed_weights,
+                                    mode=config.sampling)
 
         self.always_trainable = always_trainable_modules(model, config.always_trainable, self.layers_path)
         self._layer_params = [unique_parameters([layer]) for layer in self.layers]
@@ -428,14 +423,21 @@ def _sq_diff_norm(current: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor
     return total
 
 
+# `optim` names, as Hugging Face's TrainingArguments spells them, plus ours.
+OPTIMIZERS = ("adamw_lisa", "adamw_torch", "adamw_torch_fused", "adafactor", "paged_adamw_32bit", "adamw_bnb_8bit")
+BITSANDBYTES_OPTIMIZERS = {"paged_adamw_32bit": "PagedAdamW32bit", "adamw_bnb_8bit": "AdamW8bit"}
+
+
 def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float = 1e-5, weight_decay: float = 0.0,
-                    **adamw_kwargs):
-    """A `lisa_kernels.FusedAdamW` over ALL of `model`'s parameters, frozen or not.
+                    *, optim: str = "adamw_lisa", **adamw_kwargs):
+    """An optimizer over ALL of `model`'s parameters, frozen or not: `lisa_kernels.FusedAdamW` by default, or the
+    one `optim` names (`OPTIMIZERS`; `adamw_kwargs` such as betas and eps go to the AdamW family).
 
     Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
     a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
     only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`.
-    `cfg` with state_policy="park" gives the optimizer its host state bank (otherwise none is created).
+    `cfg` with state_policy="park" gives FusedAdamW its host state bank (otherwise none is created); the
+    controller attaches a `StateParker` to any of the others.
     """
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
@@ -444,6 +446,22 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if cfg is not None and cfg.state_policy == "park":
-        adamw_kwargs.setdefault("state_bank", HostStateBank())
-    return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+    if optim == "adamw_lisa":
+        if cfg is not None and cfg.state_policy == "park":
+            adamw_kwargs.setdefault("state_bank", HostStateBank())
+        return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+    if optim in ("adamw_torch", "adamw_torch_fused"):
+        fused = {"fused": True} if optim == "adamw_torch_fused" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **fused, **adamw_kwargs)
+    if optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Hugging Face Trainer's settings for optim="adafactor": the given lr, no relative step or scaling.
+        return Adafactor(groups, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    if optim in BITSANDBYTES_OPTIMIZERS:
+        import bitsandbytes
+
+        return getattr(bitsandbytes.optim, BITSANDBYTES_OPTIMIZERS[optim])(groups, lr=lr, weight_decay=weight_decay,
+                                                                            **adamw_kwargs)
+    raise OptionError("LisaTrainingArguments", "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")

@@ -80,7 +80,8 @@ def find_decoder_layers(model: nn.Module, layers_attribute: str | None = None) -
     when no fully identical list exists.
     """
     if layers_attribute is not None:
-        return layers_attribute, _resolve_layers_attribute(model, layers_attribute)
+        path = _without_wrapper_prefix(model, layers_attribute)
+        return path, _resolve_layers_attribute(model, path)
 
     candidates = layer_candidates(model)
     for strict in (True, False):
@@ -97,6 +98,23 @@ def find_decoder_layers(model: nn.Module, layers_attribute: str | None = None) -
         f"could not find the decoder layers of {type(model).__name__}: no nn.ModuleList of two or more "
         f"structurally identical blocks. Candidates:\n{listing}\nTo use one, {_CHOOSE_HINT}."
     )
+
+
+def _without_wrapper_prefix(model: nn.Module, path: str) -> str:
+    """LMFlow writes the path from the object holding the CausalLM as `model` ("model.model.layers" for a Llama):
+    when the path does not resolve as given but does without that leading "model.", the latter is meant."""
+    head, _, rest = path.partition(".")
+    if head == "model" and rest and not _resolves(model, path) and _resolves(model, rest):
+        return rest
+    return path
+
+
+def _resolves(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _resolve_layers_attribute(model: nn.Module, path: str) -> nn.ModuleList:

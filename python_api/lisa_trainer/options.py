@@ -18,12 +18,22 @@ from pathlib import Path
 
 
 class OptionError(ValueError):
-    """A value a dataclass of options refuses: ``owner.name problem`` (the command line shows ``--flag problem``)."""
+    """A value a dataclass of options refuses: ``owner.name problem``; the command line shows ``--flag problem``.
 
-    def __init__(self, owner: type | str, name: str, problem: str):
+    ``problem`` may name other fields as ``{field}`` (listed in ``mentions``): they read ``Owner.field`` in Python
+    and as their flags on the command line, from the same exception."""
+
+    def __init__(self, owner: type | str, name: str, problem: str, mentions: tuple[str, ...] = ()):
         self.owner = owner if isinstance(owner, str) else owner.__name__
-        self.name, self.problem = name, problem
-        super().__init__(f"{self.owner}.{name} {problem}")
+        self.name, self.problem, self.mentions = name, problem, mentions
+        super().__init__(self.render(lambda field: f"{self.owner}.{field}"))
+
+    def render(self, name_of) -> str:
+        """The message with every field named by ``name_of(field)``."""
+        text = self.problem
+        for field in self.mentions:
+            text = text.replace("{" + field + "}", name_of(field))
+        return f"{name_of(self.name)} {text}"
 
 
 class ConfigFileError(ValueError):
@@ -66,13 +76,26 @@ def _base_type(cls, field: dataclasses.Field):
 
 def _converter(cls, field: dataclasses.Field):
     if field.metadata.get("parse"):
-        return field.metadata["parse"]
+        return _reporting(field.metadata["parse"])
     base = _base_type(cls, field)
     if base is bool:
         return parse_bool
     if base in (int, float, str):
         return base
     raise TypeError(f"{cls.__name__}.{field.name}: option of type {base} needs parse=")
+
+
+def _reporting(parse):
+    """``parse`` whose ValueError argparse prints as it is (it shows only "invalid value" for a plain ValueError)."""
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def add_options(parser: argparse.ArgumentParser, cls, title: str) -> None:
@@ -116,7 +139,11 @@ def read_config_file(path: str | Path, classes) -> dict:
             raise ConfigFileError(f"{path}: unknown option {key!r}")
         cls, field = by_name[key]
         if value is not None and not isinstance(value, (bool, int, float, list)) or field.metadata.get("parse"):
-            value = _converter(cls, field)(value if isinstance(value, str) else json.dumps(value))
+            try:
+                value = field.metadata.get("parse", _converter(cls, field))(
+                    value if isinstance(value, str) else json.dumps(value))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                raise ConfigFileError(f"{path}: {key}: {e}") from None
         values[field.name] = value
     return values
 
@@ -127,11 +154,8 @@ def build(cls, values: dict, **extra):
     return cls(**{k: v for k, v in values.items() if k in names}, **extra)
 
 
-def flag_for_error(error: OptionError, classes) -> str:
-    """The flag an OptionError is about (its field's flag), for the command line's message."""
-    for cls in classes:
-        if cls.__name__ == error.owner:
-            for field in option_fields(cls):
-                if field.name == error.name:
-                    return flag_of(field)
-    return f"--{error.name}"
+def command_line_message(error: OptionError, classes) -> str:
+    """``error`` with each field it names shown as its flag (the field's name when it has none)."""
+    owner = next((cls for cls in classes if cls.__name__ == error.owner), None)
+    flags = {f.name: flag_of(f) for f in option_fields(owner)} if owner is not None else {}
+    return error.render(lambda field: flags.get(field, f"{error.owner}.{field}"))

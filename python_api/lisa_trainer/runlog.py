@@ -17,10 +17,11 @@ LOG_FILE = "train_log.jsonl"
 
 class JsonlLog:
     """Append-only JSONL; on resume, records after the checkpoint's step are dropped so history is not doubled.
-    ``is_new``: the log starts empty (a new run, or a resume without its log)."""
+    ``is_new``: the log starts empty (a new run, or a resume without its log). ``also``: more sinks for each record
+    (``log(record)``, ``close()``: the ``--report_to`` trackers)."""
 
-    def __init__(self, path: Path, *, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, *, resume_step: int | None, also=()):
+        self.path, self.also = path, list(also)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.is_new = resume_step is None or not path.exists()
         if self.is_new:
@@ -40,9 +41,13 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        for sink in self.also:
+            sink.log(record)
 
     def close(self) -> None:
         self._fh.close()
+        for sink in self.also:
+            sink.close()
 
 
 def read_log(path: str | Path) -> list[dict]:

@@ -23,8 +23,12 @@ Two further rules, both measured in `benchmarks/bench_quality.py` (see the READM
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
+
+from .runlog import read_log
 
 __all__ = ["LayerSampler", "SAMPLING_MODES", "auto_layer_weights"]
 
@@ -193,3 +197,60 @@ def auto_layer_weights(period_log: Sequence[dict], n_layers: int, period: int, *
     filled = [fill if x is None else x for x in estimate]
     total = sum(filled)
     return tuple(floor / n_layers + (1 - floor) * x / total for x in filled)
+
+
+def _number_list(doc, where: str) -> list[float]:
+    if not isinstance(doc, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in doc):
+        raise ValueError(f"{where}: expected a JSON list of numbers (or {{\"layer_weights\": [...]}})")
+    return [float(w) for w in doc]
+
+
+def parse_layer_weights(value: str) -> list[float] | str:
+    """``--lisa_layer_weights``: "auto", "1,2,1,...", a JSON list "[1, 2, 1, ...]", a JSON file (a list, or
+    {"layer_weights": [...]}) or a JSONL run log.
+
+    From a run log the weight of a layer is its mean weight-update norm over the periods it trained in; layers
+    never sampled there get the mean of the others, so they can still be chosen.
+    """
+    if value.strip() == "auto":
+        return "auto"
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            return _weights_from_log(path)
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if isinstance(doc, dict):
+            doc = doc.get("layer_weights", doc.get("weights"))
+        return _number_list(doc, str(path))
+    if value.lstrip().startswith("["):
+        try:
+            return _number_list(json.loads(value), repr(value))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{value!r}: invalid JSON list at column {e.colno}: {e.msg}") from None
+    if any(ch in value for ch in "/\\") or value.endswith((".json", ".jsonl")):
+        raise ValueError(f"{value}: no such file")
+    try:
+        return [float(w) for w in value.split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"{value!r}: expected comma-separated numbers or a file path") from None
+
+
+def _weights_from_log(path: Path) -> list[float]:
+    records = read_log(path)
+    n_layers = next((r.get("n_layers") for r in records if r["kind"] == "config"), None)
+    sums, counts = {}, {}
+    for r in records:
+        if r["kind"] != "period":
+            continue
+        for layer, norm in zip(r.get("layers", ()), r.get("layer_update_norms") or ()):
+            sums[layer] = sums.get(layer, 0.0) + norm
+            counts[layer] = counts.get(layer, 0) + 1
+    if not n_layers or not sums:
+        raise ValueError(f"{path}: no LISA periods with update norms in this log")
+    means = {i: sums[i] / counts[i] for i in sums}
+    fill = sum(means.values()) / len(means)
+    return [means.get(i, fill) for i in range(n_layers)]

@@ -14,6 +14,7 @@ skipped (no weight update; logged with ``"skipped"``); ``max_nonfinite_steps`` o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import math
 import pickle
@@ -37,71 +38,100 @@ from .checkpoint import (
     save_checkpoint,
     write_failure_reason,
 )
-from .controller import LisaConfig, LisaController, build_optimizer
+from .controller import BITSANDBYTES_OPTIMIZERS, OPTIMIZERS, LisaConfig, LisaController, build_optimizer
 from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
 from .layers import find_decoder_layers
+from .options import OptionError, option
+from .trackers import Trackers, parse_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
 
 
 @dataclass
-class TrainingArguments:
+class LisaTrainingArguments:
+    """How `LisaTrainer` trains; each field is also a `lisa-finetune` flag of the same name (Hugging Face's and
+    LMFlow's names). Validated on construction: an error (:class:`OptionError`, a ValueError) names the field."""
+
     output_dir: str
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr_scheduler_type: str = "cosine"  # "linear" | "cosine" | "constant", after the warmup
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    num_train_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
-    bf16: bool = False  # bf16 autocast on CUDA (weights and optimizer state stay as they are)
-    gradient_checkpointing: bool = False
-    chunked_loss: bool = True  # LM-head loss over tiles of the logits, never all of them (lisa_trainer.loss)
-    seed: int = 0
-    logging_steps: int = 1
-    eval_steps: int | None = None  # None: evaluate before training and at the end only
-    save_steps: int | None = None
-    save_total_limit: int | None = None
+    learning_rate: float = option(5e-4, help="peak learning rate")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
+    optim: str = option("adamw_lisa", choices=OPTIMIZERS,
+                        help="adamw_lisa: FusedAdamW (fp32 moments for bf16 weights, one launch per dtype group); "
+                             "adamw_torch / adamw_torch_fused: torch AdamW (foreach / fused); adafactor: "
+                             "transformers' Adafactor; paged_adamw_32bit / adamw_bnb_8bit: bitsandbytes (if "
+                             "installed). Every one parks frozen layers' state with --lisa_state_policy park")
+    lr_scheduler_type: str = option("cosine", choices=SCHEDULES, help="decay after the warmup")
+    warmup_steps: int = option(0, help="linear warmup steps")
+    warmup_ratio: float = option(0.0, help="warmup as a share of all steps, when --warmup_steps is 0")
+    num_train_epochs: float = option(1.0, help="passes over the data (when --max_steps <= 0)")
+    max_steps: int = option(-1, help="optimizer steps; > 0 overrides --num_train_epochs")
+    per_device_train_batch_size: int = option(8, help="sequences per micro-batch and rank")
+    per_device_eval_batch_size: int | None = option(None, help="sequences per held-out batch (default: the "
+                                                                "training batch)")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    max_grad_norm: float = option(1.0, help="gradient clipping; 0 disables it (the norm is still logged)")
+    bf16: bool = option(False, help="bf16 autocast on CUDA (weights and optimizer state keep their dtypes)")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward (less memory)")
+    chunked_loss: bool = option(True, help="LM-head loss over tiles of the logits, never all of them (0: the "
+                                           "plain loss)")
+    seed: int = option(0, help="data order, layer schedule (and the demo's weights)")
+    logging_steps: int = option(1, help="write a step record to train_log.jsonl every N steps (and the last)")
+    eval_steps: int | None = option(None, help="evaluate on the held-out split every N steps (default: before "
+                                               "and after training)")
+    save_steps: int | None = option(None, help="write a resumable checkpoint every N steps")
+    save_total_limit: int | None = option(None, help="keep only this run's newest N checkpoints")
     save_model: bool = True  # write the final model + tokenizer to output_dir
     progress: bool = True
-    device: str | None = None  # None: CUDA when available
-    overwrite_output_dir: bool = False  # start a new run in a folder that holds another run's log or checkpoints
-    max_nonfinite_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient norm
-    ddp_timeout: int = DEFAULT_TIMEOUT_S  # seconds a collective may wait for the other ranks (data-parallel runs)
-    fsdp: bool = False  # several ranks: shard parameters, gradients and optimizer state with FSDP2
+    device: str | None = option(None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    overwrite_output_dir: bool = option(False, help="start a new run in an output folder that holds another run's "
+                                                    "log or checkpoints")
+    max_nonfinite_steps: int = option(10, help="stop after this many steps in a row with a NaN/inf loss or "
+                                               "gradient norm (each is skipped)")
+    ddp_timeout: int = option(DEFAULT_TIMEOUT_S, help="under torchrun: seconds a rank waits for the others "
+                                                       "before the run fails")
+    fsdp: bool = option(False, help="under torchrun: shard weights, gradients and optimizer state over the ranks "
+                                    "(FSDP2)")
+    report_to: str = option("none", help="none, all, tensorboard, wandb (comma list): where the log records go "
+                                         "besides train_log.jsonl")
+    run_name: str | None = option(None, help="the run's name in --report_to trackers (default: the output "
+                                             "folder's name)")
 
     def __post_init__(self):
         checks = [
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.lr_scheduler_type in SCHEDULES, f"lr_scheduler_type must be one of {', '.join(SCHEDULES)}"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "num_train_epochs must be > 0 when max_steps <= 0"),
-            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-            (self.logging_steps >= 1, "logging_steps must be >= 1"),
-            (self.eval_steps is None or self.eval_steps >= 1, "eval_steps must be >= 1"),
-            (self.save_steps is None or self.save_steps >= 1, "save_steps must be >= 1"),
-            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
-            (self.ddp_timeout > 0, "ddp_timeout must be > 0"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("optim", self.optim in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+            ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            ("num_train_epochs", self.max_steps > 0 or self.num_train_epochs > 0, "must be > 0 when max_steps <= 0"),
+            ("max_steps", self.max_steps != 0, "must be > 0, or -1 to train for num_train_epochs"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
+            ("per_device_eval_batch_size", (self.per_device_eval_batch_size or 1) >= 1, "must be >= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+            ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("eval_steps", self.eval_steps is None or self.eval_steps >= 1, "must be >= 1"),
+            ("save_steps", self.save_steps is None or self.save_steps >= 1, "must be >= 1"),
+            ("save_total_limit", self.save_total_limit is None or self.save_total_limit >= 1, "must be >= 1"),
+            ("max_nonfinite_steps", self.max_nonfinite_steps >= 1, "must be >= 1"),
+            ("ddp_timeout", self.ddp_timeout > 0, "must be > 0"),
         ]
-        for ok, msg in checks:
+        for name, ok, problem in checks:
             if not ok:
-                field = msg.split()[0]
-                raise ValueError(f"TrainingArguments.{msg}, got {getattr(self, field, None)!r}")
+                raise OptionError(LisaTrainingArguments, name, f"{problem}, got {getattr(self, name)!r}")
+        if self.optim in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+            raise OptionError(LisaTrainingArguments, "optim", f"{self.optim} needs the bitsandbytes package (pip "
+                              "install bitsandbytes); adamw_lisa keeps fp32 moments and parks frozen layers' state "
+                              "in host memory without it")
+        parse_report_to(self.report_to)  # an unknown tracker is refused before training starts
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kind: str) -> float:
@@ -142,7 +172,7 @@ class LisaTrainer:
         model,
         tokenizer,
         train_dataset: TokenizedDataset,
-        args: TrainingArguments,
+        args: LisaTrainingArguments,
         lisa_config: LisaConfig,
         eval_dataset: TokenizedDataset | None = None,
     ):
@@ -157,7 +187,9 @@ class LisaTrainer:
                                                     checkpoints=args.save_steps is not None)
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
-            warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
+            dtype = next(model.parameters()).dtype
+            warnings.warn(f"bf16 autocast is used on CUDA only: on {self.device.type} the model trains in the dtype "
+                          f"it was loaded in ({str(dtype).removeprefix('torch.')})", stacklevel=2)
         # FSDP moves the model to the device unit by unit as it shards it (attach).
         self.model = model if self.dist and self.dist.fsdp else model.to(self.device)
         if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
@@ -178,8 +210,9 @@ class LisaTrainer:
             lisa_config,
             lr=args.learning_rate,
             weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
+            optim=args.optim,
+            **({} if args.optim == "adafactor" else {"betas": (args.adam_beta1, args.adam_beta2),
+                                                     "eps": args.adam_epsilon}),
         )
         self.controller = LisaController(model, self.optimizer, lisa_config)
         # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
@@ -411,7 +444,12 @@ class LisaTrainer:
         resumed_at = self.step if resume_from else None
         own_log = resumed_at is not None and log_run_id(self.output_dir) == self.run_id
         main = not self.dist or self.dist.is_main
-        log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None) if main else NullLog()
+        if main:
+            trackers = Trackers(parse_report_to(args.report_to), self.output_dir, args.run_name,
+                                config={**dataclasses.asdict(args), **dataclasses.asdict(self.lisa_config)})
+            log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None, also=[trackers])
+        else:
+            log = NullLog()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         n_layers = self.controller.n_layers
