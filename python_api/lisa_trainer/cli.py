@@ -282,12 +282,11 @@ def _attention(opts: Options) -> str:
         return "sdpa"
     on_gpu = torch.cuda.is_available() and (opts.training.device or "cuda").startswith("cuda")
     if on_gpu and importlib.util.find_spec("flash_attn") is not None:
-        chosen = "flash_attention_2"
+        chosen, why = "flash_attention_2", "the flash_attn package is installed"
     else:
         chosen = "sdpa"
         why = "the flash_attn package is not installed" if on_gpu else "training runs on the CPU"
-        print(f"lisa-finetune: --use_flash_attention 1: {why}; using PyTorch's scaled_dot_product_attention (sdpa)",
-              flush=True)
+    print(f"lisa-finetune: --use_flash_attention 1: {why}; using {chosen}", flush=True)
     return chosen
 
 
