@@ -145,7 +145,7 @@ def test_tools_must_be_a_list(tmp_path, tok):
 
 
 def _with_chat_template(tok, tools=False):
-    """A fresh demo tokenizer (the session's `tok` stays unchanged) with a small chat template of its own."""
+    """A fresh demo tokenizer (the shared `tok` fixture stays unchanged) with a small chat template of its own."""
     fresh = build_demo_tokenizer()
     listing = "{% if tools %}[tools] {% for t in tools %}{{ t['function']['name'] }}{% endfor %}\n{% endif %}" if tools else ""
     fresh.chat_template = (
