@@ -87,6 +87,7 @@ step native-build 150 "$PY" -m lisa_kernels.build
 step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
 step bench_adamw 75 "$PY" -m benchmarks.bench_adamw
 step bench_offload 75 "$PY" -m benchmarks.bench_offload
+step bench_linear_cross_entropy 60 "$PY" -m benchmarks.bench_linear_cross_entropy
 # bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
 # under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
 limit=$(( $(left) < 240 ? $(left) : 240 ))
