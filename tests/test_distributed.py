@@ -119,11 +119,31 @@ def _scenarios(rank: int, out: Path) -> None:
                        policy="park")
     resumed.train(resume_from_checkpoint=out / "fsdp_park" / "checkpoint-5")
     results["fsdp_resumed"] = {"weights": resumed.dist.state_dict_to_save(resumed.model), "parked": _parked(resumed)}
+    results["one_row"] = _one_row_state_round_trip()
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
     except DistributedError as e:
         results["mismatch"] = str(e)
     torch.save(results, out / f"rank{rank}.pt")
+
+
+def _one_row_state_round_trip() -> list[tuple[str, bool]]:
+    """FusedAdamW's state of FSDP2 parameters of one row, whose shard on rank 0 has the whole parameter's shape,
+    saved and loaded: (the loaded moment's type, equal to the saved one) per parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lisa_kernels import FusedAdamW
+
+    layer = torch.nn.Linear(4, 1)
+    fully_shard(layer, mesh=init_device_mesh("cpu", (WORLD,)))
+    optimizer = FusedAdamW(layer.parameters(), lr=1e-2)
+    layer(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict(saved)
+    return [(type(optimizer.state[p]["exp_avg"]).__name__, torch.equal(optimizer.state[p]["exp_avg"], saved["state"][i]["exp_avg"]))
+            for i, p in enumerate(layer.parameters())]
 
 
 def _spawn(scenario, out: Path) -> None:
@@ -369,6 +389,12 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=name)
     (period,) = _periods(tmp_path)
     assert period["layer_update_norms"] == pytest.approx(_periods(out / "fsdp")[-1]["layer_update_norms"], rel=2e-6)
+
+
+def test_fsdp_optimizer_state_of_a_one_row_parameter_loads_as_its_shard(ddp):
+    _, ranks = ddp
+    for r in range(WORLD):
+        assert ranks[r]["one_row"] == [("Tensor", True), ("Tensor", True)]
 
 
 def test_fsdp_parks_each_ranks_shard_and_equals_keep(ddp):

@@ -430,13 +430,18 @@ def _is_sharded(t) -> bool:
 
 
 def _local_shard(full, like: torch.Tensor):
-    """This rank's shard of the whole tensor `full`, cut as the DTensor `like` is (no communication); scalars and
-    tensors of unsharded parameters as they are."""
+    """This rank's shard of the whole tensor `full`, cut as the DTensor `like` is, where `full` is (a checkpoint's
+    CPU tensor stays on the CPU: `distribute_tensor` would first copy all of it to the GPU); a copy, so the whole
+    tensor can go. Scalars and tensors of unsharded parameters as they are. No communication."""
     if not (_is_sharded(like) and isinstance(full, torch.Tensor) and full.dim() > 0):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    return distribute_tensor(full.detach(), like.device_mesh, like.placements, src_data_rank=None).to_local()
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    piece = full.detach()
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        piece = piece.narrow(dim, start, size)
+    return piece.clone()
 
 
 def _default_store():
