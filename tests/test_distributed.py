@@ -142,8 +142,8 @@ def _one_row_state_round_trip() -> list[tuple[str, bool]]:
     optimizer.step()
     saved = optimizer.state_dict()
     optimizer.load_state_dict(saved)
-    return [(type(optimizer.state[p]["exp_avg"]).__name__, torch.equal(optimizer.state[p]["exp_avg"], saved["state"][i]["exp_avg"]))
-            for i, p in enumerate(layer.parameters())]
+    loaded = [optimizer.state[p]["exp_avg"] for p in layer.parameters()]
+    return [(type(m).__name__, torch.equal(m, saved["state"][i]["exp_avg"])) for i, m in enumerate(loaded)]
 
 
 def _spawn(scenario, out: Path) -> None:
@@ -235,6 +235,7 @@ def test_schedule_mismatch_is_an_error_naming_both_ranks_layers(ddp):
 
 
 def _fails_on_rank1(rank: int, out: Path) -> None:
+    """Rank 1 meets bad data in the third step, after two checkpoints."""
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
     t = _trainer(out, tok, data, batch=BATCH, save_steps=1, ddp_timeout=30)
@@ -242,29 +243,54 @@ def _fails_on_rank1(rank: int, out: Path) -> None:
         micro_batch = t.micro_batch
 
         def bad_data(index):
-            if index >= 2 * ACCUM:  # the third step: after two checkpoints
+            if index >= 2 * ACCUM:
                 raise ValueError("example 17 has no tokens")
             return micro_batch(index)
 
         t.micro_batch = bad_data
+    _train_and_record_the_error(t, rank, out)
+
+
+def _fsdp_fails_on_rank1_while_saving(rank: int, out: Path) -> None:
+    """With FSDP, rank 1 runs out of memory gathering the third checkpoint, while rank 0 waits for its shards."""
+    tok = build_demo_tokenizer()
+    data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
+    t = _trainer(out, tok, data, batch=BATCH, n_active=2, save_steps=1, ddp_timeout=30, fsdp=True)
+    if rank == 1:
+        gather = t.dist._full
+
+        def out_of_memory(local, param):
+            if t.step == 3:
+                raise MemoryError("no room to gather the checkpoint")
+            return gather(local, param)
+
+        t.dist._full = out_of_memory
+    _train_and_record_the_error(t, rank, out)
+
+
+def _train_and_record_the_error(trainer, rank: int, out: Path) -> None:
     try:
-        t.train()
+        trainer.train()
     except BaseException as e:
         (out / f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}")
         raise
 
 
-def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+@pytest.mark.parametrize("scenario, error", [(_fails_on_rank1, "ValueError: example 17 has no tokens"),
+                                             (_fsdp_fails_on_rank1_while_saving,
+                                              "MemoryError: no room to gather the checkpoint")],
+                         ids=["bad-data", "fsdp-out-of-memory-while-saving"])
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, error):
     started = time.monotonic()
-    context = mp.start_processes(_rank_entry, args=(_free_port(), _fails_on_rank1, str(tmp_path)), nprocs=WORLD,
+    context = mp.start_processes(_rank_entry, args=(_free_port(), scenario, str(tmp_path)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     for p in context.processes:
         p.join(120)
     assert [p.exitcode for p in context.processes] == [1, 1]
     assert time.monotonic() - started < 60  # not the 30 s collective timeout after a hang: at once
-    assert "example 17 has no tokens" in (tmp_path / "rank1.err").read_text()
+    assert error in (tmp_path / "rank1.err").read_text()
     rank0 = (tmp_path / "rank0.err").read_text()
-    assert rank0.startswith("DistributedError") and "rank 1 failed: ValueError: example 17 has no tokens" in rank0
+    assert rank0.startswith("DistributedError") and f"rank 1 failed: {error}" in rank0
     from lisa_trainer.checkpoint import latest_checkpoint, read_checkpoint_state
 
     newest = latest_checkpoint(tmp_path)
@@ -313,7 +339,8 @@ def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
     steps = {run: [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"] for run in ("active2", "fsdp")}
     assert [r["loss"] for r in steps["fsdp"][:STEPS]] == pytest.approx([r["loss"] for r in steps["active2"]], rel=1e-6)
     # Frozen layers cost no reduce-scatter: the trainable set's gradients only, as DDP all-reduces.
-    assert [r["reduce_scatter_bytes"] for r in steps["fsdp"][:STEPS]] == [r["allreduce_bytes"] for r in steps["active2"]]
+    assert [r["reduce_scatter_bytes"] for r in steps["fsdp"][:STEPS]] == \
+        [r["allreduce_bytes"] for r in steps["active2"]]
     at_ddp_end = _checkpoint_weights(out / "fsdp" / f"checkpoint-{STEPS}")  # the full weights, gathered to rank 0
     for name, w in ranks[0]["active2"]["weights"].items():  # same reduction-order tolerance as above
         torch.testing.assert_close(at_ddp_end[name], w, rtol=0, atol=2e-6, msg=name)

@@ -255,7 +255,8 @@ class DataParallel:
         weights = self.state_dict_to_save(model)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         saved = optimizer.state_dict()
-        state = {i: {k: self._full(v, params[i]) for k, v in entry.items()} for i, entry in sorted(saved["state"].items())}
+        state = {i: {k: self._full(v, params[i]) for k, v in entry.items()}
+                 for i, entry in sorted(saved["state"].items())}  # the same order on every rank
         period_start = controller.period_start_state()
         if period_start is not None:
             by_name = dict(model.named_parameters())
