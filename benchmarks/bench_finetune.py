@@ -435,8 +435,6 @@ def parse_args(argv=None):
     if args.prefetch_steps < 0:
         p.error("--prefetch-steps must be >= 0")
     args.warmup = min(args.warmup, args.steps - 1)
-    if args.fsdp:
-        args.track_update_norms = False  # LisaController measures update norms on whole tensors, not FSDP shards
     return args
 
 

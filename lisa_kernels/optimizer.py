@@ -155,4 +155,4 @@ class FusedAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             for key in _MOMENT_KEYS:
                 if key in saved and not parker.is_parked(p):
-                    state[key] = _moment_like(p, saved[key], self.moment_dtype(p))
+                    state[key] = _moment_like(_local(p), saved[key], self.moment_dtype(p))

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer.controller import LisaConfig, build_optimizer
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, read_log
@@ -26,6 +26,7 @@ from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, read_log
 WORLD = 2
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
 BATCH, ACCUM, STEPS = 2, 2, 4  # per rank; the single-process reference uses BATCH * WORLD
+FSDP_STEPS = 6
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
@@ -36,11 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer(out, tok, data, *, batch, n_active=1, seed=0, **kw):
+def _trainer(out, tok, data, *, batch, n_active=1, seed=0, policy="keep", **kw):
     args = dict(output_dir=str(out), learning_rate=3e-3, max_steps=STEPS, per_device_train_batch_size=batch,
-                gradient_accumulation_steps=ACCUM, warmup_steps=0, progress=False, save_model=False, ddp_timeout=60)
+                gradient_accumulation_steps=ACCUM, warmup_steps=0, progress=False, save_model=False, ddp_timeout=60,
+                lr_scheduler_type="constant")  # runs of FSDP_STEPS and STEPS agree on their first STEPS steps
     args.update(kw)
-    lisa = LisaConfig(n_active_layers=n_active, interval_steps=2, state_policy="keep", seed=seed)
+    lisa = LisaConfig(n_active_layers=n_active, interval_steps=2, state_policy=policy, seed=seed)
     return LisaTrainer(build_demo_model(tok, seed=0, **SMALL), tok, data, LisaTrainingArguments(**args), lisa)
 
 
@@ -59,6 +61,13 @@ def _record_first_gradients(trainer) -> dict:
 
     trainer.optimizer.register_step_pre_hook(hook)
     return grads
+
+
+def _parked(trainer) -> dict[str, tuple[int, int, int]]:
+    """name -> (elements of its state in the host bank, of this rank's shard, of the whole parameter)."""
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    return {names[p]: (sum(v.read().numel() for v in trainer.optimizer.state[p].values() if hasattr(v, "read")),
+                       p.to_local().numel(), p.numel()) for p in trainer.optimizer.state_parker.parked_params}
 
 
 def _rank_entry(rank: int, port: int, scenario, out: str) -> None:
@@ -90,22 +99,51 @@ def _scenarios(rank: int, out: Path) -> None:
     resumed = _trainer(out / "resumed", tok, data, batch=BATCH, n_active=2)
     resumed.train(resume_from_checkpoint=out / "active2" / "checkpoint-2")
     results["resumed"] = {"weights": _weights(resumed)}
-    sharded = _trainer(out / "fsdp", tok, data, batch=BATCH, n_active=2, fsdp=True)
+    # FSDP: 3 periods, layers (1, 2), (1, 3), (2, 3) with seed 0; a checkpoint after every step (4 holds the weights
+    # DDP ends with, 5 is in the middle of a period).
+    sharded = _trainer(out / "fsdp", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS, save_steps=1)
     sharded.train()
     results["fsdp"] = {"weights": sharded.dist.state_dict_to_save(sharded.model),
+                       "period_log": sharded.controller.period_log,
                        "state_elements": sum(t.numel() for st in sharded.optimizer.state.values()
                                              for t in st.values() if t.dim() > 0),
                        "ddp_state_elements": sum(t.numel() for st in t_ddp_state.values() for t in st.values()
                                                  if t.dim() > 0)}
-    try:
-        _trainer(out / "fsdp_checkpoints", tok, data, batch=BATCH, fsdp=True, save_steps=2)
-    except ValueError as e:
-        results["fsdp_checkpoints"] = str(e)
+    # Layer 2 is parked in period 1 and trains again in period 2; layer 1 is parked from period 2 on.
+    parking = _trainer(out / "fsdp_park", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS,
+                       policy="park", save_steps=5)
+    parking.train()
+    results["fsdp_park"] = {"weights": parking.dist.state_dict_to_save(parking.model),
+                            "period_log": parking.controller.period_log, "parked": _parked(parking)}
+    resumed = _trainer(out / "fsdp_resumed", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS,
+                       policy="park")
+    resumed.train(resume_from_checkpoint=out / "fsdp_park" / "checkpoint-5")
+    results["fsdp_resumed"] = {"weights": resumed.dist.state_dict_to_save(resumed.model), "parked": _parked(resumed)}
+    results["one_row"] = _one_row_state_round_trip()
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
     except DistributedError as e:
         results["mismatch"] = str(e)
     torch.save(results, out / f"rank{rank}.pt")
+
+
+def _one_row_state_round_trip() -> list[tuple[str, bool]]:
+    """FusedAdamW's state of FSDP2 parameters of one row, whose shard on rank 0 has the whole parameter's shape,
+    saved and loaded: (the loaded moment's type, equal to the saved one) per parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lisa_kernels import FusedAdamW
+
+    layer = torch.nn.Linear(4, 1)
+    fully_shard(layer, mesh=init_device_mesh("cpu", (WORLD,)))
+    optimizer = FusedAdamW(layer.parameters(), lr=1e-2)
+    layer(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    optimizer.load_state_dict(saved)
+    loaded = [optimizer.state[p]["exp_avg"] for p in layer.parameters()]
+    return [(type(m).__name__, torch.equal(m, saved["state"][i]["exp_avg"])) for i, m in enumerate(loaded)]
 
 
 def _spawn(scenario, out: Path) -> None:
@@ -197,6 +235,7 @@ def test_schedule_mismatch_is_an_error_naming_both_ranks_layers(ddp):
 
 
 def _fails_on_rank1(rank: int, out: Path) -> None:
+    """Rank 1 meets bad data in the third step, after two checkpoints."""
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
     t = _trainer(out, tok, data, batch=BATCH, save_steps=1, ddp_timeout=30)
@@ -204,29 +243,54 @@ def _fails_on_rank1(rank: int, out: Path) -> None:
         micro_batch = t.micro_batch
 
         def bad_data(index):
-            if index >= 2 * ACCUM:  # the third step: after two checkpoints
+            if index >= 2 * ACCUM:
                 raise ValueError("example 17 has no tokens")
             return micro_batch(index)
 
         t.micro_batch = bad_data
+    _train_and_record_the_error(t, rank, out)
+
+
+def _fsdp_fails_on_rank1_while_saving(rank: int, out: Path) -> None:
+    """With FSDP, rank 1 runs out of memory gathering the third checkpoint, while rank 0 waits for its shards."""
+    tok = build_demo_tokenizer()
+    data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
+    t = _trainer(out, tok, data, batch=BATCH, n_active=2, save_steps=1, ddp_timeout=30, fsdp=True)
+    if rank == 1:
+        gather = t.dist._full
+
+        def out_of_memory(local, param):
+            if t.step == 3:
+                raise MemoryError("no room to gather the checkpoint")
+            return gather(local, param)
+
+        t.dist._full = out_of_memory
+    _train_and_record_the_error(t, rank, out)
+
+
+def _train_and_record_the_error(trainer, rank: int, out: Path) -> None:
     try:
-        t.train()
+        trainer.train()
     except BaseException as e:
         (out / f"rank{rank}.err").write_text(f"{type(e).__name__}: {e}")
         raise
 
 
-def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path):
+@pytest.mark.parametrize("scenario, error", [(_fails_on_rank1, "ValueError: example 17 has no tokens"),
+                                             (_fsdp_fails_on_rank1_while_saving,
+                                              "MemoryError: no room to gather the checkpoint")],
+                         ids=["bad-data", "fsdp-out-of-memory-while-saving"])
+def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, error):
     started = time.monotonic()
-    context = mp.start_processes(_rank_entry, args=(_free_port(), _fails_on_rank1, str(tmp_path)), nprocs=WORLD,
+    context = mp.start_processes(_rank_entry, args=(_free_port(), scenario, str(tmp_path)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     for p in context.processes:
         p.join(120)
     assert [p.exitcode for p in context.processes] == [1, 1]
     assert time.monotonic() - started < 60  # not the 30 s collective timeout after a hang: at once
-    assert "example 17 has no tokens" in (tmp_path / "rank1.err").read_text()
+    assert error in (tmp_path / "rank1.err").read_text()
     rank0 = (tmp_path / "rank0.err").read_text()
-    assert rank0.startswith("DistributedError") and "rank 1 failed: ValueError: example 17 has no tokens" in rank0
+    assert rank0.startswith("DistributedError") and f"rank 1 failed: {error}" in rank0
     from lisa_trainer.checkpoint import latest_checkpoint, read_checkpoint_state
 
     newest = latest_checkpoint(tmp_path)
@@ -264,18 +328,116 @@ def test_bench_workers_get_the_arguments_without_nproc():
     assert launcher(1) == [sys.executable] and launcher(2)[-2:] == ["--nproc_per_node", "2"]
 
 
+def _checkpoint_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
 def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
     out, ranks = ddp
     steps = {run: [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"] for run in ("active2", "fsdp")}
-    assert [r["loss"] for r in steps["fsdp"]] == pytest.approx([r["loss"] for r in steps["active2"]], rel=1e-6)
+    assert [r["loss"] for r in steps["fsdp"][:STEPS]] == pytest.approx([r["loss"] for r in steps["active2"]], rel=1e-6)
     # Frozen layers cost no reduce-scatter: the trainable set's gradients only, as DDP all-reduces.
-    assert [r["reduce_scatter_bytes"] for r in steps["fsdp"]] == [r["allreduce_bytes"] for r in steps["active2"]]
+    assert [r["reduce_scatter_bytes"] for r in steps["fsdp"][:STEPS]] == \
+        [r["allreduce_bytes"] for r in steps["active2"]]
+    at_ddp_end = _checkpoint_weights(out / "fsdp" / f"checkpoint-{STEPS}")  # the full weights, gathered to rank 0
     for name, w in ranks[0]["active2"]["weights"].items():  # same reduction-order tolerance as above
-        torch.testing.assert_close(ranks[0]["fsdp"]["weights"][name], w, rtol=0, atol=2e-6, msg=name)
+        torch.testing.assert_close(at_ddp_end[name], w, rtol=0, atol=2e-6, msg=name)
     # Each rank holds its shard of the moments that DDP holds in full on every rank.
     shards = [ranks[r]["fsdp"]["state_elements"] for r in range(WORLD)]
     assert sum(shards) == ranks[0]["fsdp"]["ddp_state_elements"] and max(shards) < 0.51 * sum(shards)
-    assert ranks[0]["fsdp_checkpoints"].startswith("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not")
+
+
+def _periods(out: Path) -> list[dict]:
+    return [r for r in read_log(out / "train_log.jsonl") if r["kind"] == "period"]
+
+
+def test_fsdp_update_norms_equal_ddps(ddp):
+    """Each rank measures its shards; one all-reduce per period end gives every rank the whole model's norms."""
+    out, ranks = ddp
+    ddp_periods, fsdp_periods = _periods(out / "active2"), _periods(out / "fsdp")
+    assert [p["layers"] for p in fsdp_periods] == [[1, 2], [1, 3], [2, 3]] and len(ddp_periods) == 2
+    for mine, theirs in zip(fsdp_periods, ddp_periods, strict=False):
+        assert mine["layers"] == theirs["layers"] and mine["layer_update_norms"]
+        # fp32 reduction order only (measured: <= 2.5e-7 relative); one rank's shards alone would be ~30% off.
+        assert mine["layer_update_norms"] == pytest.approx(theirs["layer_update_norms"], rel=2e-6)
+        assert mine["module_update_norms"] == pytest.approx(theirs["module_update_norms"], rel=2e-6)
+    assert ranks[1]["fsdp"]["period_log"] == ranks[0]["fsdp"]["period_log"]  # every rank has the sums
+
+
+def test_fsdp_resume_under_two_ranks_is_bit_identical(ddp):
+    """From a checkpoint in the middle of period 2 of the `park` run: the frozen layer 1's moments come back from
+    the file into each rank's bank as its own shard."""
+    out, ranks = ddp
+    for name, w in ranks[0]["fsdp_park"]["weights"].items():
+        assert torch.equal(ranks[0]["fsdp_resumed"]["weights"][name], w), name
+    assert _periods(out / "fsdp_resumed") == _periods(out / "fsdp_park")[-1:]  # the period the checkpoint cut
+    steps = {run: [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"]
+             for run in ("fsdp_park", "fsdp_resumed")}
+    assert [r["loss"] for r in steps["fsdp_resumed"]] == [r["loss"] for r in steps["fsdp_park"][-1:]]
+    for r in range(WORLD):
+        assert ranks[r]["fsdp_resumed"]["parked"] == ranks[r]["fsdp_park"]["parked"]
+
+
+def test_fsdp_checkpoints_hold_the_full_state_parked_moments_included(ddp):
+    """The same step of the `keep` and `park` runs: equal weights and optimizer state, gathered from the shards and
+    the host banks into the layout of one process."""
+    from lisa_trainer.checkpoint import read_checkpoint_state
+
+    out, ranks = ddp
+    keep, park = (read_checkpoint_state(out / run / "checkpoint-5") for run in ("fsdp", "fsdp_park"))
+    model = build_demo_model(build_demo_tokenizer(), **SMALL)
+    names = {p: n for n, p in model.named_parameters()}
+    in_order = [p for group in build_optimizer(model).param_groups for p in group["params"]]  # the state's indices
+    shapes = [p.shape for p in in_order]
+    layer1 = [i for i, p in enumerate(in_order) if ".layers.1." in names[p]]
+    assert layer1 and set(layer1) <= set(keep["optimizer"]["state"])  # trained in periods 0-1, frozen at step 5
+    assert keep["optimizer"]["state"].keys() == park["optimizer"]["state"].keys()
+    for i, saved in keep["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert saved[key].shape == shapes[i] and torch.equal(park["optimizer"]["state"][i][key], saved[key])
+    assert {n: t.shape for n, t in keep["period_start"]["snapshots"].items()} == \
+        {n: p.shape for n, p in model.named_parameters() if n in keep["period_start"]["snapshots"]}
+    weights = {run: _checkpoint_weights(out / run / "checkpoint-5") for run in ("fsdp", "fsdp_park")}
+    assert weights["fsdp"].keys() == model.state_dict().keys()
+    for name, w in weights["fsdp"].items():
+        assert torch.equal(weights["fsdp_park"][name], w), name
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
+    """A checkpoint holds the full tensors, not the shards: it resumes under any number of ranks, or none."""
+    out, ranks = ddp
+    data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
+    t = _trainer(tmp_path, tok, data, batch=BATCH * WORLD, n_active=2, max_steps=FSDP_STEPS)
+    t.train(resume_from_checkpoint=out / "fsdp" / "checkpoint-5")
+    resumed = _weights(t)
+    for name, w in ranks[0]["fsdp"]["weights"].items():  # the reduction-order tolerance of the tests above
+        torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=name)
+    (period,) = _periods(tmp_path)
+    assert period["layer_update_norms"] == pytest.approx(_periods(out / "fsdp")[-1]["layer_update_norms"], rel=2e-6)
+
+
+def test_fsdp_optimizer_state_of_a_one_row_parameter_loads_as_its_shard(ddp):
+    _, ranks = ddp
+    for r in range(WORLD):
+        assert ranks[r]["one_row"] == [("Tensor", True), ("Tensor", True)]
+
+
+def test_fsdp_parks_each_ranks_shard_and_equals_keep(ddp):
+    out, ranks = ddp
+    for name, w in ranks[0]["fsdp"]["weights"].items():
+        assert torch.equal(ranks[0]["fsdp_park"]["weights"][name], w), name
+    assert ranks[0]["fsdp_park"]["period_log"] == ranks[0]["fsdp"]["period_log"]
+    assert [r["loss"] for r in read_log(out / "fsdp_park" / "train_log.jsonl") if r["kind"] == "step"] == \
+        [r["loss"] for r in read_log(out / "fsdp" / "train_log.jsonl") if r["kind"] == "step"]
+    # Layer 1 ends parked: each rank's host bank holds its own shard of the two moments, never the whole tensor.
+    parked = [ranks[r]["fsdp_park"]["parked"] for r in range(WORLD)]
+    assert parked[0].keys() == parked[1].keys() and parked[0]
+    assert all(".layers.1." in name for name in parked[0])
+    for name, (in_bank, local, whole) in parked[0].items():
+        assert in_bank == 2 * local and local < whole, name
+        assert local + parked[1][name][1] == whole, name
 
 
 def _nccl_runs(rank: int, out: Path) -> None:

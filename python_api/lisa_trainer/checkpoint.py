@@ -143,8 +143,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None, run_id: str = "") -> Path:
-    """Write a checkpoint folder atomically; ``state`` holds the trainer's own plain counters and settings."""
+def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None, run_id: str = "",
+                    gathered: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically; ``state`` holds the trainer's own plain counters and settings.
+    ``gathered``: the full weights, optimizer state and period-start weights of a sharded model
+    (`DataParallel.gather_checkpoint`), written instead of the live objects' (which hold one rank's shards)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model
 
@@ -156,15 +159,18 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
     tmp.mkdir()
     try:
         (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "step": state.get("step")}) + "\n")
-        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
+        if gathered is None:
+            save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
+        else:
+            _save_weights(gathered["model"], tmp / MODEL_FILE)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         payload = {
             "format_version": FORMAT_VERSION,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": gathered["optimizer"] if gathered else optimizer.state_dict(),
             "controller": controller.state_dict(),
-            "period_start": controller.period_start_state(),
+            "period_start": gathered["period_start"] if gathered else controller.period_start_state(),
             "rng": capture_rng_state(),
             "trainer": state,
         }
@@ -186,6 +192,18 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _save_weights(weights: dict[str, torch.Tensor], file: Path) -> None:
+    """A state dict as safetensors; a tensor listed under several names (tied weights) is stored under the first."""
+    from safetensors.torch import save_file
+
+    seen, unique = set(), {}
+    for name, t in weights.items():
+        if t.data_ptr() not in seen or t.numel() == 0:
+            seen.add(t.data_ptr())
+            unique[name] = t.contiguous()
+    save_file(unique, str(file), metadata={"format": "pt"})
 
 
 def write_failure_reason(exc: BaseException, folder: Path) -> str:
@@ -256,19 +274,25 @@ def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, controller) -> dict:
+def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=None) -> dict:
     """Restore model, optimizer, controller and RNG states in place; returns the trainer's ``state`` dict.
+    ``sharded``: the `DataParallel` of an FSDP model, which cuts the checkpoint's full tensors to this rank's shards
+    (a checkpoint holds no shards, so it resumes under any number of ranks).
 
     Order matters: weights, then the controller (which re-enters the saved period and so knows which layers are
     frozen), then the optimizer. With the "park" policy the frozen layers' saved moments go straight into the host
     state bank (``load_state_dict(..., park="frozen")``): the full optimizer state never sits on the GPU at once.
     """
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     path = Path(path)
     payload = read_checkpoint_state(path)
-    device = next(model.parameters()).device
-    load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+    if sharded is None:
+        device = next(model.parameters()).device
+        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+    else:
+        sharded.load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
+        payload = sharded.shard_checkpoint_state(payload, model, optimizer)
     controller.load_state_dict(payload["controller"])
     controller.load_period_start_state(payload.get("period_start"))
     if getattr(controller.config, "state_policy", None) == "park":

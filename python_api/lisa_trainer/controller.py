@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lisa_kernels import FusedAdamW, HostStateBank, StateParker
+from lisa_kernels.optimizer import _local
 
 from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
 from .options import OptionError, option
@@ -386,7 +387,7 @@ class LisaController:
         if self.config.track_update_norms:
             for _, params in self._tracked():
                 for p in params:
-                    opened.snapshots[id(p)] = p.detach().to("cpu", copy=True)
+                    opened.snapshots[id(p)] = _local(p.detach()).to("cpu", copy=True)
         self._open = opened
 
     def _close_period(self, last_step: int) -> None:
@@ -394,12 +395,13 @@ class LisaController:
         if opened is None or opened.period != self._period or last_step < opened.first_step:
             return
         tracked = self.config.track_update_norms
-        norms = {}
-        for name, params in self._tracked() if tracked else ():
-            total = torch.zeros((), dtype=torch.float64)
+        groups = self._tracked() if tracked else []
+        totals = torch.zeros(len(groups), dtype=torch.float64)
+        for g, (_, params) in enumerate(groups):
             for p in params:
-                total += _sq_diff_norm(p.detach(), opened.snapshots[id(p)]).cpu()
-            norms[name] = math.sqrt(total.item())
+                totals[g] += _sq_diff_norm(_local(p.detach()), opened.snapshots[id(p)]).cpu()
+        totals = _sum_over_shards(totals, [p for _, params in groups for p in params])
+        norms = {name: math.sqrt(total) for (name, _), total in zip(groups, totals.tolist())}
         start = opened.period * self.config.interval_steps
         self.period_log.append({
             "period": opened.period,
@@ -410,6 +412,19 @@ class LisaController:
             "layer_update_norms": [norms[f"layer{i}"] for i in self._active] if tracked else None,
             "module_update_norms": {path: norms[path] for path in self.always_trainable} if tracked else None,
         })
+
+
+def _sum_over_shards(totals: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    """`totals` summed over the ranks when `params` are FSDP2 shards (each rank measured its own): one all-reduce
+    of a few numbers per period; as they are otherwise."""
+    sharded = next((p for p in params if hasattr(p, "device_mesh")), None)
+    if sharded is None:
+        return totals
+    import torch.distributed as dist
+
+    on_comm = totals.to(_local(sharded).device)  # NCCL moves device tensors only
+    dist.all_reduce(on_comm, group=sharded.device_mesh.get_group())
+    return on_comm.cpu()
 
 
 def _sq_diff_norm(current: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ do), or when the caller has already initialised a process group. Per optimizer s
   E+H+2L that is 0.67 B of 6.74 B parameters: ~10 % of the bytes DDP over the whole model would move.
 - **FSDP2** (``fsdp=True``): one ``fully_shard`` unit per decoder layer plus the root; FusedAdamW keeps moments for
   each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. The final
-  model is gathered to rank 0 and saved once. Checkpoints and update norms are not supported there yet.
+  model is gathered to rank 0 and saved once. Checkpoints hold the full (gathered) weights, optimizer state and
+  period-start weights in the format of a single process, so they resume under any number of ranks, sharded or
+  not; update norms are summed from each rank's shards (one tiny all-reduce per period).
 - **schedule**: the layer schedule is a pure function of (seed, period); at each switch one all-gather of a
   per-layer mask checks that every rank samples the same layers (a mismatch names both ranks' layers).
 - **writes**: rank 0 alone writes the log, checkpoints, the model and the plot; every rank ends with the same
@@ -87,21 +89,17 @@ class DataParallel:
         self._last_switch = None
 
     @classmethod
-    def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *, fsdp: bool = False,
-              checkpoints: bool = False) -> tuple[DataParallel | None, torch.device]:
+    def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+              fsdp: bool = False) -> tuple[DataParallel | None, torch.device]:
         """(a DataParallel, this rank's device) under a launcher with WORLD_SIZE > 1 or an initialised process
         group of more than one rank; (None, device) otherwise. Initialises the default group if needed: NCCL for
         CUDA, gloo for CPU, collective timeout ``timeout_s`` seconds. ``device`` "cuda" becomes ``cuda:LOCAL_RANK``.
-        ``fsdp`` shards the model with FSDP2 (`attach`); ``checkpoints``: the run will save or resume checkpoints
-        (not supported with FSDP yet: refused here, before any training time is spent)."""
+        ``fsdp`` shards the model with FSDP2 (`attach`)."""
         if launched_world_size() <= 1:
             if fsdp:
                 warnings.warn("fsdp shards over several ranks (start with torchrun); one process trains unsharded",
                               stacklevel=3)
             return None, device
-        if fsdp and checkpoints:
-            raise ValueError("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not supported with FSDP yet; "
-                             "train without them, or data-parallel without fsdp (checkpoints work there)")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
@@ -246,6 +244,75 @@ class DataParallel:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return self._collective("gathering the sharded model", get_model_state_dict, model, options=options)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def gather_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, controller) -> dict | None:
+        """With FSDP: what one process would checkpoint, gathered from the shards to rank 0's CPU ({"model",
+        "optimizer", "period_start"}; None on the other ranks). A collective: every rank calls it. None without
+        FSDP (each rank holds everything). Parked moments are included (`optimizer.state_dict()` reads them from
+        the host bank); one full tensor at a time is assembled, so a rank needs room for its largest parameter."""
+        if not self.fsdp:
+            return None
+        weights = self.state_dict_to_save(model)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = optimizer.state_dict()
+        state = {i: {k: self._full(v, params[i]) for k, v in entry.items()}
+                 for i, entry in sorted(saved["state"].items())}  # the same order on every rank
+        period_start = controller.period_start_state()
+        if period_start is not None:
+            by_name = dict(model.named_parameters())
+            period_start = {**period_start, "snapshots": {name: self._full(t, by_name[name]) for name, t
+                                                          in period_start["snapshots"].items()}}
+        if not self.is_main:
+            return None
+        return {"model": weights, "optimizer": {**saved, "state": state}, "period_start": period_start}
+
+    def _full(self, local, param: torch.Tensor):
+        """The whole tensor of which `local` is this rank's shard, laid out like `param` (rank 0: on the CPU)."""
+        if not (_is_sharded(param) and isinstance(local, torch.Tensor) and local.dim() > 0):
+            return local  # `step` and other scalars are the same on every rank
+        from torch.distributed.tensor import DTensor
+
+        on_device = local.to(param.to_local().device)
+        sharded = DTensor.from_local(on_device, param.device_mesh, param.placements, run_check=False,
+                                     shape=param.shape, stride=param.stride())
+        full = self._collective("gathering the checkpoint's shards", sharded.full_tensor)
+        return full.cpu() if self.is_main else None
+
+    def load_full_weights(self, model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Copy full weights (as `gather_checkpoint` saves them) into the sharded `model`: each rank keeps its
+        own shard (no communication). Every parameter and persistent buffer must be in `weights`, once (a tied
+        parameter under any of its names)."""
+        loaded = set()
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name not in weights:
+                if id(t) in loaded:
+                    continue
+                raise KeyError(f"{source}: no weights for {name!r}")
+            full = weights[name]
+            if tuple(full.shape) != tuple(t.shape):
+                raise ValueError(f"{source}: {name!r} has shape {tuple(full.shape)}, the model {tuple(t.shape)}")
+            with torch.no_grad():
+                if _is_sharded(t):
+                    t.to_local().copy_(_local_shard(full, t))
+                else:
+                    t.copy_(full)
+            loaded.add(id(t))
+
+    def shard_checkpoint_state(self, payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """A checkpoint's state (as `gather_checkpoint` saves it) with the optimizer's moments and the period-start
+        weights cut to this rank's shards, ready for the usual `load_state_dict` calls."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved_ids = [i for group in payload["optimizer"]["param_groups"] for i in group["params"]]
+        param_of = dict(zip(saved_ids, params))
+        state = {i: {k: _local_shard(v, param_of[i]) for k, v in entry.items()}
+                 for i, entry in payload["optimizer"]["state"].items()}
+        period_start = payload.get("period_start")
+        if period_start is not None:
+            by_name = dict(model.named_parameters())
+            period_start = {**period_start, "snapshots": {name: _local_shard(t, by_name[name]) for name, t
+                                                          in period_start["snapshots"].items()}}
+        return {**payload, "optimizer": {**payload["optimizer"], "state": state}, "period_start": period_start}
+
     # ------------------------------------------------------------------------------------------- failures
     def report_failure(self, error: BaseException) -> None:
         """Leave this rank's error where the other ranks look when their next collective fails."""
@@ -355,6 +422,27 @@ class GradientSync:
                         p.grad.copy_(summed.view_as(p))
         self._reset()
         return sent
+
+
+def _is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local_shard(full, like: torch.Tensor):
+    """This rank's shard of the whole tensor `full`, cut as the DTensor `like` is, where `full` is (a checkpoint's
+    CPU tensor stays on the CPU: `distribute_tensor` would first copy all of it to the GPU); a copy, so the whole
+    tensor can go. Scalars and tensors of unsharded parameters as they are. No communication."""
+    if not (_is_sharded(like) and isinstance(full, torch.Tensor) and full.dim() > 0):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    piece = full.detach()
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        piece = piece.narrow(dim, start, size)
+    return piece.clone()
 
 
 def _default_store():

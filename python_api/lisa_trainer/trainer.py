@@ -183,8 +183,7 @@ class LisaTrainer:
         self.output_dir = Path(args.output_dir)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
-        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp,
-                                                    checkpoints=args.save_steps is not None)
+        self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp)
         self.use_bf16 = args.bf16 and self.device.type == "cuda"
         if args.bf16 and not self.use_bf16:
             dtype = next(model.parameters()).dtype
@@ -194,9 +193,6 @@ class LisaTrainer:
         self.model = model if self.dist and self.dist.fsdp else model.to(self.device)
         if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
             self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
-            if self.dist.fsdp and lisa_config.track_update_norms:
-                warnings.warn("update norms are not measured on FSDP shards: track_update_norms is off", stacklevel=2)
-                self.lisa_config = lisa_config = dataclasses.replace(lisa_config, track_update_norms=False)
         if args.gradient_checkpointing:
             # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -368,6 +364,8 @@ class LisaTrainer:
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.step)
         self._check_weights_finite(path)  # every rank: the weights are the same everywhere
+        # FSDP: the shards gathered into what one process would save (every rank takes part); None otherwise.
+        gathered = self.dist.gather_checkpoint(self.model, self.optimizer, self.controller) if self.dist else None
         if self.dist and not self.dist.is_main:  # the ranks' states are identical: rank 0 writes, the others wait
             self.dist.barrier(f"writing {path}")
             return path
@@ -379,6 +377,7 @@ class LisaTrainer:
             state=self._trainer_state(),
             tokenizer=self.tokenizer,
             run_id=self.run_id,
+            gathered=gathered,
         )
         prune_checkpoints(self.output_dir, self.args.save_total_limit, self.run_id)
         if self.dist:
@@ -396,10 +395,9 @@ class LisaTrainer:
 
     def resume(self, checkpoint: str | Path) -> int:
         """Load a checkpoint folder; returns the step training continues from."""
-        if self.dist and self.dist.fsdp:
-            raise CheckpointError("fsdp: resuming from a checkpoint is not supported with FSDP yet")
         try:
-            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller)
+            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller,
+                                    sharded=self.dist if self.dist and self.dist.fsdp else None)
         except SafetensorError as e:
             raise CheckpointError(f"{Path(checkpoint) / MODEL_FILE}: damaged or truncated ({e})") from e
         except CheckpointError:
