@@ -95,6 +95,9 @@ def _scenarios(rank: int, out: Path) -> None:
     results["fsdp"] = {"weights": sharded.dist.state_dict_to_save(sharded.model),
                        "state_elements": sum(t.numel() for st in sharded.optimizer.state.values()
                                              for t in st.values() if t.dim() > 0),
+                       # row-sparse embedding state: each rank holds the touched rows of its own shard
+                       "sparse_row_state_elements": sum(t.numel() for st in sharded.optimizer.state.values()
+                                                        if "rows" in st for t in st.values() if t.dim() > 0),
                        "ddp_state_elements": sum(t.numel() for st in t_ddp_state.values() for t in st.values()
                                                  if t.dim() > 0)}
     try:
@@ -273,8 +276,11 @@ def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
     for name, w in ranks[0]["active2"]["weights"].items():  # same reduction-order tolerance as above
         torch.testing.assert_close(ranks[0]["fsdp"]["weights"][name], w, rtol=0, atol=2e-6, msg=name)
     # Each rank holds its shard of the moments that DDP holds in full on every rank.
+    # The input embedding's row-sparse state splits as the touched rows fall in the shards; the rest evenly.
     shards = [ranks[r]["fsdp"]["state_elements"] for r in range(WORLD)]
-    assert sum(shards) == ranks[0]["fsdp"]["ddp_state_elements"] and max(shards) < 0.51 * sum(shards)
+    dense = [shard - ranks[r]["fsdp"]["sparse_row_state_elements"] for r, shard in enumerate(shards)]
+    assert sum(shards) == ranks[0]["fsdp"]["ddp_state_elements"] and max(dense) < 0.51 * sum(dense)
+    assert all(ranks[r]["fsdp"]["sparse_row_state_elements"] > 0 for r in range(WORLD))
     assert ranks[0]["fsdp_checkpoints"].startswith("fsdp: checkpoints (save_steps, resume_from_checkpoint) are not")
 
 

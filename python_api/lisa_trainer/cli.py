@@ -50,6 +50,7 @@ FLAG_OF_FIELD = {
     "sampling": "--lisa_sampling",
     "state_policy": "--lisa_state_policy",
     "prefetch_steps": "--lisa_prefetch_steps",
+    "embedding_state_dtype": "--lisa_embedding_state_dtype",
     "seed": "--seed",
 }
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lisa_layer_weights", help="importance weights per layer: 'auto' (estimated during the run from update norms), a comma list, JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean update norms)")
     g.add_argument("--lisa_sampling", default="uniform", choices=("uniform", "balanced"), help="uniform: independent draws each period (the paper); balanced: every layer trains equally often over each cycle")
     g.add_argument("--lisa_prefetch_steps", type=int, default=1, help="bring the next period's parked state back this many steps early")
+    g.add_argument("--lisa_embedding_state_dtype", choices=("float32", "bfloat16"), help="dtype of the embedding's and head's AdamW moments (default: as the other layers)")
 
     g = p.add_argument_group("optimization")
     g.add_argument("--learning_rate", type=_positive_float, help="peak learning rate (demo 1e-3, else 5e-5)")
@@ -325,6 +327,7 @@ def _lisa_config(args, values, weights):
             sampling=args.lisa_sampling,
             state_policy=args.lisa_state_policy,
             prefetch_steps=args.lisa_prefetch_steps,
+            embedding_state_dtype=args.lisa_embedding_state_dtype,
         )
     except ValueError as e:
         raise CliError(_name_flags(str(e))) from None

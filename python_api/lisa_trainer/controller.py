@@ -12,6 +12,7 @@ it is sampled; the schedule is a pure function of (seed, period), so ranks and r
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights
 __all__ = ["LisaConfig", "LisaController", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("park", "reset", "keep")
+EMBEDDING_STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 _STATE_DICT_FORMAT = 1
 # Update norms are computed on the parameter's device in chunks of this many elements, so a 128k x 4096 embedding
 # needs a 64 MiB fp32 temporary, not 2 GiB.
@@ -57,6 +60,13 @@ class LisaConfig:
         trained in every period; None means all three roles; () means none.
     track_update_norms: record per-layer weight-update norms in `period_log` (costs one device-to-host copy of
         the period's trained weights at its start; False still logs the layers of each period).
+    embedding_state_dtype: dtype of the AdamW moments of the input embedding and the output head, which train in
+        every period: None (as every other parameter: fp32, or the parameter's dtype for fp32/fp64 parameters),
+        "float32" or "bfloat16" (half their moment bytes; the decoder layers keep theirs; quality effect measured
+        in the README's Quality section).
+    sparse_embedding_state: keep the input embedding's AdamW moments only for the rows (tokens) that have had a
+        gradient, bit-identical to dense AdamW (`lisa_kernels.sparse_rows`); not used for an embedding tied to the
+        head, whose gradient is dense (`build_optimizer` logs which path it took).
     """
 
     n_active_layers: int = 2
@@ -69,6 +79,8 @@ class LisaConfig:
     prefetch_steps: int = 1
     always_trainable: Sequence[str] | None = None
     track_update_norms: bool = True
+    embedding_state_dtype: str | None = None
+    sparse_embedding_state: bool = True
 
     def __post_init__(self):
         if not _is_int(self.n_active_layers) or self.n_active_layers < 1:
@@ -117,6 +129,11 @@ class LisaConfig:
             self.always_trainable = tuple(self.always_trainable)
         if not isinstance(self.track_update_norms, bool):
             raise ValueError(f"LisaConfig.track_update_norms must be a bool, got {self.track_update_norms!r}")
+        if self.embedding_state_dtype not in EMBEDDING_STATE_DTYPES:
+            raise ValueError(f"LisaConfig.embedding_state_dtype must be one of {list(EMBEDDING_STATE_DTYPES)}, got "
+                             f"{self.embedding_state_dtype!r}")
+        if not isinstance(self.sparse_embedding_state, bool):
+            raise ValueError(f"LisaConfig.sparse_embedding_state must be a bool, got {self.sparse_embedding_state!r}")
         if self.sampling not in SAMPLING_MODES:
             raise ValueError(f"LisaConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.sampling == "balanced" and self.layer_weights is not None:
@@ -435,15 +452,39 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
     Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
     a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
     only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`.
+    The input embedding and the output head get a group each, with `cfg.embedding_state_dtype` moments; the
+    input embedding's moments are row-sparse (`cfg.sparse_embedding_state`, exact) unless the head is tied to it.
     `cfg` with state_policy="park" gives the optimizer its host state bank (otherwise none is created).
     """
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     if cfg is not None and cfg.state_policy == "park":
         adamw_kwargs.setdefault("state_bank", HostStateBank())
+    cfg = cfg if cfg is not None else LisaConfig()
+    embedding, head = _embedding_weight(model, "get_input_embeddings"), _embedding_weight(model, "get_output_embeddings")
+    tied = embedding is not None and head is embedding
+    sparse = cfg.sparse_embedding_state and embedding is not None and not tied
+    if embedding is not None:
+        logger.info("input embedding %s: %s AdamW state%s", tuple(embedding.shape), "row-sparse" if sparse else "dense",
+                    " (tied to the output head, whose gradient is dense)" if tied else "")
+    # None leaves the optimizer's own state_dtype (a build_optimizer keyword) to these groups too.
+    lean = {} if cfg.embedding_state_dtype is None else {"state_dtype": EMBEDDING_STATE_DTYPES[cfg.embedding_state_dtype]}
+    own_group = [p for p in (embedding, head) if p is not None]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not any(p is q for q in own_group):
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if embedding is not None:
+        groups.append({"params": [embedding], "weight_decay": weight_decay, "sparse_rows": sparse, **lean})
+    if head is not None and not tied:
+        groups.append({"params": [head], "weight_decay": weight_decay, **lean})
     return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+
+
+def _embedding_weight(model: nn.Module, getter: str) -> nn.Parameter | None:
+    """The weight of `model.get_input_embeddings()` / `get_output_embeddings()`, if the model has one."""
+    module = getattr(model, getter, lambda: None)()
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None
