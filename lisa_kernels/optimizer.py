@@ -167,11 +167,11 @@ class FusedAdamW(torch.optim.AdamW):
                     raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
                 state = self._state_for_step(p, group)
                 param, grad = _local(p), _local(p.grad)
-                if group["sparse_rows"]:
-                    decay = 1 - h.lr * h.weight_decay
-                    whole, (param, grad) = param, sparse_rows.gather(state, param, grad, decay,
-                                                                     self.stochastic_rounding)
-                    stepped_rows.append((state, whole, param))
+                if group["sparse_rows"]:  # the rows with state step like any tensor; scattered back below
+                    param_rows, grad = sparse_rows.gather(state, param, grad, 1 - h.lr * h.weight_decay,
+                                                          self.stochastic_rounding)
+                    stepped_rows.append((state, param, param_rows))
+                    param = param_rows
                 rows.append((param, grad, state["exp_avg"], state["exp_avg_sq"],
                              state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
                 names.append((group_index, param_index))
