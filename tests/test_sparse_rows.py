@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from lisa_kernels import FusedAdamW, StateParker
+from lisa_kernels import FusedAdamW, StateParker, sparse_rows
 from lisa_kernels.state_parking import ParkedState
 from lisa_trainer import LisaConfig, build_optimizer
 
@@ -135,12 +135,27 @@ def test_sparse_rows_park_and_restore():
     parker.park(weight)
     state = opt.state[weight]
     assert all(isinstance(state[key], ParkedState) for key in ("rows", "exp_avg", "exp_avg_sq"))
-    parked_dict = opt.state_dict()["state"][0]  # checkpoints read parked entries back
-    assert parked_dict["rows"].tolist() == [1, 5, 7, 20]
-    for g in gradients()[3:]:  # the step restores the state of a param with a gradient
-        weight.grad = g.clone()
-        opt.step()
-    assert torch.equal(weight, expected)
+    saved = opt.state_dict()  # checkpoints read parked entries back
+    assert saved["state"][0]["rows"].tolist() == [1, 5, 7, 20]
+    # Loaded straight into the bank, the index and moments come back at the first step, as they were.
+    reloaded_w = torch.nn.Parameter(weight.detach().clone())
+    reloaded = FusedAdamW([reloaded_w], lr=0.05, sparse_rows=True, **kwargs)
+    reloaded.load_state_dict(saved, park="all")
+    assert reloaded.state_parker.is_parked(reloaded_w)
+    for w, o in ((weight, opt), (reloaded_w, reloaded)):
+        for g in gradients()[3:]:  # the step restores the state of a param with a gradient
+            w.grad = g.clone()
+            o.step()
+        assert torch.equal(w, expected)
+        assert o.state[w]["rows"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_touched_rows_counts_any_nonzero_element(dtype):
+    """A subnormal or NaN element makes a row touched; -0.0 moves nothing in dense AdamW, so it does not."""
+    g = torch.zeros(6, 5, dtype=dtype)
+    g[1, 2], g[3, 0], g[4, 4], g[5, 1] = torch.finfo(dtype).tiny / 4, float("nan"), -0.0, float("-inf")
+    assert sparse_rows.touched_rows(g).tolist() == [1, 3, 5]
 
 
 def test_sparse_rows_refuses_scalars_and_bad_values():
