@@ -10,6 +10,10 @@ So only the rows that have had a nonzero gradient keep moments, a fine-tuning se
 - rows with state are gathered, stepped by the same AdamW path as every other tensor, and written back;
 - rows without state get the weight decay alone, computed as every path computes it (fp32 product, one rounding).
 
+The Triton kernel and the foreach path compute each element alike wherever it sits, so they are exact for any row
+width; torch's fused CPU kernel uses FMA in its vector lanes and not in its scalar tail (the last numel % 16
+elements), so it is exact where rows are a multiple of 16 elements (every LLM hidden size).
+
 A row that enters with zero moments and a zero gradient steps exactly like a row without state, so taking too
 many rows (a gradient that underflows to zero after unscaling) is still exact; only a row left out would not be.
 
