@@ -166,7 +166,8 @@ def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
 
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
                          state_policy=method.removeprefix("lisa-").removesuffix("-torch"),
-                         track_update_norms=args.track_update_norms, prefetch_steps=args.prefetch_steps)
+                         track_update_norms=args.track_update_norms, prefetch_steps=args.prefetch_steps,
+                         **getattr(args, "lisa_config", {}))
         if method.endswith("-torch"):
             optimizer = torch_adamw(model.parameters(), args, device)
         else:

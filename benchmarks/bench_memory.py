@@ -42,6 +42,15 @@ grouped k/v directly. Not counted: a layer's backward temporaries (a few batch x
 the CUDA context, allocator fragmentation. "total" adds the peak device state (after the optimizer step, all
 gradients alive) to the activation peak, so it is an upper bound of what the two add up to at any one time.
 
+Row-sparse embedding state keeps moments for the rows (tokens) the data touches, which is data-dependent: meta
+tensors have no data, so on meta a run is assumed to touch `--touched-rows` of the vocabulary (default 5%) from its
+first step on, and no more later (the state of the final set, counted from the start: an upper bound at each step).
+5% is an assumption, not a count: an instruction-tuning set in one language uses a few thousand distinct tokens of
+Llama-3's 128,256 (5% = 6,413 rows; Llama-2's 32,000: 1,600), and the data shipped with the package cannot be run
+through those tokenizers without a download. On real tensors (the tests' CPU runs) the batch touches exactly that
+many rows, so the two agree. The LISA variants other than the row-sparse ones keep dense embedding state, so each
+saving is listed on its own.
+
 Variants are one entry each in VARIANTS: a bench_finetune method plus FusedAdamW arguments, so a new optimizer option
 (e.g. a per-group state dtype or a row-sparse embedding state) is measured by adding one line.
 
@@ -51,6 +60,8 @@ Variants are one entry each in VARIANTS: a bench_finetune method plus FusedAdamW
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,7 +72,7 @@ import torch
 
 from benchmarks.bench_finetune import SHAPES, build_model, device_state_breakdown, setup_method
 from benchmarks.common import environment, print_table, results_path, write_results
-from lisa_kernels import HostStateBank
+from lisa_kernels import HostStateBank, sparse_rows
 
 GB = 1e9
 DTYPE = torch.bfloat16
@@ -98,6 +109,19 @@ VARIANTS = {
                                      note="ours, park, LisaConfig(prefetch_steps=0): the switch waits for the copy"),
     "lisa-park-bf16-moments-no-prefetch": Variant("lisa-park", {"state_dtype": torch.bfloat16},
                                                   {"prefetch_steps": 0}, note="both of the above"),
+    "lisa-park-sparse-embedding": Variant("lisa-park", settings={"lisa_config": {"sparse_embedding_state": True}},
+                                          note="ours, park, row-sparse input-embedding moments (the build_optimizer "
+                                               "default; touched rows assumed, see --touched-rows)"),
+    "lisa-park-bf16-embedding-head": Variant("lisa-park", settings={"lisa_config": {"embedding_state_dtype": "bfloat16"}},
+                                             note="ours, park, LisaConfig(embedding_state_dtype='bfloat16'): bf16 "
+                                                  "moments for embedding and head, fp32 for decoder layers"),
+    "lisa-park-sparse-bf16-embedding-head": Variant(
+        "lisa-park", settings={"lisa_config": {"sparse_embedding_state": True, "embedding_state_dtype": "bfloat16"}},
+        note="both of the above"),
+    "lisa-park-sparse-bf16-moments-no-prefetch": Variant(
+        "lisa-park", {"state_dtype": torch.bfloat16},
+        {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True}},
+        note="every saving: row-sparse embedding, bf16 moments everywhere, no prefetch"),
 }
 # Methods whose trainable set never changes allocate nothing new after their first step: one period is measured.
 STATIC_METHODS = ("full", "lora")
@@ -192,7 +216,39 @@ def bench_args(shape: str, variant: Variant, args) -> SimpleNamespace:
     return SimpleNamespace(**{
         "lr": 1e-4, "weight_decay": 0.0, "lora_rank": args.lora_rank or SHAPES[shape]["lora_rank"],
         "n_active": args.n_active, "interval": args.interval, "seed": args.seed, "prefetch_steps": 1,
-        "track_update_norms": False, "steps": args.periods * args.interval, **variant.settings})
+        "track_update_norms": False, "steps": args.periods * args.interval, **variant.settings,
+        # Dense embedding state unless the variant asks for row-sparse state, so each saving is listed on its own.
+        "lisa_config": {"sparse_embedding_state": False, **variant.settings.get("lisa_config", {})}})
+
+
+def touched_row_count(shape: str, args) -> int:
+    return math.ceil(args.touched_rows * SHAPES[shape]["config"]["vocab_size"])
+
+
+@contextlib.contextmanager
+def assumed_touched_rows(count: int):
+    """On meta, row-sparse embedding state gets `count` rows at its first step and none later (see the module
+    docstring); real tensors run the package's own code."""
+    touched, add = sparse_rows.touched_rows, sparse_rows.add_rows
+
+    def touched_rows(grad):
+        if grad.device.type != "meta":
+            return touched(grad)
+        return torch.empty(count, dtype=torch.int64, device="meta")
+
+    def add_rows(state, rows):
+        if rows.device.type != "meta":
+            return add(state, rows)
+        if state[sparse_rows.ROWS].numel() == 0:
+            for key, value in list(state.items()):
+                if key != "step":
+                    state[key] = value.new_empty((rows.numel(), *value.shape[1:]))
+
+    sparse_rows.touched_rows, sparse_rows.add_rows = touched_rows, add_rows
+    try:
+        yield
+    finally:
+        sparse_rows.touched_rows, sparse_rows.add_rows = touched, add
 
 
 def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
@@ -206,30 +262,33 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
     model, optimizer, controller = setup_method(variant.method, model, setup, device, **kwargs)
     batch = None
     if device.type != "meta":
-        batch = torch.randint(0, SHAPES[shape]["config"]["vocab_size"], (1, 16),
-                              generator=torch.Generator().manual_seed(args.seed)).to(device)
+        # Tokens 0..n-1, then token 0 again: every position but the last has a next-token label, so exactly n rows
+        # of the input embedding get a gradient, the count the meta run assumes.
+        n = touched_row_count(shape, args)
+        batch = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])[None].to(device)
 
     per_period = {key: [] for key in (*STATE_KEYS, "host", "layers_sampled")}
     peak, sampled = None, set()
-    for period in range(1 if variant.method in STATIC_METHODS else args.periods):
-        first = period * args.interval
-        for step in sorted({first, first + args.interval - 1}):
-            if controller is not None:
-                controller.on_step_begin(step)
-                sampled.update(controller.active_layers)
-            make_gradients(model, device, batch)
-            optimizer.step()
-            now = device_state_breakdown(model, optimizer, device)
-            now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
-            if peak is None or sum(now.values()) > sum(peak.values()):
-                peak = now
-            optimizer.zero_grad(set_to_none=True)
-            if controller is not None:
-                controller.on_step_end(step)
-        for key in STATE_KEYS:
-            per_period[key].append(now[key])
-        per_period["host"].append(bank.bytes_held if bank is not None else 0)
-        per_period["layers_sampled"].append(len(sampled))
+    with assumed_touched_rows(touched_row_count(shape, args)):
+        for period in range(1 if variant.method in STATIC_METHODS else args.periods):
+            first = period * args.interval
+            for step in sorted({first, first + args.interval - 1}):
+                if controller is not None:
+                    controller.on_step_begin(step)
+                    sampled.update(controller.active_layers)
+                make_gradients(model, device, batch)
+                optimizer.step()
+                now = device_state_breakdown(model, optimizer, device)
+                now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
+                if peak is None or sum(now.values()) > sum(peak.values()):
+                    peak = now
+                optimizer.zero_grad(set_to_none=True)
+                if controller is not None:
+                    controller.on_step_end(step)
+            for key in STATE_KEYS:
+                per_period[key].append(now[key])
+            per_period["host"].append(bank.bytes_held if bank is not None else 0)
+            per_period["layers_sampled"].append(len(sampled))
 
     result = {
         "variant_method": variant.method,
@@ -433,6 +492,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=1024, help="for the activation estimate")
     p.add_argument("--batch-size", type=int, default=1, help="for the activation estimate")
     p.add_argument("--loss-chunk", type=int, default=256, help="tokens per chunk of a chunked LM-head loss")
+    p.add_argument("--touched-rows", type=float, default=0.05,
+                   help="fraction of the vocabulary whose embedding rows get a gradient (row-sparse state; assumed)")
     p.add_argument("--target-gb", type=float, default=20.0, help="the budget the lean LISA total is judged against")
     p.add_argument("--name", default="memory", help="results name")
     p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
@@ -447,6 +508,8 @@ def parse_args(argv=None):
     for flag in ("periods", "n_active", "interval", "seq_len", "batch_size", "loss_chunk"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 < args.touched_rows <= 1:
+        p.error(f"--touched-rows must be in (0, 1], got {args.touched_rows}")
     return args
 
 
@@ -469,6 +532,7 @@ def main(argv=None) -> int:
                 "measurement; activations estimated as the module docstring states",
         "config": dict(periods=args.periods, n_active=args.n_active, interval=args.interval, seed=args.seed,
                        seq_len=args.seq_len, batch_size=args.batch_size, loss_chunk=args.loss_chunk,
+                       touched_rows=args.touched_rows,
                        dtype=str(DTYPE).removeprefix("torch."), gradient_checkpointing=True,
                        target_gb=args.target_gb, gb=GB,
                        shapes={s: SHAPES[s]["config"] for s in args.shapes},

@@ -2,11 +2,13 @@
 
 import torch
 
+from . import sparse_rows
 from .adamw import AdamWHyperparameters, _skip_step, bucket_tensors, update_buckets
 from .state_parking import StateParker
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -32,7 +34,15 @@ class FusedAdamW(torch.optim.AdamW):
       a LISA optimizer built over the whole model holds state only for the layers that have trained;
     - on CUDA one Triton launch per (param, grad, state) dtype combination covers every active tensor of every
       group; on CPU torch's fused CPU kernel does the work (see `lisa_kernels.adamw` for the paths);
-    - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`;
+    - moments are fp32 for bf16/fp16 params by default (what torch's fused AdamW cannot do), or `state_dtype`
+      (None, torch.float32 or torch.bfloat16), for all groups or per group (a param-group key of that name, e.g.
+      bf16 moments for the embedding and head, fp32 for the decoder layers);
+    - `sparse_rows=True` (for all groups, or a param-group key) keeps moments only for the rows (dim 0) that have
+      ever had a nonzero gradient: an input embedding's state shrinks to the tokens the data uses, with results
+      bit-identical to dense AdamW (see `lisa_kernels.sparse_rows`; not worth it for a head, whose gradient is
+      dense). `state_dict` saves that state in its compact form ("rows" + moments of those rows), which
+      FusedAdamW loads back exactly; FusedAdamW also loads torch.optim.AdamW's dense state into it, and a group
+      without `sparse_rows` expands compact state to dense at its next step;
     - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
     - a `StateParker` (`optimizer.state_parker`) moves frozen params' moments to and from a HostStateBank
       (`state_bank`, or a default one created on first use); see `state_parking.py`. It keeps moments in
@@ -50,16 +60,17 @@ class FusedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-                 state_dtype=None, stochastic_rounding=False, state_bank=None, triton_on_cpu=False):
+                 state_dtype=None, sparse_rows=False, stochastic_rounding=False, state_bank=None,
+                 triton_on_cpu=False):
         if capturable:
             raise ValueError("FusedAdamW does not support capturable=True; use torch.optim.AdamW for CUDA graphs")
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True; use torch.optim.AdamW")
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (use None, torch.float32 or torch.bfloat16)")
+        # Before torch's __init__: add_param_group gives every group these two as defaults.
+        self.state_dtype = state_dtype
+        self.sparse_rows = sparse_rows
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          fused=fused)
-        self.state_dtype = state_dtype
         self.triton_on_cpu = triton_on_cpu
         self.stochastic_rounding = stochastic_rounding
         # GradScaler hands us grad_scale / found_inf instead of unscaling the grads itself.
@@ -68,34 +79,68 @@ class FusedAdamW(torch.optim.AdamW):
 
     def __getstate__(self):
         # torch.optim keeps defaults, state (a parked entry pickles as its tensor) and param_groups; our options too.
-        return {**super().__getstate__(), "state_dtype": self.state_dtype,
+        return {**super().__getstate__(), "state_dtype": self.state_dtype, "sparse_rows": self.sparse_rows,
                 "stochastic_rounding": self.stochastic_rounding, "triton_on_cpu": self.triton_on_cpu,
                 "_step_supports_amp_scaling": True}
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._fill_group_options()
         if "state_parker" not in self.__dict__:  # a copy or an unpickled one (torch's load_state_dict comes here too)
             StateParker(self, state_dtype=self.moment_dtype)
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("state_dtype", self.state_dtype)
+        param_group.setdefault("sparse_rows", self.sparse_rows)
+        if param_group["state_dtype"] not in _STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {param_group['state_dtype']} (use None, torch.float32 or "
+                             f"torch.bfloat16)")
+        if not isinstance(param_group["sparse_rows"], bool):
+            raise ValueError(f"Invalid sparse_rows: {param_group['sparse_rows']!r} (use True or False)")
+        params = param_group["params"]
+        if param_group["sparse_rows"] and any(p.dim() == 0 for p in ([params] if torch.is_tensor(params) else params)):
+            raise ValueError("sparse_rows=True needs parameters with rows (at least one dimension)")
+        super().add_param_group(param_group)
+
+    def _fill_group_options(self) -> None:
+        """Groups unpickled from an older FusedAdamW lack our options."""
+        for group in self.param_groups:
+            group.setdefault("state_dtype", self.state_dtype)
+            group.setdefault("sparse_rows", self.sparse_rows)
 
     @property
     def state_bank(self):
         """The HostStateBank this optimizer's state parker uses (created on first access when none was given)."""
         return self.state_parker.bank
 
-    def moment_dtype(self, param: torch.Tensor) -> torch.dtype:
-        if self.state_dtype is not None:
-            return self.state_dtype
+    def _group_of(self, param: torch.Tensor) -> dict | None:
+        return next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+
+    def moment_dtype(self, param: torch.Tensor, group: dict | None = None) -> torch.dtype:
+        """The dtype of `param`'s moments: its group's `state_dtype`, else fp32 for bf16/fp16 params, else the
+        param's own."""
+        group = group if group is not None else self._group_of(param)
+        state_dtype = group["state_dtype"] if group is not None else self.state_dtype
+        if state_dtype is not None:
+            return state_dtype
         return torch.float32 if param.dtype in _HALF_DTYPES else param.dtype
 
-    def _state_for_step(self, param: torch.Tensor, amsgrad: bool) -> dict:
+    def _state_for_step(self, param: torch.Tensor, group: dict) -> dict:
         state = self.state[param]
+        local = _local(param)
         if "step" not in state:
-            local = _local(param)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            # The param's layout (channels_last, transposed), so the kernel walks all of them in the same order.
-            state["exp_avg"] = torch.zeros_like(local, dtype=self.moment_dtype(param))
-            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        if amsgrad and "max_exp_avg_sq" not in state:
+            if group["sparse_rows"]:
+                state.update(sparse_rows.empty_state(local, self.moment_dtype(param, group)))
+            else:
+                # The param's layout (channels_last, transposed), so the kernel walks all of them in the same order.
+                state["exp_avg"] = torch.zeros_like(local, dtype=self.moment_dtype(param, group))
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        elif group["sparse_rows"] and sparse_rows.ROWS not in state:
+            sparse_rows.compact(state)
+        elif not group["sparse_rows"] and sparse_rows.ROWS in state:
+            sparse_rows.expand(state, local)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         return state
 
@@ -108,7 +153,7 @@ class FusedAdamW(torch.optim.AdamW):
         if _skip_step(getattr(self, "found_inf", None)):
             return loss
 
-        rows, names = [], []
+        rows, names, stepped_rows = [], [], []
         for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = (float(b) for b in group["betas"])
             h = AdamWHyperparameters(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
@@ -120,14 +165,22 @@ class FusedAdamW(torch.optim.AdamW):
                     raise RuntimeError("FusedAdamW does not support sparse gradients")
                 if p.is_complex():
                     raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
-                state = self._state_for_step(p, group["amsgrad"])
-                rows.append((_local(p), _local(p.grad), state["exp_avg"], state["exp_avg_sq"],
+                state = self._state_for_step(p, group)
+                param, grad = _local(p), _local(p.grad)
+                if group["sparse_rows"]:  # the rows with state step like any tensor; scattered back below
+                    param_rows, grad = sparse_rows.gather(state, param, grad, 1 - h.lr * h.weight_decay,
+                                                          self.stochastic_rounding)
+                    stepped_rows.append((state, param, param_rows))
+                    param = param_rows
+                rows.append((param, grad, state["exp_avg"], state["exp_avg_sq"],
                              state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
                 names.append((group_index, param_index))
         buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*names[i]))
         update_buckets(buckets, fused=self.defaults["fused"], foreach=self.defaults["foreach"],
                        triton_on_cpu=self.triton_on_cpu, grad_scale=getattr(self, "grad_scale", None),
                        stochastic_rounding=self.stochastic_rounding)
+        for state, param, stepped in stepped_rows:
+            sparse_rows.scatter(state, param, stepped)
         return loss
 
     def load_state_dict(self, state_dict: dict, *, park: str | None = None) -> None:
@@ -137,7 +190,13 @@ class FusedAdamW(torch.optim.AdamW):
 
         torch casts loaded moments to the param dtype; ours keep `moment_dtype` (fp32 for bf16 params), so they are
         re-read from the saved values, and `step` stays a CPU scalar since bias corrections are computed on the host.
+        Sparse-row indices (torch casts them to the param dtype too) are re-read as int64. Groups saved without
+        `state_dtype` / `sparse_rows` (torch.optim.AdamW) keep the ones they have.
         """
+        # A torch.optim.AdamW checkpoint has no state_dtype / sparse_rows: each group keeps its own.
+        groups = [{"state_dtype": group["state_dtype"], "sparse_rows": group["sparse_rows"], **saved}
+                  for group, saved in zip(self.param_groups, state_dict["param_groups"])]
+        state_dict = {**state_dict, "param_groups": groups + state_dict["param_groups"][len(groups):]}
         parker = self.state_parker
         default = parker.park_on_load
         parker.park_on_load = park or default
@@ -153,6 +212,8 @@ class FusedAdamW(torch.optim.AdamW):
                 continue
             state = self.state[p]
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            if sparse_rows.ROWS in saved and not parker.is_parked(p):
+                state[sparse_rows.ROWS] = saved[sparse_rows.ROWS].to(device=_local(p).device, dtype=torch.int64)
             for key in _MOMENT_KEYS:
                 if key in saved and not parker.is_parked(p):
                     state[key] = _moment_like(_local(p), saved[key], self.moment_dtype(p))

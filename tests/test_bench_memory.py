@@ -50,6 +50,21 @@ def test_keep_creeps_and_park_stays_flat(runs):
     assert per["lisa-park-bf16-moments"]["host"][-1] * 2 == per["lisa-park"]["host"][-1]
 
 
+def test_row_sparse_embedding_and_lean_embedding_head_moments(runs):
+    """Row-sparse state keeps fp32 moments (+ an int64 index) for the touched rows only; bf16 embedding/head moments
+    halve those two tensors' moments and leave the decoder layers' alone."""
+    cfg = bench_memory.SHAPES["tiny"]["config"]
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    touched = bench_memory.touched_row_count("tiny", ARGS)
+    assert touched == 52  # 5% of 1024, rounded up
+    state = {name: r["per_period"]["optimizer_state"][0] for name, r in runs["meta"].items()}
+    row_moments = hidden * 4 * 2
+    assert state["lisa-park"] - state["lisa-park-sparse-embedding"] == (vocab - touched) * row_moments - touched * 8
+    assert state["lisa-park"] - state["lisa-park-bf16-embedding-head"] == 2 * vocab * row_moments // 2
+    assert (state["lisa-park"] - state["lisa-park-sparse-bf16-embedding-head"]
+            == (vocab - touched) * row_moments - touched * 8 + vocab * row_moments // 2 + touched * row_moments // 2)
+
+
 def test_prefetch_holds_the_incoming_layers_parked_moments(runs):
     """At a period's last step, the next period's incoming layers that have parked state are on the device
     (fp32 moments, two per parameter); without prefetch nothing is."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import common
+from benchmarks.bench_finetune import SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,10 +109,15 @@ def test_finetune_memory_figures_tell_the_state_policies_apart(finetune_tiny):
     by = {r["method"]: r for r in finetune_tiny[0]["results"]}
     state = {m: by[m]["device_state_gb"] for m in METHODS if by[m]["status"] == "ok"}
     assert state["lisa-park"] == pytest.approx(state["lisa-reset"])
-    assert state["lisa-park-torch"] == pytest.approx(state["lisa-park"])  # torch AdamW parks like FusedAdamW
+    # torch AdamW parks like FusedAdamW (the same host bytes); it holds dense embedding state, ours moments for the
+    # touched rows only (build_optimizer's default), so on the device the two differ by part of the embedding's
+    # fp32 moments.
+    cfg = SHAPES["tiny"]["config"]
+    embedding_moments_gb = cfg["vocab_size"] * cfg["hidden_size"] * 4 * 2 / 1e9
+    for torch_adamw, ours in (("lisa-park-torch", "lisa-park"), ("lisa-public", "lisa-keep")):
+        assert 0 < state[torch_adamw] - state[ours] < embedding_moments_gb
     assert by["lisa-park-torch"]["host_state_gb"] == pytest.approx(by["lisa-park"]["host_state_gb"])
     assert state["lisa-park"] < state["lisa-keep"] < state["full"]
-    assert state["lisa-public"] == pytest.approx(state["lisa-keep"])  # same layers, fp32 state in both on CPU
     assert by["lisa-park"]["host_state_gb"] > 0 and by["lisa-keep"]["host_state_gb"] is None
     # Only the active set is trainable at the end; the public style and ours train the same parameters.
     assert by["lisa-park"]["trainable_params"] < by["full"]["trainable_params"]

@@ -126,10 +126,12 @@ def test_build_optimizer_holds_every_parameter_with_no_decay_group():
     assert isinstance(opt, FusedAdamW)
     held = [p for g in opt.param_groups for p in g["params"]]
     assert {id(p) for p in held} == {id(p) for p in model.parameters()} and len(held) == len(set(map(id, held)))
-    decay, no_decay = opt.param_groups
+    decay, no_decay, embedding, head = opt.param_groups
     assert decay["weight_decay"] == 0.05 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert decay["lr"] == 3e-4 and decay["betas"] == (0.9, 0.95)
+    assert embedding["params"][0] is model.get_input_embeddings().weight and embedding["weight_decay"] == 0.05
+    assert head["params"][0] is model.get_output_embeddings().weight and head["weight_decay"] == 0.05
 
 
 # ------------------------------------------------------------------------------------------------------ the switch

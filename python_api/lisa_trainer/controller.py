@@ -12,6 +12,7 @@ it is sampled; the schedule is a pure function of (seed, period), so ranks and r
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,12 @@ from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_dec
 from .options import OptionError, option
 from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
 
-__all__ = ["BITSANDBYTES_OPTIMIZERS", "LisaConfig", "LisaController", "OPTIMIZERS", "OptimizerMissesParameters", "build_optimizer", "STATE_POLICIES"]
+__all__ = ["BITSANDBYTES_OPTIMIZERS", "LisaConfig", "LisaController", "OPTIMIZERS", "OptimizerMissesParameters",
+           "build_optimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("park", "reset", "keep")
+EMBEDDING_STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 _STATE_DICT_FORMAT = 1
 # Update norms are computed on the parameter's device in chunks of this many elements, so a 128k x 4096 embedding
 # needs a 64 MiB fp32 temporary, not 2 GiB.
@@ -48,6 +52,13 @@ class LisaConfig:
         trained in every period; None means all three roles; () means none.
     track_update_norms: record per-layer weight-update norms in `period_log` (costs one device-to-host copy of
         the period's trained weights at its start; False still logs the layers of each period).
+    embedding_state_dtype: dtype of the AdamW moments of the input embedding and the output head, which train in
+        every period: None (as every other parameter: fp32, or the parameter's dtype for fp32/fp64 parameters),
+        "float32" or "bfloat16" (half their moment bytes; the decoder layers keep theirs; quality effect measured
+        in the README's Quality section).
+    sparse_embedding_state: keep the input embedding's AdamW moments only for the rows (tokens) that have had a
+        gradient, bit-identical to dense AdamW (`lisa_kernels.sparse_rows`); not used for an embedding tied to the
+        head, whose gradient is dense (`build_optimizer` logs which path it took).
     """
 
     n_active_layers: int = option(2, flag="--lisa_activated_layers",
@@ -74,6 +85,12 @@ class LisaConfig:
                                       "(0: at the switch)")
     always_trainable: Sequence[str] | None = None
     track_update_norms: bool = True
+    embedding_state_dtype: str | None = option(None, flag="--lisa_embedding_state_dtype", choices=("float32", "bfloat16"),
+                                               help="moment dtype of the input embedding and the output head (default: "
+                                                    "as every other parameter's); bfloat16 halves their moments")
+    sparse_embedding_state: bool = option(True, flag="--lisa_sparse_embedding_state",
+                                          help="keep the input embedding's moments only for rows (tokens) that had a "
+                                               "gradient: exact, and a few percent of a large vocabulary")
 
     def __post_init__(self):
         def refuse(name, problem, mentions=()):
@@ -116,6 +133,11 @@ class LisaConfig:
             self.always_trainable = tuple(self.always_trainable)
         if not isinstance(self.track_update_norms, bool):
             refuse("track_update_norms", f"must be a bool, got {self.track_update_norms!r}")
+        if self.embedding_state_dtype not in EMBEDDING_STATE_DTYPES:
+            refuse("embedding_state_dtype", f"must be one of {list(EMBEDDING_STATE_DTYPES)}, got "
+                   f"{self.embedding_state_dtype!r}")
+        if not isinstance(self.sparse_embedding_state, bool):
+            refuse("sparse_embedding_state", f"must be a bool, got {self.sparse_embedding_state!r}")
         if self.sampling not in SAMPLING_MODES:
             refuse("sampling", f"must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.sampling == "balanced" and self.layer_weights is not None:
@@ -451,19 +473,39 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
     Frozen parameters cost nothing there (a parameter whose `.grad` is None is skipped: no state, no reads), and
     a layer frozen now is already in the optimizer when LISA samples it later. Weight decay applies to matrices
     only: biases and norm weights (1-D) go to a second group with `weight_decay=0.0`.
-    `cfg` with state_policy="park" gives FusedAdamW its host state bank (otherwise none is created); the
-    controller attaches a `StateParker` to any of the others.
+    The input embedding and the output head get a group each, with `cfg.embedding_state_dtype` moments; with
+    FusedAdamW the input embedding's moments are row-sparse (`cfg.sparse_embedding_state`, exact) unless the head is
+    tied to it. `cfg` with state_policy="park" gives FusedAdamW its host state bank (otherwise none is created);
+    the controller attaches a `StateParker` to any of the others.
     """
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
+    ours = optim == "adamw_lisa"
+    if ours and cfg is not None and cfg.state_policy == "park":
+        adamw_kwargs.setdefault("state_bank", HostStateBank())
+    cfg = cfg if cfg is not None else LisaConfig()
+    embedding, head = _embedding_weight(model, "get_input_embeddings"), _embedding_weight(model, "get_output_embeddings")
+    tied = embedding is not None and head is embedding
+    sparse = ours and cfg.sparse_embedding_state and embedding is not None and not tied
+    if ours and embedding is not None:
+        logger.info("input embedding %s: %s AdamW state%s", tuple(embedding.shape), "row-sparse" if sparse else "dense",
+                    " (tied to the output head, whose gradient is dense)" if tied else "")
+    # None leaves the optimizer's own state_dtype (a build_optimizer keyword) to these groups too.
+    lean = {} if cfg.embedding_state_dtype is None or not ours else {
+        "state_dtype": EMBEDDING_STATE_DTYPES[cfg.embedding_state_dtype]}
+    own_group = [p for p in (embedding, head) if p is not None]
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        if not any(p is q for q in own_group):
+            (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if optim == "adamw_lisa":
-        if cfg is not None and cfg.state_policy == "park":
-            adamw_kwargs.setdefault("state_bank", HostStateBank())
+    if embedding is not None:
+        groups.append({"params": [embedding], "weight_decay": weight_decay, **({"sparse_rows": sparse} if ours else {}),
+                       **lean})
+    if head is not None and not tied:
+        groups.append({"params": [head], "weight_decay": weight_decay, **lean})
+    if ours:
         return FusedAdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
     if optim in ("adamw_torch", "adamw_torch_fused"):
         fused = {"fused": True} if optim == "adamw_torch_fused" else {"foreach": True}
@@ -480,3 +522,10 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
         return getattr(bitsandbytes.optim, BITSANDBYTES_OPTIMIZERS[optim])(groups, lr=lr, weight_decay=weight_decay,
                                                                             **adamw_kwargs)
     raise OptionError("LisaTrainingArguments", "optim", f"must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
+
+
+def _embedding_weight(model: nn.Module, getter: str) -> nn.Parameter | None:
+    """The weight of `model.get_input_embeddings()` / `get_output_embeddings()`, if the model has one."""
+    module = getattr(model, getter, lambda: None)()
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None

@@ -201,6 +201,9 @@ class LisaTrainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if getattr(model.config, "use_cache", None):
                 model.config.use_cache = False
+        if self.dist and self.dist.fsdp and lisa_config.sparse_embedding_state:
+            # A checkpoint gathers each moment whole from the shards; the compact row-sparse form has no such layout.
+            self.lisa_config = lisa_config = dataclasses.replace(lisa_config, sparse_embedding_state=False)
         self.optimizer = build_optimizer(
             model,
             lisa_config,
