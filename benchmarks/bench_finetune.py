@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, print_table, results_path, summarize, synchronize, write_results
+from benchmarks.common import environment, print_table, save_results, summarize, synchronize
 from benchmarks.data_parallel import BenchDataParallel, launcher, rank, worker_argv, world_size
 
 METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
@@ -575,15 +575,8 @@ def main(argv=None) -> int:
         if r["status"] != "ok":
             print(f"  {r['method']}: {r['status']}")
     name = args.name or f"finetune-{args.shape}"
-    path = write_results(name, payload, device, results_dir=args.results_dir)
-    print(f"results: {path}")
-    if not args.no_plot:
-        try:
-            png = results_path(name, device, ".png", results_dir=args.results_dir)
-            plot(results, payload, png)
-            print(f"chart:   {png}")
-        except ImportError as exc:
-            print(f"chart skipped: {exc}")
+    save_results(name, payload, device, args.results_dir,
+                 chart=None if args.no_plot else lambda png: plot(results, payload, png))
     return 0
 
 

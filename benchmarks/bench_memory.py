@@ -71,7 +71,7 @@ from types import SimpleNamespace
 import torch
 
 from benchmarks.bench_finetune import SHAPES, build_model, device_state_breakdown, setup_method
-from benchmarks.common import environment, print_table, results_path, write_results
+from benchmarks.common import environment, print_table, save_results
 from lisa_kernels import HostStateBank, sparse_rows
 
 GB = 1e9
@@ -547,15 +547,8 @@ def main(argv=None) -> int:
                             f"seq {args.seq_len} x batch {args.batch_size}, gradient checkpointing; GB = 1e9 B)")
     for shape, c in comparisons.items():
         print(f"{shape}: {c}")
-    path = write_results(args.name, payload, device, results_dir=args.results_dir)
-    print(f"results: {path}")
-    if not args.no_plot:
-        try:
-            png = results_path(args.name, device, ".png", results_dir=args.results_dir)
-            plot(payload, png)
-            print(f"chart:   {png}")
-        except ImportError as exc:
-            print(f"chart skipped: {exc}")
+    save_results(args.name, payload, device, args.results_dir,
+                 chart=None if args.no_plot else lambda png: plot(payload, png))
     return 0
 
 

@@ -215,6 +215,22 @@ def write_results(name: str, payload: dict, device: torch.device | str | None = 
     return path
 
 
+def save_results(name: str, payload: dict, device, results_dir: Path | str | None = None, chart=None) -> Path:
+    """Write the JSON (`write_results`) and print where; `chart(png_path)`, when given, draws the chart beside it
+    (skipped with a line saying why when matplotlib is missing)."""
+    path = write_results(name, payload, device, results_dir=results_dir)
+    print(f"results: {path}")
+    if chart is not None:
+        png = results_path(name, device, ".png", results_dir=results_dir)
+        try:
+            chart(png)
+        except ImportError as exc:
+            print(f"chart skipped: {exc}")
+        else:
+            print(f"chart:   {png}")
+    return path
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
