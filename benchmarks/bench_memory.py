@@ -15,7 +15,10 @@ the bytes resident on the device:
   after the controller's policy parked, dropped or kept it;
 - prefetched: with "park" the controller starts bringing the next period's incoming layers back one step before the
   switch (`prefetch_steps=1`); on a GPU those copies sit on the device beside the active state during that step;
-- host: bytes parked in the host state bank.
+- host: bytes parked in the host state bank;
+- offload_staging: with frozen layers' weights in host memory (`LisaConfig(offload_frozen_layers=...)`,
+  `lisa_trainer.frozen_weights`), what they hold on the device while they compute: the computing layer and the
+  prefetched next one. Their params are then counted as the package leaves them between steps: released.
 
 Two steps are run per period (its first, where the switch happens, and its last, where the prefetch happens); the
 other steps of a period allocate nothing new. Full fine-tuning and LoRA train the same tensors at every step, so one
@@ -77,7 +80,7 @@ from lisa_kernels import HostStateBank, sparse_rows
 GB = 1e9
 DTYPE = torch.bfloat16
 RESIDENT_KEYS = ("params", "grads", "optimizer_state")
-STATE_KEYS = (*RESIDENT_KEYS, "prefetched")
+STATE_KEYS = (*RESIDENT_KEYS, "prefetched", "offload_staging")
 
 # Figures the paper reports (Pan et al. 2024, peak GPU memory). Its 70B runs split the model over several GPUs, so
 # only the LISA / LoRA ratio compares with the single-device totals here.
@@ -122,6 +125,14 @@ VARIANTS = {
         "lisa-park", {"state_dtype": torch.bfloat16},
         {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True}},
         note="every saving: row-sparse embedding, bf16 moments everywhere, no prefetch"),
+    "lisa-park-offload-frozen": Variant(
+        "lisa-park", settings={"lisa_config": {"offload_frozen_layers": "all"}},
+        note="ours, park, every frozen layer's weights in host memory (LisaConfig(offload_frozen_layers=n_layers)), "
+             "two layers on the device while they compute"),
+    "lisa-park-every-saving-offload-frozen": Variant(
+        "lisa-park", {"state_dtype": torch.bfloat16},
+        {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True, "offload_frozen_layers": "all"}},
+        note="every saving and every frozen layer's weights in host memory"),
 }
 # Methods whose trainable set never changes allocate nothing new after their first step: one period is measured.
 STATIC_METHODS = ("full", "lora")
@@ -212,13 +223,16 @@ def make_gradients(model, device: torch.device, batch: torch.Tensor | None) -> N
 
 
 def bench_args(shape: str, variant: Variant, args) -> SimpleNamespace:
-    """The arguments bench_finetune.setup_method reads."""
+    """The arguments bench_finetune.setup_method reads ("all" offloaded frozen layers: the shape's layer count)."""
+    lisa_config = {"sparse_embedding_state": False, **variant.settings.get("lisa_config", {})}
+    if lisa_config.get("offload_frozen_layers") == "all":
+        lisa_config["offload_frozen_layers"] = SHAPES[shape]["config"]["num_hidden_layers"]
     return SimpleNamespace(**{
         "lr": 1e-4, "weight_decay": 0.0, "lora_rank": args.lora_rank or SHAPES[shape]["lora_rank"],
         "n_active": args.n_active, "interval": args.interval, "seed": args.seed, "prefetch_steps": 1,
         "track_update_norms": False, "steps": args.periods * args.interval, **variant.settings,
         # Dense embedding state unless the variant asks for row-sparse state, so each saving is listed on its own.
-        "lisa_config": {"sparse_embedding_state": False, **variant.settings.get("lisa_config", {})}})
+        "lisa_config": lisa_config})
 
 
 def touched_row_count(shape: str, args) -> int:
@@ -251,6 +265,14 @@ def assumed_touched_rows(count: int):
         sparse_rows.touched_rows, sparse_rows.add_rows = touched, add
 
 
+def staging_bytes(offload) -> int:
+    """What offloaded frozen layers hold on the device while they compute: the computing layer and the prefetched
+    next one (`lisa_trainer.frozen_weights`), counted at the largest offloaded layer."""
+    if offload is None or not offload.offloaded:
+        return 0
+    return 2 * max(sum(p.nbytes for p in offload.host_copies(i)) for i in offload.offloaded)
+
+
 def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
     """Run `args.periods` periods of `variant` on `shape`; bytes on the device (and parked on the host) per period."""
     setup = bench_args(shape, variant, args)
@@ -267,6 +289,7 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
         n = touched_row_count(shape, args)
         batch = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])[None].to(device)
 
+    offload = getattr(controller, "frozen_weights", None)
     per_period = {key: [] for key in (*STATE_KEYS, "host", "layers_sampled")}
     peak, sampled = None, set()
     with assumed_touched_rows(touched_row_count(shape, args)):
@@ -277,9 +300,12 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
                     controller.on_step_begin(step)
                     sampled.update(controller.active_layers)
                 make_gradients(model, device, batch)
+                if offload is not None:
+                    offload.release_all()
                 optimizer.step()
                 now = device_state_breakdown(model, optimizer, device)
                 now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
+                now["offload_staging"] = staging_bytes(offload)
                 if peak is None or sum(now.values()) > sum(peak.values()):
                     peak = now
                 optimizer.zero_grad(set_to_none=True)
@@ -300,6 +326,8 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
         "peak": {**peak, "device_state": sum(peak.values())},
     }
     if device.type == "meta":
+        if offload is not None:  # weights are not activations: measure with every layer's weights in place
+            offload.set_offloaded(())
         result["activations"] = activation_bytes(model, shape, args)
     return result
 
@@ -439,6 +467,7 @@ def rows_for(shape: str, results: dict) -> list[dict]:
             "shape": shape, "variant": name,
             "params_gb": peak["params"] / GB, "grads_gb": peak["grads"] / GB,
             "opt_state_gb": peak["optimizer_state"] / GB, "prefetch_gb": peak["prefetched"] / GB,
+            "offload_staging_gb": peak["offload_staging"] / GB,
             "resident_first_gb": sum(r["per_period"][k][0] for k in RESIDENT_KEYS) / GB,
             "resident_last_gb": sum(last[k] for k in RESIDENT_KEYS) / GB,
             "host_gb": last["host"] / GB,

@@ -115,3 +115,19 @@ def test_cli_writes_json_and_chart(tmp_path, capsys):
     assert "lisa-park-bf16-moments" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_memory.parse_args(["--variants", "lisa-nope"])
+
+
+def test_offloaded_frozen_layers_leave_only_the_active_ones_and_two_staging_layers(runs):
+    """With every frozen layer's weights in host memory the device holds the active layers, the embedding, the head
+    and the final norm, plus two layers while they compute."""
+    from benchmarks.bench_finetune import SHAPES, build_model
+    from lisa_trainer.layers import find_decoder_layers
+
+    _, layers = find_decoder_layers(build_model("tiny", torch.device("meta"), torch.bfloat16, 0))
+    layer_bytes = sum(p.nbytes for p in layers[0].parameters())
+    n_frozen = SHAPES["tiny"]["config"]["num_hidden_layers"] - N_ACTIVE
+    for device in ("cpu", "meta"):
+        park, offload = runs[device]["lisa-park"], runs[device]["lisa-park-offload-frozen"]
+        assert offload["per_period"]["params"] == [p - n_frozen * layer_bytes for p in park["per_period"]["params"]]
+        assert offload["per_period"]["offload_staging"] == [2 * layer_bytes] * PERIODS
+        assert park["per_period"]["offload_staging"] == [0] * PERIODS

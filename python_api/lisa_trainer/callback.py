@@ -37,6 +37,7 @@ from transformers.trainer_callback import ExportableState
 from lisa_kernels import StateParker
 
 from .controller import LisaConfig, LisaController, OptimizerMissesParameters, _unwrap_optimizer, build_optimizer
+from .options import OptionError
 
 __all__ = ["LisaCallback"]
 
@@ -50,6 +51,10 @@ class LisaCallback(TrainerCallback, ExportableState):
         if config is not None and not isinstance(config, LisaConfig):
             raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
         self.config = config if config is not None else LisaConfig(**config_fields)
+        if self.config.offload_frozen_layers:
+            raise OptionError(LisaConfig, "offload_frozen_layers", "is for LisaTrainer / lisa-finetune, which hand "
+                              "the weights back to host memory after each backward; LisaCallback leaves that to "
+                              "the Trainer, which does not")
         self.controller: LisaController | None = None
         self._resume_state: dict | None = None  # the controller state a checkpoint saved, set by the Trainer
 

@@ -287,6 +287,9 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=N
 
     path = Path(path)
     payload = read_checkpoint_state(path)
+    if getattr(controller, "frozen_weights", None) is not None:
+        # Weights load into device tensors: bring offloaded layers back; the controller offloads them again below.
+        controller.frozen_weights.set_offloaded(())
     if sharded is None:
         device = next(model.parameters()).device
         load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))

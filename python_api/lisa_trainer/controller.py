@@ -23,6 +23,7 @@ from torch import nn
 from lisa_kernels import FusedAdamW, HostStateBank, StateParker
 from lisa_kernels.optimizer import _local
 
+from .frozen_weights import FrozenWeightOffload
 from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
 from .options import OptionError, option
 from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
@@ -59,6 +60,11 @@ class LisaConfig:
     sparse_embedding_state: keep the input embedding's AdamW moments only for the rows (tokens) that have had a
         gradient, bit-identical to dense AdamW (`lisa_kernels.sparse_rows`); not used for an embedding tied to the
         head, whose gradient is dense (`build_optimizer` logs which path it took).
+    offload_frozen_layers: how many of each period's frozen decoder layers keep their weights in host memory,
+        brought to the device one layer at a time while they compute (`lisa_trainer.frozen_weights`; the lowest-
+        numbered frozen layers; 0: none). Bit-identical results; each offloaded layer's weights cross to the device
+        twice per step (forward and the backward's recompute), so gradient checkpointing is needed and steps slow
+        down where the copies outlast the compute.
     """
 
     n_active_layers: int = option(2, flag="--lisa_activated_layers",
@@ -91,6 +97,10 @@ class LisaConfig:
     sparse_embedding_state: bool = option(True, flag="--lisa_sparse_embedding_state",
                                           help="keep the input embedding's moments only for rows (tokens) that had a "
                                                "gradient: exact, and a few percent of a large vocabulary")
+    offload_frozen_layers: int = option(0, flag="--lisa_offload_frozen_layers",
+                                        help="keep up to this many frozen decoder layers' weights in host memory, "
+                                             "each brought to the device only while it computes (needs "
+                                             "--gradient_checkpointing; exact; every step copies them twice)")
 
     def __post_init__(self):
         def refuse(name, problem, mentions=()):
@@ -138,6 +148,8 @@ class LisaConfig:
                    f"{self.embedding_state_dtype!r}")
         if not isinstance(self.sparse_embedding_state, bool):
             refuse("sparse_embedding_state", f"must be a bool, got {self.sparse_embedding_state!r}")
+        if not _is_int(self.offload_frozen_layers) or self.offload_frozen_layers < 0:
+            refuse("offload_frozen_layers", f"must be a non-negative int, got {self.offload_frozen_layers!r}")
         if self.sampling not in SAMPLING_MODES:
             refuse("sampling", f"must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if self.sampling == "balanced" and self.layer_weights is not None:
@@ -227,6 +239,7 @@ class LisaController:
         self._names = {id(p): n for n, p in model.named_parameters()}
 
         self._check_optimizer()
+        self.frozen_weights = FrozenWeightOffload(self.layers) if config.offload_frozen_layers else None
         self.parker = StateParker.of(self._opt) if config.state_policy in ("park", "reset") else None
         if config.state_policy == "park":
             # Create the host state bank now: its first creation on a machine builds the native arena (~10 s), which
@@ -372,6 +385,9 @@ class LisaController:
             p.grad = None
         for p in self._params_of(new):
             p.requires_grad_(True)
+        if self.frozen_weights is not None:
+            frozen = [i for i in range(self.n_layers) if i not in new]
+            self.frozen_weights.set_offloaded(frozen[:self.config.offload_frozen_layers])
 
         leaving_params = self._params_of(leaving)
         if enforce_all:  # at construction/resume, only layers that actually hold state need the policy

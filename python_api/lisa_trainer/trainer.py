@@ -213,6 +213,10 @@ class LisaTrainer:
             **({} if args.optim == "adafactor" else {"betas": (args.adam_beta1, args.adam_beta2),
                                                      "eps": args.adam_epsilon}),
         )
+        if lisa_config.offload_frozen_layers and (self.dist or not args.gradient_checkpointing):
+            raise OptionError(LisaConfig, "offload_frozen_layers", "needs gradient checkpointing "
+                              "(--gradient_checkpointing: without it a layer's weights stay on the device from its "
+                              "forward to its backward) and one process (each rank would copy its own)")
         self.controller = LisaController(model, self.optimizer, lisa_config)
         # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
         # does not call: it would meet the head's shards.
@@ -295,6 +299,7 @@ class LisaTrainer:
             else:
                 loss.backward()
             loss_total += loss.item()
+            self._release_offloaded_weights()
         if self.dist:
             comm_bytes = self.dist.finish_gradients()
             (loss_total,) = self.dist.sum(loss_total)
@@ -348,10 +353,16 @@ class LisaTrainer:
             b = self.collator([self.eval_dataset[j] for j in range(i, min(i + bs, len(self.eval_dataset)))])
             count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(self._loss_sum({k: v.to(self.device) for k, v in b.items()}))
+        self._release_offloaded_weights()
         if self.dist:
             total, count = self.dist.eval_sums(total, count)
         self.model.train()
         return total / max(1, count)
+
+    def _release_offloaded_weights(self) -> None:
+        """The last offloaded layer a pass used goes back to host memory (see `lisa_trainer.frozen_weights`)."""
+        if self.controller.frozen_weights is not None:
+            self.controller.frozen_weights.release_all()
 
     # ---------------------------------------------------------------------------------------------- the run
 
