@@ -262,6 +262,9 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        if args.memory_limit_gb:  # a smaller card: allocations beyond it fail as out of memory
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * GB / total), device)
     import_method_packages(method)  # before the RSS baseline: library code is not training memory
     rss0 = _rss_bytes() if isolated and device.type == "cpu" else None
     try:
@@ -298,6 +301,10 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
     batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
                                                   args.n_batches, args.seed + rank())]  # each rank its own data
     model = build_model(args.shape, device, dtype, args.seed)
+    if args.gradient_checkpointing:
+        from lisa_trainer.layers import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     model_params = sum(p.numel() for p in model.parameters())
     model_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
     try:
@@ -309,6 +316,7 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
     if dp is not None:
         model = dp.wrap(model, controller)
     bank = controller.parker.bank if method.startswith("lisa-park") else None
+    offload = getattr(controller, "frozen_weights", None)
     run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank, data_parallel=dp)
     for step in range(args.steps):
         batch = batches[step % len(batches)]
@@ -323,6 +331,8 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
             loss.backward()
         else:
             run.comm_bytes.append(dp.backward(loss))
+        if offload is not None:
+            offload.release_all()
         optimizer.step()
         run.device_state_peak = max(run.device_state_peak, device_state_bytes(model, optimizer, device))
         run.updated.update(id(p) for p in model.parameters() if p.grad is not None)
@@ -419,6 +429,14 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=1,
                    help="ranks per method, data parallel under torchrun (one GPU each; gloo processes on CPU)")
     p.add_argument("--fsdp", action="store_true", help="with --nproc: shard with FSDP2 instead of replicating")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute every decoder layer's activations in backward (every method)")
+    p.add_argument("--offload-frozen-layers", type=int, default=0,
+                   help="LisaConfig.offload_frozen_layers for our LISA methods: frozen layers' weights in host "
+                        "memory (needs --gradient-checkpointing)")
+    p.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="on CUDA, cap each method's allocations at this many GB (10^9 B; "
+                        "torch.cuda.set_per_process_memory_fraction), as on a smaller card")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -435,6 +453,11 @@ def parse_args(argv=None):
         p.error("--steps must be >= 1")
     if args.prefetch_steps < 0:
         p.error("--prefetch-steps must be >= 0")
+    if args.offload_frozen_layers < 0 or (args.offload_frozen_layers and not args.gradient_checkpointing):
+        p.error("--offload-frozen-layers must be >= 0 and needs --gradient-checkpointing")
+    if args.memory_limit_gb is not None and args.memory_limit_gb <= 0:
+        p.error("--memory-limit-gb must be > 0")
+    args.lisa_config = {"offload_frozen_layers": args.offload_frozen_layers} if args.offload_frozen_layers else {}
     args.warmup = min(args.warmup, args.steps - 1)
     return args
 
@@ -555,6 +578,8 @@ def main(argv=None) -> int:
                        n_active=args.n_active, interval=args.interval, prefetch_steps=args.prefetch_steps,
                        seed=args.seed, isolated=isolated,
                        track_update_norms=args.track_update_norms, nproc=args.nproc, fsdp=args.fsdp,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       offload_frozen_layers=args.offload_frozen_layers, memory_limit_gb=args.memory_limit_gb,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),
         "comparisons": add_comparisons(results),

@@ -2,25 +2,31 @@
 # The GPU suite: the CUDA tests and every benchmark in one command, on a machine with an NVIDIA GPU (no network
 # needed).
 #
-#   bash benchmarks/gpu_suite.sh [--out DIR]
+#   bash benchmarks/gpu_suite.sh [--out DIR] [--part core|memory]
 #
 # Installs the package from this working tree without downloads, builds the native host arena, runs the
 # CUDA-marked tests and every benchmark, each under its own timeout, all within SUITE_BUDGET_S seconds (default
 # 540). A failing or timed-out step does not stop the others; the exit status is non-zero when any step failed.
+# --part memory runs instead the LISA fine-tuning of the 7B and 8B shapes capped at 20 GB and 24 GB of device
+# memory (bench_finetune --memory-limit-gb, gradient checkpointing, frozen layers' weights in host memory).
 # Results go to DIR: --out DIR, else $LISA_BENCH_RESULTS, else benchmarks/results/. There: each benchmark's JSON
 # (+ .png charts), the full log gpu_suite.log and a per-step summary gpu_suite-<device>.json.
 set -uo pipefail
 
-usage() { echo "usage: bash benchmarks/gpu_suite.sh [--out DIR]" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/gpu_suite.sh [--out DIR] [--part core|memory]" >&2; exit 2; }
 RESULTS="${LISA_BENCH_RESULTS:-}"
+PART=core
 while (($#)); do
     case $1 in
         --out) (($# >= 2)) || usage; RESULTS=$2; shift 2 ;;
         --out=*) RESULTS=${1#--out=}; shift ;;
+        --part) (($# >= 2)) || usage; PART=$2; shift 2 ;;
+        --part=*) PART=${1#--part=}; shift ;;
         -h|--help) usage ;;
         *) echo "gpu_suite: unknown argument '$1'" >&2; usage ;;
     esac
 done
+[[ $PART == core || $PART == memory ]] || { echo "gpu_suite: --part must be core or memory, got '$PART'" >&2; usage; }
 if [[ -n "$RESULTS" ]]; then  # made absolute now, as the suite runs from the repository root
     RESULTS="$(mkdir -p -- "$RESULTS" && cd -- "$RESULTS" && pwd)" || { echo "gpu_suite: cannot create $RESULTS" >&2; exit 2; }
 fi
@@ -84,28 +90,38 @@ fi
 
 step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 step native-build 150 "$PY" -m lisa_kernels.build
-step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
-step bench_adamw 75 "$PY" -m benchmarks.bench_adamw
-step bench_offload 75 "$PY" -m benchmarks.bench_offload
-step bench_linear_cross_entropy 60 "$PY" -m benchmarks.bench_linear_cross_entropy
-# bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
-# under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
-limit=$(( $(left) < 240 ? $(left) : 240 ))
-if ((limit >= 100)); then
-    step finetune-1b "$limit" "$PY" -m benchmarks.bench_finetune --shape 1b --steps 45 --time-budget $((limit - 40))
+if [[ $PART == memory ]]; then
+    # LISA park, γ=2, seq 1024 x batch 1, every frozen layer's weights in host memory: does each fit the card?
+    for run in "8b 20" "7b 20" "8b 24"; do
+        read -r shape gb <<< "$run"
+        step "finetune-$shape-${gb}gb" 130 "$PY" -m benchmarks.bench_finetune --shape "$shape" --methods lisa-park \
+            --steps 12 --interval 5 --warmup 2 --batch-size 1 --seq-len 1024 --gradient-checkpointing \
+            --offload-frozen-layers 32 --memory-limit-gb "$gb" --time-budget 90 --name "finetune-$shape-${gb}gb"
+    done
 else
-    log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
-    STEPS+=("finetune-1b skipped 0")
-    FAILED+=("finetune-1b (skipped: budget)")
-fi
-# 7B where time allows, the methods that answer the package's claims first.
-limit=$(($(left) - 15))
-if ((limit >= 100)); then
-    step finetune-7b "$limit" "$PY" -m benchmarks.bench_finetune --shape 7b --steps 30 --time-budget $((limit - 40)) \
-        --methods lisa-park,lora,full,lisa-public,lisa-keep,lisa-reset
-else
-    log "=== [finetune-7b] skipped: only ${limit}s left in the budget"
-    STEPS+=("finetune-7b skipped 0")
+    step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
+    step bench_adamw 75 "$PY" -m benchmarks.bench_adamw
+    step bench_offload 75 "$PY" -m benchmarks.bench_offload
+    step bench_linear_cross_entropy 60 "$PY" -m benchmarks.bench_linear_cross_entropy
+    # bench_finetune stops starting methods at --time-budget and still writes its JSON, so each run gets a budget 40 s
+    # under its step's timeout. 45 steps = switches at 20 and 40 (K=20): two stalls per LISA method.
+    limit=$(( $(left) < 240 ? $(left) : 240 ))
+    if ((limit >= 100)); then
+        step finetune-1b "$limit" "$PY" -m benchmarks.bench_finetune --shape 1b --steps 45 --time-budget $((limit - 40))
+    else
+        log "=== [finetune-1b] skipped: only ${limit}s left in the budget"
+        STEPS+=("finetune-1b skipped 0")
+        FAILED+=("finetune-1b (skipped: budget)")
+    fi
+    # 7B where time allows, the methods that answer the package's claims first.
+    limit=$(($(left) - 15))
+    if ((limit >= 100)); then
+        step finetune-7b "$limit" "$PY" -m benchmarks.bench_finetune --shape 7b --steps 30 --time-budget $((limit - 40)) \
+            --methods lisa-park,lora,full,lisa-public,lisa-keep,lisa-reset
+    else
+        log "=== [finetune-7b] skipped: only ${limit}s left in the budget"
+        STEPS+=("finetune-7b skipped 0")
+    fi
 fi
 
 # Per-step summary with the environment, through the same harness the benchmarks use.

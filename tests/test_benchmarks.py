@@ -125,3 +125,26 @@ def test_finetune_memory_figures_tell_the_state_policies_apart(finetune_tiny):
     comparisons = finetune_tiny[0]["comparisons"]
     assert comparisons["memory_figure"] == "device_state_gb"
     assert comparisons["park_memory_vs_full"] == pytest.approx(state["lisa-park"] / state["full"])
+
+
+def test_finetune_with_frozen_layers_in_host_memory_trains_alike_with_less_device_state():
+    """--offload-frozen-layers (with --gradient-checkpointing): the same losses, the frozen layers' weights off the
+    device; --memory-limit-gb is refused without a positive value."""
+    from benchmarks import bench_finetune
+
+    runs = {}
+    for offload in (0, 8):
+        args = bench_finetune.parse_args(["--shape", "tiny", "--device", "cpu", "--steps", "3", "--interval", "2",
+                                          "--methods", "lisa-park", "--gradient-checkpointing",
+                                          "--offload-frozen-layers", str(offload)])
+        device, dtype, _ = bench_finetune.resolve(args)
+        runs[offload] = bench_finetune.run_method("lisa-park", args, device, dtype, isolated=False)
+    assert runs[0]["status"] == runs[8]["status"] == "ok"
+    assert runs[0]["losses"] == runs[8]["losses"]
+    cfg = SHAPES["tiny"]["config"]
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    layer_bytes = 4 * (2 * h * h + 2 * h * h // 2 + 3 * h * i + 2 * h)  # fp32 on CPU; k/v: 2 of 4 heads
+    frozen = cfg["num_hidden_layers"] - 2
+    assert runs[0]["device_state_gb"] - runs[8]["device_state_gb"] == pytest.approx(frozen * layer_bytes / 1e9)
+    with pytest.raises(SystemExit):
+        bench_finetune.parse_args(["--offload-frozen-layers", "4"])  # without --gradient-checkpointing

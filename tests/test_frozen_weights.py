@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisa_trainer.controller import LisaConfig
 from lisa_trainer.frozen_weights import FrozenWeightOffload
+from lisa_trainer.layers import enable_gradient_checkpointing
 from lisa_trainer.options import OptionError
 from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
 
@@ -23,10 +24,7 @@ def tiny_llama(checkpointing: bool) -> LlamaForCausalLM:
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg)
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     for i, layer in enumerate(model.model.layers):
         layer.requires_grad_(i == TRAINED)
     return model.train()

@@ -261,3 +261,15 @@ def unique_parameters(modules, per_module: bool = False) -> list:
         seen.update(id(p) for p in group)
         groups.append(group)
     return groups if per_module else [p for group in groups for p in group]
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward, non-reentrant: it keeps gradients flowing to
+    trainable layers behind frozen ones (and to the input embedding), and runs the layer's leaf modules again, which
+    `lisa_trainer.frozen_weights` relies on. Turns the model's KV cache off (it is useless in training)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False

@@ -44,7 +44,7 @@ from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
-from .layers import find_decoder_layers
+from .layers import enable_gradient_checkpointing, find_decoder_layers
 from .options import OptionError, option
 from .trackers import Trackers, parse_report_to
 
@@ -194,13 +194,7 @@ class LisaTrainer:
         if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
             self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
         if args.gradient_checkpointing:
-            # Non-reentrant checkpointing keeps gradients flowing to trainable layers behind frozen ones.
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if getattr(model.config, "use_cache", None):
-                model.config.use_cache = False
+            enable_gradient_checkpointing(model)
         if self.dist and self.dist.fsdp and lisa_config.sparse_embedding_state:
             # A checkpoint gathers each moment whole from the shards; the compact row-sparse form has no such layout.
             self.lisa_config = lisa_config = dataclasses.replace(lisa_config, sparse_embedding_state=False)
