@@ -155,14 +155,15 @@ class FrozenWeightOffload:
 
     def _host_buffer(self, p: nn.Parameter) -> torch.Tensor:
         if p not in self._host:
-            host = torch.empty_like(p, device="cpu") if p.device.type != "meta" else torch.empty_like(p)
-            if self._pin and p.device.type == "cuda":
-                try:
-                    host = host.pin_memory()
-                except RuntimeError as error:  # e.g. a locked-memory limit: pageable copies are slower, not wrong
-                    warnings.warn(f"FrozenWeightOffload: pinned host memory unavailable ({error}); using pageable "
-                                  f"memory", stacklevel=3)
-                    self._pin = False
+            device = "meta" if p.device.type == "meta" else "cpu"  # meta: accounting without data
+            pin = self._pin and p.device.type == "cuda"
+            try:
+                host = torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin)
+            except RuntimeError as error:  # e.g. a locked-memory limit: pageable copies are slower, not wrong
+                warnings.warn(f"FrozenWeightOffload: pinned host memory unavailable ({error}); using pageable "
+                              f"memory", stacklevel=3)
+                self._pin = False
+                host = torch.empty(p.shape, dtype=p.dtype, device=device)
             self._host[p] = host
         return self._host[p]
 
