@@ -109,11 +109,17 @@ def test_hooks_equal_backward_then_step_and_hold_one_gradient_at_a_time():
     plain[3].requires_grad_(False)
     opt_plain = FusedAdamW(plain.parameters(), lr=1e-2, weight_decay=0.1)
     opt_hooked = FusedAdamW(hooked.parameters(), lr=1e-2, weight_decay=0.1)
+    alive = {"before": [], "after": []}  # gradients alive when each tensor's is complete, and after its update
+
+    def count_alive(when):
+        trainable = [p for p in hooked.parameters() if p.requires_grad]
+        for p in trainable:  # hooks run in the order they were registered
+            p.register_post_accumulate_grad_hook(
+                lambda _: alive[when].append(sum(q.grad is not None for q in hooked.parameters())))
+
+    count_alive("before")
     stepping = StepInBackward(opt_hooked)
-    alive_at_hook = []
-    for p in (p for p in hooked.parameters() if p.requires_grad):  # after StepInBackward's hook, so after its update
-        p.register_post_accumulate_grad_hook(
-            lambda _: alive_at_hook.append(sum(q.grad is not None for q in hooked.parameters())))
+    count_alive("after")
     for step in range(4):
         loss = _loss(plain, step)
         loss.backward()
@@ -127,7 +133,8 @@ def test_hooks_equal_backward_then_step_and_hold_one_gradient_at_a_time():
         assert stepping.finite and torch.allclose(stepping.grad_norm(), expected_norm, rtol=1e-6)
         for a, b in zip(plain.parameters(), hooked.parameters()):
             assert torch.equal(a, b)
-    assert max(alive_at_hook) == 0 and len(alive_at_hook) == 4 * 5  # 5 trainable tensors, each freed at once
+    # 5 trainable tensors, each one's gradient the only one alive, and freed once it is used
+    assert alive == {"before": [1] * 4 * 5, "after": [0] * 4 * 5}
     assert not opt_hooked.state[hooked[3].weight]
 
 
@@ -179,3 +186,85 @@ def test_step_param_rounds_stochastically_when_asked(path):
         opt.step_param(p)
         moved[stochastic] = int((p != 1).sum())
     assert moved[False] == 0 and 0 < moved[True] < 4096 // 10  # ~1e-4 / 2**-7 of them: 1.3%
+
+
+# ------------------------------------------------------------------------------------------ LisaTrainer's option
+
+@pytest.fixture(scope="module")
+def data(tok):
+    from lisa_trainer.data import load_and_tokenize
+    from lisa_trainer.demo import demo_dataset_path
+
+    return load_and_tokenize(demo_dataset_path(), tok, block_size=32)
+
+
+def _trainer(tmp_path, tok, data, **kw):
+    from lisa_trainer.controller import LisaConfig
+    from lisa_trainer.demo import build_demo_model
+    from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
+
+    args = dict(output_dir=str(tmp_path), learning_rate=3e-3, max_steps=8, per_device_train_batch_size=4,
+                max_grad_norm=0.0, weight_decay=0.01, progress=False, save_model=False)
+    model = build_demo_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2)
+    lisa = LisaConfig(n_active_layers=2, interval_steps=2, state_policy="park")
+    return LisaTrainer(model, tok, data, LisaTrainingArguments(**args, **kw), lisa)
+
+
+@pytest.mark.usefixtures("pytorch_optimizer_path")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_trainer_in_backward_trains_exactly_as_the_plain_step(tmp_path, tok, data, checkpointing):
+    """Four LISA periods with parked state: a layer that leaves and comes back resumes its moments from the bank
+    before its first update in backward; the chunked loss is on."""
+    plain = _trainer(tmp_path / "plain", tok, data, gradient_checkpointing=checkpointing)
+    fused = _trainer(tmp_path / "fused", tok, data, gradient_checkpointing=checkpointing, optimizer_in_backward=True)
+    assert fused.chunked_loss is not None
+    periods = []
+    for _ in range(8):
+        a, b = plain.train_step(), fused.train_step()
+        assert a["loss"] == b["loss"] and not b.get("skipped")
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        for (name, p), q in zip(plain.model.named_parameters(), fused.model.parameters()):
+            assert torch.equal(p, q), name
+            assert q.grad is None, name
+        periods.append(set(fused.controller.active_layers))
+    assert any(layer in periods[j]  # a layer parked at a switch, brought back later
+               for i in range(0, 4, 2) for layer in periods[i] - periods[i + 2] for j in range(i + 4, 8, 2))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in fused.model.modules()) == checkpointing
+    assert plain.controller.period_log == fused.controller.period_log  # update norms see the same weights
+
+
+@pytest.mark.usefixtures("pytorch_optimizer_path")
+def test_trainer_in_backward_skips_a_nonfinite_gradient_and_logs_the_step_skipped(tmp_path, tok, data):
+    t = _trainer(tmp_path, tok, data, optimizer_in_backward=True)
+    head = t.model.get_output_embeddings().weight
+    before = head.detach().clone()
+    hook = head.register_hook(lambda g: torch.full_like(g, torch.inf))
+    record = t.train_step()
+    hook.remove()
+    assert record["skipped"] and not math.isfinite(record["grad_norm"])
+    assert torch.equal(head, before) and head.grad is None
+    assert not t.train_step().get("skipped")
+    assert not torch.equal(head, before)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (dict(max_grad_norm=1.0), "max_grad_norm"),
+    (dict(max_grad_norm=0.0, gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+    (dict(max_grad_norm=0.0, optim="adamw_torch"), "optim"),
+])
+def test_trainer_option_refuses_what_needs_all_gradients_first(flags, named):
+    from lisa_trainer.options import OptionError, command_line_message
+    from lisa_trainer.trainer import LisaTrainingArguments
+
+    with pytest.raises(OptionError) as error:
+        LisaTrainingArguments(output_dir="x", optimizer_in_backward=True, **flags)
+    message = command_line_message(error.value, [LisaTrainingArguments])
+    assert message.startswith("--optimizer_in_backward needs ") and f"--{named} " in message
+    LisaTrainingArguments(output_dir="x", **flags)  # each is fine without the option
+
+
+def test_trainer_option_refuses_several_processes(tmp_path, tok, data, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="optimizer_in_backward runs in one process.*WORLD_SIZE=2"):
+        _trainer(tmp_path, tok, data, optimizer_in_backward=True)
