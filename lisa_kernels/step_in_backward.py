@@ -10,8 +10,8 @@ time, so the peak is the largest single one (the head's, 1.05 GB).
         loss.backward()                           # each tensor is updated here, its .grad set to None
     grad_norm, finite = stepping.grad_norm(), stepping.finite
 
-The update is the one `optimizer.step()` after backward would make, bit for bit, when nothing needs all the
-gradients before the first update. That rules out:
+The update is the one `optimizer.step()` after backward would make, bit for bit (with stochastic rounding: the
+same distribution, other noise), when nothing needs all the gradients before the first update. That rules out:
 
 - clipping by the global gradient norm: the norm is known only after the last tensor has been updated;
 - gradient accumulation: every backward updates, so micro-batches would each make a step;
@@ -22,9 +22,12 @@ None of these is detected here; the caller refuses them (`lisa_trainer`'s `--opt
 
 Other differences from a step after backward:
 
-- a tensor whose gradient is not finite is not updated (weights never become NaN/inf) and the step is marked
-  non-finite (`finite`), but tensors updated earlier in the same backward stay updated: a step after backward
-  that skips on a non-finite norm would have updated none;
+- a tensor whose gradient is not finite is not updated (no NaN/inf gradient reaches the weights) and the step is
+  marked non-finite (`finite`), but tensors updated earlier in the same backward stay updated: a step after
+  backward that skips on a non-finite norm would have updated none;
+- a weight changes while backward is still running. Autograd's own graph never reads it again (a leaf's gradient
+  is complete only after every use of it has been differentiated), but a custom autograd Function that saves a
+  weight detached from the graph, or a backward hook that reads another tensor's weight, would see it updated;
 - the finiteness check is one host sync per tensor (about 21 a LISA step on Llama at γ=2: 9 tensors a layer, the
   embedding, the head and the final norm), and each tensor is its own optimizer launch;
 - the optimizer's step hooks (`register_step_pre_hook` / `_post_hook`) do not run (`FusedAdamW.step_param`
@@ -104,7 +107,8 @@ class StepInBackward:
         grad = param.grad
         if grad is None or not param.requires_grad:
             return
-        # dtype= reduces in fp32 without an fp32 copy of the gradient (2 GB for a bf16 head at Llama-3-8B).
+        # dtype=: torch reduces a bf16/fp16 CUDA tensor into fp32 inside the kernel, where .float() would first copy
+        # the gradient (2 GB for a bf16 head at Llama-3-8B). On CPU torch makes that copy either way.
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         squared = norm.square()
         total = self._squared_norm
