@@ -9,12 +9,14 @@ from .host_state_bank import HostStateBank
 from .linear_cross_entropy import causal_lm_cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 from .optimizer import FusedAdamW
 from .state_parking import ParkedState, StateParker
+from .step_in_backward import StepInBackward
 
 __all__ = [
     "FusedAdamW",
     "HostStateBank",
     "ParkedState",
     "StateParker",
+    "StepInBackward",
     "adamw_reference",
     "causal_lm_cross_entropy",
     "fused_adamw_",

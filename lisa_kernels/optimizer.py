@@ -152,36 +152,57 @@ class FusedAdamW(torch.optim.AdamW):
                 loss = closure()
         if _skip_step(getattr(self, "found_inf", None)):
             return loss
+        self._update([(group_index, param_index, group)
+                      for group_index, group in enumerate(self.param_groups)
+                      for param_index, p in enumerate(group["params"]) if p.grad is not None])
+        return loss
 
-        rows, names, stepped_rows = [], [], []
-        for group_index, group in enumerate(self.param_groups):
-            beta1, beta2 = (float(b) for b in group["betas"])
-            h = AdamWHyperparameters(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
-                                     group["maximize"])
-            for param_index, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients")
-                if p.is_complex():
-                    raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
-                state = self._state_for_step(p, group)
-                param, grad = _local(p), _local(p.grad)
-                if group["sparse_rows"]:  # the rows with state step like any tensor; scattered back below
-                    param_rows, grad = sparse_rows.gather(state, param, grad, 1 - h.lr * h.weight_decay,
-                                                          self.stochastic_rounding)
-                    stepped_rows.append((state, param, param_rows))
-                    param = param_rows
-                rows.append((param, grad, state["exp_avg"], state["exp_avg_sq"],
-                             state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
-                names.append((group_index, param_index))
-        buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*names[i]))
+    @torch.no_grad()
+    def step_param(self, param: torch.Tensor) -> None:
+        """Update this one parameter as `step()` would (same path, checks, state creation, sparse rows, stochastic
+        rounding, GradScaler's `found_inf`), and nothing else: for updating each tensor as soon as its gradient is
+        ready (`lisa_kernels.StepInBackward`). A parameter without a gradient is left alone; parked state comes
+        back first (what `step()`'s pre-hook does for every parameter). The optimizer's step hooks do not run,
+        and each call is a launch of its own (`step()` covers every tensor of a dtype in one)."""
+        where = [(group_index, param_index, group) for group_index, group in enumerate(self.param_groups)
+                 for param_index, p in enumerate(group["params"]) if p is param]
+        if not where:
+            raise ValueError(f"FusedAdamW.step_param: this parameter (shape {tuple(param.shape)}) is in none of "
+                             f"the optimizer's param groups")
+        if param.grad is None or _skip_step(getattr(self, "found_inf", None)):
+            return
+        self.state_parker.unpark(param)
+        self._update(where)
+
+    def _update(self, where: list[tuple[int, int, dict]]) -> None:
+        """One AdamW step for the params at these (group index, param index, group), which have gradients."""
+        rows, stepped_rows, hyperparameters = [], [], {}
+        for group_index, param_index, group in where:
+            p = group["params"][param_index]
+            if p.grad.is_sparse:
+                raise RuntimeError("FusedAdamW does not support sparse gradients")
+            if p.is_complex():
+                raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
+            h = hyperparameters.get(group_index)
+            if h is None:
+                beta1, beta2 = (float(b) for b in group["betas"])
+                h = hyperparameters[group_index] = AdamWHyperparameters(
+                    float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], group["maximize"])
+            state = self._state_for_step(p, group)
+            param, grad = _local(p), _local(p.grad)
+            if group["sparse_rows"]:  # the rows with state step like any tensor; scattered back below
+                param_rows, grad = sparse_rows.gather(state, param, grad, 1 - h.lr * h.weight_decay,
+                                                      self.stochastic_rounding)
+                stepped_rows.append((state, param, param_rows))
+                param = param_rows
+            rows.append((param, grad, state["exp_avg"], state["exp_avg_sq"],
+                         state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], h))
+        buckets = bucket_tensors(rows, lambda i: "FusedAdamW: parameter {1} of param group {0}".format(*where[i][:2]))
         update_buckets(buckets, fused=self.defaults["fused"], foreach=self.defaults["foreach"],
                        triton_on_cpu=self.triton_on_cpu, grad_scale=getattr(self, "grad_scale", None),
                        stochastic_rounding=self.stochastic_rounding)
         for state, param, stepped in stepped_rows:
             sparse_rows.scatter(state, param, stepped)
-        return loss
 
     def load_state_dict(self, state_dict: dict, *, park: str | None = None) -> None:
         """Load a FusedAdamW or torch.optim.AdamW state_dict. The state parker sends frozen params' state straight

@@ -7,8 +7,9 @@ the step count alone and sees exactly the batches an uninterrupted run would.
 
 Everything the run does goes to ``<output_dir>/train_log.jsonl`` (see :mod:`lisa_trainer.runlog`). A run holds its
 output folder alone (see :mod:`lisa_trainer.run_folder`). A step whose loss or gradient norm is not finite is
-skipped (no weight update; logged with ``"skipped"``); ``max_nonfinite_steps`` of them in a row stop the run with
-:class:`TrainingDiverged`, and weights that are not finite are never saved.
+skipped (no weight update; logged with ``"skipped"``; with ``optimizer_in_backward``, which updates each tensor
+during backward, only the tensors whose gradient is not finite are left as they were); ``max_nonfinite_steps`` of
+them in a row stop the run with :class:`TrainingDiverged`, and weights that are not finite are never saved.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
+from lisa_kernels import StepInBackward
+
 from .checkpoint import (
     MODEL_FILE,
     CheckpointError,
@@ -43,7 +46,7 @@ from .data import IGNORE_INDEX, Collator, TokenizedDataset, pad_token_id
 from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
-from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
+from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog, launched_world_size
 from .layers import enable_gradient_checkpointing, find_decoder_layers
 from .options import OptionError, option
 from .trackers import Trackers, parse_report_to
@@ -79,6 +82,11 @@ class LisaTrainingArguments:
     max_grad_norm: float = option(1.0, help="gradient clipping; 0 disables it (the norm is still logged)")
     bf16: bool = option(False, help="bf16 autocast on CUDA (weights and optimizer state keep their dtypes)")
     gradient_checkpointing: bool = option(False, help="recompute activations in backward (less memory)")
+    optimizer_in_backward: bool = option(False, help="update each trainable tensor as soon as its gradient is "
+                                                     "complete and free the gradient: one gradient alive at a time "
+                                                     "instead of all (same updates; needs --max_grad_norm 0, "
+                                                     "--gradient_accumulation_steps 1, --optim adamw_lisa, one "
+                                                     "process)")
     chunked_loss: bool = option(True, help="LM-head loss over tiles of the logits, never all of them (0: the "
                                            "plain loss)")
     seed: int = option(0, help="data order, layer schedule (and the demo's weights)")
@@ -127,6 +135,17 @@ class LisaTrainingArguments:
         for name, ok, problem in checks:
             if not ok:
                 raise OptionError(LisaTrainingArguments, name, f"{problem}, got {getattr(self, name)!r}")
+        if self.optimizer_in_backward:
+            # Each is something that needs every gradient before the first update.
+            needs = [("max_grad_norm", self.max_grad_norm == 0, "0 (clipping scales every gradient by the norm of "
+                      "all of them, known only after the last update)"),
+                     ("gradient_accumulation_steps", self.gradient_accumulation_steps == 1, "1 (every backward "
+                      "updates, so each micro-batch would make a step)"),
+                     ("optim", self.optim == "adamw_lisa", "adamw_lisa (FusedAdamW's per-tensor step)")]
+            for name, ok, value in needs:
+                if not ok:
+                    raise OptionError(LisaTrainingArguments, "optimizer_in_backward", f"needs {{{name}}} {value}, "
+                                      f"got {getattr(self, name)!r}", (name,))
         if self.optim in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
             raise OptionError(LisaTrainingArguments, "optim", f"{self.optim} needs the bitsandbytes package (pip "
                               "install bitsandbytes); adamw_lisa keeps fp32 moments and parks frozen layers' state "
@@ -181,6 +200,10 @@ class LisaTrainer:
         self.args, self.lisa_config, self.tokenizer = args, lisa_config, tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.output_dir = Path(args.output_dir)
+        if args.optimizer_in_backward and launched_world_size() > 1:
+            raise OptionError(LisaTrainingArguments, "optimizer_in_backward", f"runs in one process: under torchrun "
+                              f"(WORLD_SIZE={launched_world_size()}) the ranks' gradients are averaged after backward, "
+                              f"after the update")
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
         self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp)
@@ -266,6 +289,18 @@ class LisaTrainer:
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
+    def _backward_stepping(self, loss: torch.Tensor) -> StepInBackward | None:
+        """``optimizer_in_backward``: backward in which each trainable tensor is updated as soon as its gradient is
+        complete, and the gradient freed. The hooks go on the tensors that train now (after the controller's switch
+        and the learning rate are set) and come off after backward. A non-finite loss skips the backward, and so
+        the whole step (None), as a step after backward would; a non-finite gradient skips its own tensor's update
+        (:class:`lisa_kernels.StepInBackward`), the tensors updated before it in that backward stay updated."""
+        if not math.isfinite(loss.item()):
+            return None
+        with StepInBackward(self.optimizer) as stepping:
+            loss.backward()
+        return stepping
+
     def train_step(self) -> dict:
         """One optimizer step; returns its log record."""
         args, step = self.args, self.step
@@ -285,11 +320,14 @@ class LisaTrainer:
             n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
         loss_total = 0.0
+        stepped_in_backward = None
         for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self._loss_sum(b) / max(1, n_trained)
             if self.dist:  # gradients are communicated during the last backward only
                 self.dist.backward(loss, last=i == len(batches) - 1)
+            elif args.optimizer_in_backward:
+                stepped_in_backward = self._backward_stepping(loss)
             else:
                 loss.backward()
             loss_total += loss.item()
@@ -298,12 +336,18 @@ class LisaTrainer:
             comm_bytes = self.dist.finish_gradients()
             (loss_total,) = self.dist.sum(loss_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if args.max_grad_norm > 0:
+        if stepped_in_backward is not None:  # the step is done and every gradient freed
+            grad_norm = float(stepped_in_backward.grad_norm())
+        elif args.optimizer_in_backward:  # the loss was not finite: no backward ran
+            grad_norm = math.nan
+        elif args.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         else:
             grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-        if finite:
+        if stepped_in_backward is not None:
+            finite = finite and stepped_in_backward.finite
+        elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.controller.on_step_end(step)
