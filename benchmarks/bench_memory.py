@@ -125,6 +125,10 @@ VARIANTS = {
         "lisa-park", {"state_dtype": torch.bfloat16},
         {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True}},
         note="every saving: row-sparse embedding, bf16 moments everywhere, no prefetch"),
+    "lisa-park-step-in-backward": Variant(
+        "lisa-park", settings={"optimizer_in_backward": True},
+        note="ours, park, the optimizer step inside backward (lisa_kernels.StepInBackward): one gradient alive at a "
+             "time"),
     "lisa-park-offload-frozen": Variant(
         "lisa-park", settings={"lisa_config": {"offload_frozen_layers": "all"}},
         note="ours, park, every frozen layer's weights in host memory (LisaConfig(offload_frozen_layers=n_layers)), "
@@ -133,6 +137,11 @@ VARIANTS = {
         "lisa-park", {"state_dtype": torch.bfloat16},
         {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True, "offload_frozen_layers": "all"}},
         note="every saving and every frozen layer's weights in host memory"),
+    "lisa-park-every-saving-step-in-backward-offload-frozen": Variant(
+        "lisa-park", {"state_dtype": torch.bfloat16},
+        {"prefetch_steps": 0, "optimizer_in_backward": True,
+         "lisa_config": {"sparse_embedding_state": True, "offload_frozen_layers": "all"}},
+        note="every saving, the step inside backward, every frozen layer's weights in host memory"),
 }
 # Methods whose trainable set never changes allocate nothing new after their first step: one period is measured.
 STATIC_METHODS = ("full", "lora")
@@ -222,6 +231,29 @@ def make_gradients(model, device: torch.device, batch: torch.Tensor | None) -> N
     model(input_ids=batch, labels=batch).loss.backward()
 
 
+def step_in_backward(model, optimizer, device: torch.device, batch: torch.Tensor | None, measure) -> dict:
+    """The step inside backward; returns `measure()` where it is largest: when a gradient has just arrived. On meta,
+    each trainable parameter in turn (backward order) gets its gradient, is measured, stepped with
+    `step_param` and freed; else a real backward under StepInBackward, measured by hooks that run before its own."""
+    from lisa_kernels import StepInBackward
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    if device.type == "meta":
+        for p in reversed(trainable):
+            p.grad = torch.empty_like(p)
+            seen.append(measure())
+            optimizer.step_param(p)
+            p.grad = None
+    else:
+        hooks = [p.register_post_accumulate_grad_hook(lambda _p: seen.append(measure())) for p in trainable]
+        with StepInBackward(optimizer):
+            model(input_ids=batch, labels=batch).loss.backward()
+        for hook in hooks:
+            hook.remove()
+    return max(seen, key=lambda now: sum(now.values()))
+
+
 def bench_args(shape: str, variant: Variant, args) -> SimpleNamespace:
     """The arguments bench_finetune.setup_method reads ("all" offloaded frozen layers: the shape's layer count)."""
     lisa_config = {"sparse_embedding_state": False, **variant.settings.get("lisa_config", {})}
@@ -299,13 +331,22 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
                 if controller is not None:
                     controller.on_step_begin(step)
                     sampled.update(controller.active_layers)
-                make_gradients(model, device, batch)
+                def measure():
+                    now = device_state_breakdown(model, optimizer, device)
+                    if offload is not None:  # an offloaded layer computing now is in offload_staging
+                        now["params"] -= offload.staged_bytes()
+                    now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
+                    now["offload_staging"] = staging_bytes(offload)
+                    return now
+
+                if variant.settings.get("optimizer_in_backward"):
+                    now = step_in_backward(model, optimizer, device, batch, measure)
+                else:
+                    make_gradients(model, device, batch)
+                    optimizer.step()
+                    now = measure()
                 if offload is not None:
                     offload.release_all()
-                optimizer.step()
-                now = device_state_breakdown(model, optimizer, device)
-                now["prefetched"] = bank.prefetched_bytes if isinstance(bank, SizeOnlyStateBank) else 0
-                now["offload_staging"] = staging_bytes(offload)
                 if peak is None or sum(now.values()) > sum(peak.values()):
                     peak = now
                 optimizer.zero_grad(set_to_none=True)

@@ -131,3 +131,15 @@ def test_offloaded_frozen_layers_leave_only_the_active_ones_and_two_staging_laye
         assert offload["per_period"]["params"] == [p - n_frozen * layer_bytes for p in park["per_period"]["params"]]
         assert offload["per_period"]["offload_staging"] == [2 * layer_bytes] * PERIODS
         assert park["per_period"]["offload_staging"] == [0] * PERIODS
+
+
+def test_step_in_backward_holds_one_gradient_at_a_time(runs):
+    """The step inside backward: at its peak one gradient is alive, the largest (the untied embedding's or head's,
+    vocab x hidden bf16), against every trainable tensor's in a step after backward."""
+    cfg = bench_memory.SHAPES["tiny"]["config"]
+    largest = cfg["vocab_size"] * cfg["hidden_size"] * 2
+    for device in ("cpu", "meta"):
+        inside, after = runs[device]["lisa-park-step-in-backward"], runs[device]["lisa-park"]
+        assert inside["per_period"]["grads"] == [largest] * PERIODS
+        assert all(g > 2 * largest for g in after["per_period"]["grads"])
+        assert inside["per_period"]["optimizer_state"] == after["per_period"]["optimizer_state"]

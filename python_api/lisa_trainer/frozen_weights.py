@@ -83,6 +83,10 @@ class FrozenWeightOffload:
         """The host copies of offloaded layer `index`'s parameters."""
         return [self._host[p] for p in self._params[index]]
 
+    def staged_bytes(self) -> int:
+        """Bytes of offloaded layers' weights on the device right now (computing, or kept for their backward)."""
+        return sum(t.nbytes for i in self._resident for t in self.host_copies(i))
+
     def offloaded_bytes(self) -> int:
         """Bytes of weights kept off the device (the offloaded layers that are not resident right now)."""
         return sum(t.nbytes for i in self._offloaded - self._resident for t in self.host_copies(i))
