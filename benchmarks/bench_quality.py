@@ -250,6 +250,7 @@ class Run:
     sampling: str = "uniform"  # LisaConfig.sampling
     layer_weights: str | None = None  # None or "auto"
     embedding_state_dtype: str | None = None  # LisaConfig.embedding_state_dtype
+    state_dtype: str | None = None  # FusedAdamW's state_dtype for every group (the embedding's and head's too)
 
     @property
     def label(self) -> str:
@@ -260,6 +261,8 @@ class Run:
             extra.append(self.sampling)
         if self.embedding_state_dtype is not None:
             extra.append(f"embedding/head moments {self.embedding_state_dtype}")
+        if self.state_dtype is not None:
+            extra.append(f"all moments {self.state_dtype}")
         return f"{self.method} γ={self.n_active} K={self.interval}" + "".join(f" {e}" for e in extra)
 
 
@@ -280,7 +283,8 @@ def setup(run: Run, model):
     cfg = LisaConfig(n_active_layers=run.n_active, interval_steps=run.interval, seed=run.seed,
                      state_policy=run.method.removeprefix("lisa-"), sampling=run.sampling,
                      layer_weights=run.layer_weights, embedding_state_dtype=run.embedding_state_dtype)
-    optimizer = build_optimizer(model, cfg, lr=run.lr, weight_decay=0.0)
+    lean = {"state_dtype": getattr(torch, run.state_dtype)} if run.state_dtype else {}
+    optimizer = build_optimizer(model, cfg, lr=run.lr, weight_decay=0.0, **lean)
     return model, optimizer, LisaController(model, optimizer, cfg)
 
 
@@ -421,29 +425,35 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--study", choices=("methods", "embedding-state-dtype"), default="methods",
-                   help="methods: the full study; embedding-state-dtype: LISA park with fp32 vs bf16 moments for the "
-                        "embedding and head only, over the seeds, at --lr")
+    p.add_argument("--study", choices=("methods", "moment-dtype"), default="methods",
+                   help="methods: the full study; moment-dtype: LISA park with fp32 moments, bf16 moments for the "
+                        "embedding and head only, and bf16 moments everywhere, over the seeds, at --lr")
     p.add_argument("--lr", type=float, default=1e-3,
-                   help="learning rate of the embedding-state-dtype study (default 1e-3: LISA park's best in the "
-                        "methods study)")
+                   help="learning rate of the moment-dtype study (default 1e-3: LISA park's best in the methods "
+                        "study)")
     return p.parse_args(argv)
 
 
-def embedding_state_dtype_study(args, size: Size, execute, device: torch.device) -> None:
-    """LISA park with fp32 and bf16 moments for the embedding and head (decoder layers fp32), seed by seed."""
-    runs = [Run("lisa-park", args.lr, n_active=size.n_active, interval=size.interval, seed=seed,
-                embedding_state_dtype=dtype) for dtype in ("float32", "bfloat16") for seed in size.seeds]
+MOMENT_DTYPES = {"fp32": {"embedding_state_dtype": "float32"},
+                 "bf16 embedding/head": {"embedding_state_dtype": "bfloat16"},
+                 "bf16 everywhere": {"state_dtype": "bfloat16"}}
+
+
+def moment_dtype_study(args, size: Size, execute, device: torch.device) -> None:
+    """LISA park with fp32 moments, bf16 moments for the embedding and head (decoder layers fp32) and bf16 moments
+    for every tensor, seed by seed."""
+    runs = [Run("lisa-park", args.lr, n_active=size.n_active, interval=size.interval, seed=seed, **dtypes)
+            for dtypes in MOMENT_DTYPES.values() for seed in size.seeds]
     started = time.perf_counter()
     results = execute(runs)
     payload = {"config": {**asdict(size), "quick": args.quick, "lr": args.lr}, "runs": results,
                "summary": over_seeds(results), "total_seconds": time.perf_counter() - started}
-    path = write_results("quality-embedding-state-dtype" + ("-quick" if args.quick else ""), payload, device,
+    path = write_results("quality-moment-dtype" + ("-quick" if args.quick else ""), payload, device,
                          results_dir=args.results_dir)
     print_table([{"option": r["option"], "mean loss": r["mean_loss"], "std": r["std_loss"],
                   "vs fp32": r["mean_vs_uniform"], "lower than fp32": f"{r['wins_vs_uniform']}/{r['seeds']}",
                   "train s": r["mean_train_s"]} for r in json.loads(path.read_text())["summary"]],
-                title=f"Embedding/head moment dtype, LISA park, lr {args.lr:.0e}, seeds {list(size.seeds)}")
+                title=f"Moment dtype, LISA park, lr {args.lr:.0e}, seeds {list(size.seeds)}")
     print(f"results: {path}")
 
 
@@ -470,8 +480,8 @@ def main(argv=None) -> dict:
             out.append(r)
         return out
 
-    if args.study == "embedding-state-dtype":
-        embedding_state_dtype_study(args, size, execute, device)
+    if args.study == "moment-dtype":
+        moment_dtype_study(args, size, execute, device)
         return {}
     started = time.perf_counter()
     methods = execute(method_grid(size))

@@ -210,3 +210,13 @@ def test_on_a_gpu_prefetched_copies_give_the_same_training_and_free_the_weights(
     for (name, a), b in zip(plain.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a.cpu(), b.cpu()), name
     assert offload._host[next(iter(offload._host))].is_pinned()
+
+
+def test_trainer_offload_with_the_step_inside_backward(tmp_path, tok, data):
+    """Both memory options together train as neither does (clipping off, as the step inside backward needs)."""
+    plain = make_trainer(tmp_path / "plain", tok, data, 0, max_grad_norm=0.0)
+    both = make_trainer(tmp_path / "both", tok, data, 2, max_grad_norm=0.0, optimizer_in_backward=True)
+    for _ in range(4):  # two periods
+        assert plain.train_step()["loss"] == both.train_step()["loss"]
+    for (name, a), b in zip(plain.model.state_dict().items(), both.model.state_dict().values()):
+        assert torch.equal(a, b), name

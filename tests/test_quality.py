@@ -128,3 +128,21 @@ def test_quality_benchmark_quick_mode_runs_and_reports(tmp_path):
     # Same model, park and keep do the same arithmetic (only where the moments live differs).
     by = {r["method"]: r for r in data["methods"]}
     assert by["lisa-park"]["eval_loss"] == by["lisa-keep"]["eval_loss"]
+
+
+def test_moment_dtype_study_quick_mode_compares_the_three_moment_dtypes(tmp_path):
+    """--study moment-dtype: fp32, bf16 for the embedding and head, bf16 everywhere; the bf16 moments are what the
+    optimizer kept (half the device state of fp32's for the tensors concerned)."""
+    from benchmarks import bench_quality
+
+    bench_quality.main(["--quick", "--device", "cpu", "--study", "moment-dtype", "--cache", str(tmp_path / "cache"),
+                        "--results-dir", str(tmp_path / "results")])
+    data = json.loads((tmp_path / "results" / "quality-moment-dtype-quick-cpu.json").read_text())
+    options = [row["option"] for row in data["summary"]]
+    assert len(options) == 3 and "float32" in options[0] and "embedding/head moments bfloat16" in options[1]
+    assert "all moments bfloat16" in options[2]
+    state = {}
+    for r in data["runs"]:
+        state.setdefault(r["label"], set()).add(r["device_state_mb"])
+    fp32, lean_head, lean_all = (min(state[o]) for o in options)
+    assert fp32 > lean_head > lean_all
