@@ -220,3 +220,118 @@ def test_cli_flag_sets_embedding_state_dtype():
 
     assert parse_options(["--demo", "--lisa_embedding_state_dtype", "bfloat16"]).lisa.embedding_state_dtype == "bfloat16"
     assert parse_options(["--demo"]).lisa.embedding_state_dtype is None
+
+
+# Sparse COO gradients, as nn.Embedding(sparse=True) gives them: (rows, scale) entries per step, uncoalesced. Rows 5
+# and 7 come twice in a step (duplicates, summed by coalescing; two terms sum alike in any order, so `to_dense()`
+# gives the same dense gradient), row 30 comes with all-zero values (it must stay out of the state), row 1 (which has
+# state) with zero values at step 2, and row 12 at step 1 as +v and -v (a sum of exactly zero: not touched).
+SPARSE_STEPS = [[(1, 1), (5, 1), (5, 1)], [(5, 1), (30, 0), (12, 1), (12, -1)], [(5, 1), (7, 1), (20, 1), (7, 1), (1, 0)],
+                [(7, 1), (7, 1)], [(0, 1), (36, 1), (20, 1), (30, 0)], [(5, 1)]]
+
+
+def sparse_gradients(dtype=torch.float32, dim=DIM):
+    gen = torch.Generator().manual_seed(2)
+    grads = []
+    for entries in SPARSE_STEPS:
+        rows = torch.tensor([[r for r, _ in entries]])
+        values = torch.randn(len(entries), dim, generator=gen)
+        for i, (row, scale) in enumerate(entries):  # row 12's -v is its +v negated
+            values[i] = -values[i - 1] if scale == -1 else values[i] * scale
+        grads.append(torch.sparse_coo_tensor(rows, values.to(dtype), (ROWS, dim), check_invariants=True))
+    return grads
+
+
+SPARSE_OPTIONS = {"plain": dict(weight_decay=0.0), "decay": dict(weight_decay=0.1),
+                  "amsgrad-maximize-scaled": dict(weight_decay=0.1, amsgrad=True, maximize=True, grad_scale=4.0),
+                  "bf16": dict(weight_decay=0.1, dtype=torch.bfloat16)}
+
+
+def run_with_scale(grads, sparse_rows_state, opt_kwargs, dtype):
+    """`run`, with GradScaler's grad_scale / found_inf handed to each step as GradScaler.step does."""
+    scale = opt_kwargs.pop("grad_scale", None)
+    weight = torch.nn.Parameter(initial_weight(dtype, grads[0].shape[1]))
+    opt = FusedAdamW([weight], lr=0.05, sparse_rows=sparse_rows_state, **opt_kwargs)
+    for g in grads:
+        weight.grad = g * scale if scale else g
+        if scale:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+    return weight, opt
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("options", SPARSE_OPTIONS)
+def test_sparse_gradient_steps_bit_identical_to_its_dense_form(path, options):
+    kwargs = dict(**SPARSE_OPTIONS[options], **PATHS[path])
+    dim, dtype = kwargs.pop("dim"), kwargs.pop("dtype", torch.float32)
+    sparse_grads = sparse_gradients(dtype, dim)
+    assert not sparse_grads[0].is_coalesced()
+    dense_w, dense = run_with_scale([g.to_dense() for g in sparse_grads], True, dict(kwargs), dtype)
+    sparse_w, sparse = run_with_scale(sparse_grads, True, dict(kwargs), dtype)
+    assert sparse_w.grad.is_sparse
+    assert torch.equal(sparse_w, dense_w)
+    state, dense_state = sparse.state[sparse_w], dense.state[dense_w]
+    assert state["rows"].tolist() == dense_state["rows"].tolist() == [0, 1, 5, 7, 20, 36]
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert (key in state) == (key in dense_state)
+        if key in state:
+            assert torch.equal(state[key], dense_state[key]), key
+
+
+def test_sparse_gradient_park_and_checkpoint():
+    """Sparse gradients around parking, a state_dict round trip and state loaded straight into the bank."""
+    kwargs = dict(weight_decay=0.1)
+    expected, _ = run([g.to_dense() for g in sparse_gradients()], False, opt_kwargs=kwargs)
+    weight, opt = run(sparse_gradients(), True, steps=3, opt_kwargs=kwargs)
+    opt.state_parker.park(weight)
+    saved = opt.state_dict()
+    assert saved["state"][0]["rows"].tolist() == [1, 5, 7, 20]
+    reloaded_w = torch.nn.Parameter(weight.detach().clone())
+    reloaded = FusedAdamW([reloaded_w], lr=0.05, sparse_rows=True, **kwargs)
+    reloaded.load_state_dict(saved, park="all")
+    for w, o in ((weight, opt), (reloaded_w, reloaded)):
+        for g in sparse_gradients()[3:]:
+            w.grad = g
+            o.step()
+        assert torch.equal(w, expected)
+
+
+def test_sparse_gradient_refused_where_it_cannot_be_stepped():
+    dense_param, embedding = torch.nn.Parameter(torch.zeros(ROWS, DIM)), torch.nn.Parameter(torch.zeros(ROWS, DIM))
+    opt = FusedAdamW([{"params": [dense_param]}, {"params": [embedding], "sparse_rows": True}])
+    dense_param.grad = sparse_gradients()[0]
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 has a sparse gradient.*sparse_rows=True"):
+        opt.step()
+    dense_param.grad = None
+    embedding.grad = sparse_gradients()[0].to_dense().to_sparse()  # sparse in both dims
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 1 .*\(2 sparse dims\).*along dim 0 only"):
+        opt.step()
+    assert not opt.state[dense_param] and not opt.state[embedding]
+
+
+def test_sparse_embedding_matches_torch_adamw_on_a_dense_twin():
+    """nn.Embedding(sparse=True) + FusedAdamW(sparse_rows=True) against nn.Embedding + torch.optim.AdamW, two
+    micro-batches a step (an uncoalesced gradient). The loss weights are multiples of 1/8, so every gradient element
+    is a sum of exact dyadic numbers, the same in any order: the gradients agree exactly, and so must the steps."""
+    gen = torch.Generator().manual_seed(3)
+    sparse_emb, dense_emb = torch.nn.Embedding(ROWS, DIM, sparse=True), torch.nn.Embedding(ROWS, DIM)
+    dense_emb.weight.data.copy_(sparse_emb.weight.data)
+    ours = FusedAdamW(sparse_emb.parameters(), lr=0.05, weight_decay=0.1, sparse_rows=True)
+    theirs = torch.optim.AdamW(dense_emb.parameters(), lr=0.05, weight_decay=0.1, fused=True)
+    for step in range(5):
+        vocab = 12 + 5 * step  # new tokens appear as the run goes on
+        for _ in range(2):
+            tokens = torch.randint(0, vocab, (3, 7), generator=gen)
+            weights = torch.randint(-8, 9, (3, 7, DIM), generator=gen) / 8
+            for emb in (sparse_emb, dense_emb):
+                (emb(tokens) * weights).sum().backward()
+        assert sparse_emb.weight.grad.is_sparse and not sparse_emb.weight.grad.is_coalesced()
+        ours.step()
+        theirs.step()
+        ours.zero_grad()
+        theirs.zero_grad()
+        assert torch.equal(sparse_emb.weight, dense_emb.weight)
+    state, torch_state = ours.state[sparse_emb.weight], theirs.state[dense_emb.weight]
+    for key, moment in dense_view(state).items():
+        assert torch.equal(moment, torch_state[key]), key
