@@ -44,6 +44,7 @@ from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog
+from .gradients import clip_grad_norm, use_sparse_embedding_grad
 from .layers import find_decoder_layers
 from .options import OptionError, option
 from .trackers import Trackers, parse_report_to
@@ -213,6 +214,7 @@ class LisaTrainer:
             **({} if args.optim == "adafactor" else {"betas": (args.adam_beta1, args.adam_beta2),
                                                      "eps": args.adam_epsilon}),
         )
+        self._choose_embedding_grad()
         self.controller = LisaController(model, self.optimizer, lisa_config)
         # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
         # does not call: it would meet the head's shards.
@@ -268,6 +270,12 @@ class LisaTrainer:
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
+    def _choose_embedding_grad(self) -> None:
+        """On one process the input embedding's gradient holds the step's tokens only, where FusedAdamW's row-sparse
+        group takes it (see gradients.py); chosen again after a checkpoint's param groups are loaded."""
+        use_sparse_embedding_grad(self.model, self.optimizer, self.lisa_config.sparse_embedding_grad,
+                                  data_parallel=self.dist is not None)
+
     def train_step(self) -> dict:
         """One optimizer step; returns its log record."""
         args, step = self.args, self.step
@@ -299,10 +307,7 @@ class LisaTrainer:
             comm_bytes = self.dist.finish_gradients()
             (loss_total,) = self.dist.sum(loss_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if args.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
+        grad_norm = clip_grad_norm(params, args.max_grad_norm)  # the input embedding's may be sparse
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -414,6 +419,7 @@ class LisaTrainer:
             lines = str(e).strip().splitlines()
             more = f"\n  ... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
             raise CheckpointError(f"{checkpoint}: cannot resume this run from it: " + "\n".join(lines[:4]) + more) from e
+        self._choose_embedding_grad()  # a run saved under FSDP resumes with dense embedding state
         if state["seed"] != self.args.seed:
             warnings.warn(f"resuming with seed {self.args.seed}, checkpoint used {state['seed']}: data order changes", stacklevel=2)
         if state["max_steps"] != self.max_steps:
