@@ -20,7 +20,8 @@ many rows (a gradient that underflows to zero after unscaling) is still exact; o
 The gradient may be dense or sparse COO along dim 0 (`nn.Embedding(sparse=True)`: one row of values per token, a
 few MB where the dense gradient of a 128,256 x 4096 bf16 embedding is 1.05 GB). A sparse gradient is coalesced
 (rows of repeated tokens summed), its rows with a nonzero element join the state, and the rows with state get its
-values (zeros where it has none): the step is bit-identical to the one its dense form `grad.to_dense()` gets.
+values (zeros where it has none): the step is bit-identical to the one its dense form `grad.coalesce().to_dense()`
+gets (`grad.to_dense()` may sum a row's many entries in another order: 20 entries did, 5 did not).
 
 The state of a parameter `p` in `optimizer.state[p]`, the compact form `state_dict` saves:
     "step": as in torch.optim.AdamW;

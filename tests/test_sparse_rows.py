@@ -95,11 +95,17 @@ def test_sparse_rows_bf16_params_and_torch_adamw():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [5, 64])
 def test_sparse_rows_bit_identical_to_dense_on_cuda(dtype, dim):
-    """The Triton kernel runs the same arithmetic for every element, wherever a row sits in the tensor."""
+    """The Triton kernel runs the same arithmetic for every element, wherever a row sits in the tensor; a sparse
+    gradient (two entries at most per row: summed alike in any order) steps as its dense form."""
     kwargs = dict(weight_decay=0.1)
     dense_w, _ = run(gradients(dtype, dim), False, opt_kwargs=kwargs, dtype=dtype, device="cuda")
     sparse_w, _ = run(gradients(dtype, dim), True, opt_kwargs=kwargs, dtype=dtype, device="cuda")
     assert torch.equal(sparse_w, dense_w)
+    from_dense, _ = run([g.to_dense() for g in sparse_gradients(dtype, dim)], True, opt_kwargs=kwargs, dtype=dtype,
+                        device="cuda")
+    from_sparse, opt = run(sparse_gradients(dtype, dim), True, opt_kwargs=kwargs, dtype=dtype, device="cuda")
+    assert from_sparse.grad.is_sparse and torch.equal(from_sparse, from_dense)
+    assert opt.state[from_sparse]["rows"].tolist() == [0, 1, 5, 7, 20, 36]
 
 
 def test_sparse_rows_state_dict_round_trip_and_torch_checkpoint():
@@ -457,3 +463,14 @@ def test_trainer_with_sparse_embedding_grad_trains_as_dense(tmp_path, tok, args)
     assert state["rows"].tolist() == dense_state["rows"].tolist()
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(state[key], dense_state[key], rtol=1e-5, atol=1e-5 * float(dense_state[key].abs().max()))
+
+
+def test_clip_grad_norm_without_get_total_norm(monkeypatch):
+    """torch < 2.6 has no get_total_norm: the same norm of norms, summed in the given order (torch's own order is
+    its grouping by device and dtype), so equal to rounding."""
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in (((7, 5), torch.float32), ((13,), torch.bfloat16))]
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype)
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert clip_grad_norm(params, 0.0) == pytest.approx(expected, rel=1e-6)
