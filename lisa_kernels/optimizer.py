@@ -42,7 +42,9 @@ class FusedAdamW(torch.optim.AdamW):
       bit-identical to dense AdamW (see `lisa_kernels.sparse_rows`; not worth it for a head, whose gradient is
       dense). `state_dict` saves that state in its compact form ("rows" + moments of those rows), which
       FusedAdamW loads back exactly; FusedAdamW also loads torch.optim.AdamW's dense state into it, and a group
-      without `sparse_rows` expands compact state to dense at its next step;
+      without `sparse_rows` expands compact state to dense at its next step. Such a group also takes a sparse COO
+      gradient (`nn.Embedding(sparse=True)`: tokens x hidden values instead of a vocabulary-sized gradient), stepped
+      exactly as its dense form; other groups refuse sparse gradients;
     - `stochastic_rounding=True` rounds bf16 params stochastically, so updates below half an ulp are not lost;
     - a `StateParker` (`optimizer.state_parker`) moves frozen params' moments to and from a HostStateBank
       (`state_bank`, or a default one created on first use); see `state_parking.py`. It keeps moments in
@@ -179,8 +181,9 @@ class FusedAdamW(torch.optim.AdamW):
         rows, stepped_rows, hyperparameters = [], [], {}
         for group_index, param_index, group in where:
             p = group["params"][param_index]
-            if p.grad.is_sparse:
-                raise RuntimeError("FusedAdamW does not support sparse gradients")
+            if p.grad.layout != torch.strided:  # a row-sparse group steps it (sparse_rows.gather); others refuse
+                sparse_rows.check_sparse_gradient(_local(p), p.grad, group["sparse_rows"],
+                                                  f"FusedAdamW: parameter {param_index} of param group {group_index}")
             if p.is_complex():
                 raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
             h = hyperparameters.get(group_index)

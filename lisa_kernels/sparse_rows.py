@@ -17,6 +17,12 @@ elements), so it is exact where rows are a multiple of 16 elements (every LLM hi
 A row that enters with zero moments and a zero gradient steps exactly like a row without state, so taking too
 many rows (a gradient that underflows to zero after unscaling) is still exact; only a row left out would not be.
 
+The gradient may be dense or sparse COO along dim 0 (`nn.Embedding(sparse=True)`: one row of values per token, a
+few MB where the dense gradient of a 128,256 x 4096 bf16 embedding is 1.05 GB). A sparse gradient is coalesced
+(rows of repeated tokens summed), its rows with a nonzero element join the state, and the rows with state get its
+values (zeros where it has none): the step is bit-identical to the one its dense form `grad.coalesce().to_dense()`
+gets (`grad.to_dense()` may sum a row's many entries in another order: 20 entries did, 5 did not).
+
 The state of a parameter `p` in `optimizer.state[p]`, the compact form `state_dict` saves:
     "step": as in torch.optim.AdamW;
     "rows": int64, ascending indices (into dim 0) of the rows with state;
@@ -98,15 +104,50 @@ def decay_rows_without_state(param: torch.Tensor, rows: torch.Tensor, decay: flo
         param.index_copy_(0, batch, value.to(param.dtype))
 
 
+def check_sparse_gradient(param: torch.Tensor, grad: torch.Tensor, row_sparse: bool, where: str) -> None:
+    """Refuse (RuntimeError naming the parameter, `where`) a sparse gradient that `gather` cannot take: one in a
+    group without row-sparse state, or one that is not a COO tensor of the parameter's shape and device, sparse
+    along dim 0 only (what `nn.Embedding(sparse=True)` gives)."""
+    if not row_sparse:
+        raise RuntimeError(f"{where} has a sparse gradient, which FusedAdamW steps only with row-sparse state: put "
+                           f"the parameter in a param group with sparse_rows=True")
+    if grad.layout != torch.sparse_coo or grad.sparse_dim() != 1 or grad.shape != param.shape \
+            or grad.device != param.device:
+        sparse_dims = grad.sparse_dim() if grad.layout == torch.sparse_coo else grad.layout
+        raise RuntimeError(f"{where} (shape {tuple(param.shape)} on {param.device}) has a sparse gradient of shape "
+                           f"{tuple(grad.shape)} on {grad.device} ({sparse_dims} sparse dims); sparse_rows=True takes "
+                           f"a COO gradient of the parameter's shape and device, sparse along dim 0 only")
+
+
+def _sparse_grad_rows(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (ascending) of a coalesced sparse gradient as a dense tensor: its values where it has the row,
+    zeros where it has none, as `grad.to_dense().index_select(0, rows)` without the dense gradient."""
+    index, values = grad.indices()[0], grad.values()
+    grad_rows = values.new_zeros((rows.numel(), *values.shape[1:]))
+    if rows.numel() == 0:
+        return grad_rows
+    at = torch.searchsorted(rows, index).clamp_max_(rows.numel() - 1)
+    held = rows[at] == index  # an all-zero row the state does not hold is zero in the step too: it is left out
+    return grad_rows.index_copy_(0, at[held], values[held])
+
+
 def gather(state: dict, param: torch.Tensor, grad: torch.Tensor, decay: float,
            stochastic_rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's preparation: rows touched by `grad` join the state, rows without state get their weight decay,
     and the rows with state are returned as (param rows, grad rows) copies for the AdamW step; `scatter` writes
-    the stepped param rows back."""
-    add_rows(state, touched_rows(grad))
+    the stepped param rows back.
+
+    `grad` is dense, or sparse COO along dim 0 (`check_sparse_gradient`), possibly uncoalesced (accumulated over
+    micro-batches): it is coalesced (duplicate rows summed), and the step is then the one its dense form gets."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        add_rows(state, grad.indices()[0][touched_rows(grad.values())])
+    else:
+        add_rows(state, touched_rows(grad))
     rows = state[ROWS]
     decay_rows_without_state(param, rows, decay, stochastic_rounding)
-    return param.index_select(0, rows), grad.index_select(0, rows)
+    grad_rows = _sparse_grad_rows(grad, rows) if grad.is_sparse else grad.index_select(0, rows)
+    return param.index_select(0, rows), grad_rows
 
 
 def scatter(state: dict, param: torch.Tensor, stepped_rows: torch.Tensor) -> None:

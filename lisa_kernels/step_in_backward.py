@@ -107,6 +107,9 @@ class StepInBackward:
         grad = param.grad
         if grad is None or not param.requires_grad:
             return
+        if grad.is_sparse:  # nn.Embedding(sparse=True): a row per token; the norm is its coalesced rows'
+            grad = param.grad = grad.coalesce()
+            grad = grad.values()
         # dtype=: torch reduces a bf16/fp16 CUDA tensor into fp32 inside the kernel, where .float() would first copy
         # the gradient (2 GB for a bf16 head at Llama-3-8B). On CPU torch makes that copy either way.
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)

@@ -56,7 +56,8 @@ def _record_first_gradients(trainer) -> dict:
 
     def hook(optimizer, args, kwargs):
         if not grads:
-            grads.update({names[p]: p.grad.detach().clone() for group in optimizer.param_groups
+            # to_dense: in one process the input embedding's gradient is sparse (dense under data parallelism)
+            grads.update({names[p]: p.grad.detach().clone().to_dense() for group in optimizer.param_groups
                           for p in group["params"] if p.grad is not None})
 
     trainer.optimizer.register_step_pre_hook(hook)

@@ -138,6 +138,31 @@ def test_hooks_equal_backward_then_step_and_hold_one_gradient_at_a_time():
     assert not opt_hooked.state[hooked[3].weight]
 
 
+def test_hooks_take_a_sparse_embedding_gradient_in_its_row_sparse_group():
+    """nn.Embedding(sparse=True) in a sparse_rows group: coalesced in the hook, stepped as a plain step steps it."""
+    plain, hooked = _tiny_model(), _tiny_model()
+    optimizers = []
+    for model in (plain, hooked):
+        model[0].sparse = True
+        optimizers.append(FusedAdamW([{"params": [model[0].weight], "sparse_rows": True},
+                                      {"params": list(model[1:].parameters())}], lr=1e-2, weight_decay=0.1))
+    stepping = StepInBackward(optimizers[1])
+    for step in range(3):
+        _loss(plain, step).backward()
+        assert plain[0].weight.grad.is_sparse
+        sparse = plain[0].weight.grad = plain[0].weight.grad.coalesce()
+        expected_norm = torch.linalg.vector_norm(torch.stack(
+            [sparse.values().norm()] + [p.grad.norm() for p in plain[1:].parameters()]))
+        optimizers[0].step()
+        optimizers[0].zero_grad()
+        stepping.reset()
+        _loss(hooked, step).backward()
+        assert torch.allclose(stepping.grad_norm(), expected_norm, rtol=1e-6)
+        for a, b in zip(plain.parameters(), hooked.parameters()):
+            assert torch.equal(a, b) and b.grad is None
+    _assert_same_state(optimizers[0], optimizers[1], list(plain.parameters()), list(hooked.parameters()))
+
+
 def test_a_nonfinite_gradient_leaves_its_tensor_untouched_and_flags_the_step():
     model = _tiny_model()
     opt = FusedAdamW(model.parameters(), lr=1e-2)

@@ -47,6 +47,7 @@ from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog, launched_world_size
+from .gradients import clip_grad_norm, use_sparse_embedding_grad
 from .layers import enable_gradient_checkpointing, find_decoder_layers
 from .options import OptionError, option
 from .trackers import Trackers, parse_report_to
@@ -234,6 +235,7 @@ class LisaTrainer:
             raise OptionError(LisaConfig, "offload_frozen_layers", "needs gradient checkpointing "
                               "(--gradient_checkpointing: without it a layer's weights stay on the device from its "
                               "forward to its backward) and one process (each rank would copy its own)")
+        self._choose_embedding_grad()
         self.controller = LisaController(model, self.optimizer, lisa_config)
         # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
         # does not call: it would meet the head's shards.
@@ -301,6 +303,12 @@ class LisaTrainer:
             loss.backward()
         return stepping
 
+    def _choose_embedding_grad(self) -> None:
+        """On one process the input embedding's gradient holds the step's tokens only, where FusedAdamW's row-sparse
+        group takes it (see gradients.py); chosen again after a checkpoint's param groups are loaded."""
+        use_sparse_embedding_grad(self.model, self.optimizer, self.lisa_config.sparse_embedding_grad,
+                                  data_parallel=self.dist is not None)
+
     def train_step(self) -> dict:
         """One optimizer step; returns its log record."""
         args, step = self.args, self.step
@@ -340,10 +348,8 @@ class LisaTrainer:
             grad_norm = float(stepped_in_backward.grad_norm())
         elif args.optimizer_in_backward:  # the loss was not finite: no backward ran
             grad_norm = math.nan
-        elif args.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
         else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params]))) if params else 0.0
+            grad_norm = clip_grad_norm(params, args.max_grad_norm)  # the input embedding's may be sparse
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if stepped_in_backward is not None:
             finite = finite and stepped_in_backward.finite
@@ -463,6 +469,7 @@ class LisaTrainer:
             lines = str(e).strip().splitlines()
             more = f"\n  ... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
             raise CheckpointError(f"{checkpoint}: cannot resume this run from it: " + "\n".join(lines[:4]) + more) from e
+        self._choose_embedding_grad()  # a run saved under FSDP resumes with dense embedding state
         if state["seed"] != self.args.seed:
             warnings.warn(f"resuming with seed {self.args.seed}, checkpoint used {state['seed']}: data order changes", stacklevel=2)
         if state["max_steps"] != self.max_steps:
