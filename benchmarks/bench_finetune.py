@@ -200,8 +200,12 @@ def is_switch_step(method: str, step: int, interval: int) -> bool:
 
 
 def _tensor_bytes(t) -> int:
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its indices and values
+        return _tensor_bytes(t._indices()) + _tensor_bytes(t._values())
     t = t.to_local() if hasattr(t, "to_local") else t  # an FSDP shard: what this rank holds
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+    return t.numel() * t.element_size()
 
 
 def device_state_breakdown(model, optimizer, device) -> dict:

@@ -10,7 +10,11 @@ the bytes resident on the device:
 - grads: every parameter that requires a gradient after peft's or the controller's freezing gets
   `.grad = torch.empty_like(p)`, which is what backward leaves on a leaf parameter (same shape and dtype). A whole
   model's forward does not run on meta (transformers' mask code reads a value with `.item()`); on the tiny shape the
-  tests run a real forward/backward on CPU instead and find the same bytes;
+  tests run a real forward/backward on CPU instead and find the same bytes. An input embedding with a row-sparse
+  gradient (`LisaConfig(sparse_embedding_grad=True)`) gets a COO gradient with one row (and an int64 index) per
+  token of the step; the step is the batch the CPU run uses, one token per assumed touched row plus one;
+  with the step inside backward (`optimizer_in_backward`), the gradients are counted where the most are alive: as
+  each tensor's gradient arrives, the others already freed;
 - optimizer_state: what the optimizer's own `step()` allocated (FusedAdamW's `_state_for_step`, torch AdamW's state)
   after the controller's policy parked, dropped or kept it;
 - prefetched: with "park" the controller starts bringing the next period's incoming layers back one step before the
@@ -115,6 +119,10 @@ VARIANTS = {
     "lisa-park-sparse-embedding": Variant("lisa-park", settings={"lisa_config": {"sparse_embedding_state": True}},
                                           note="ours, park, row-sparse input-embedding moments (the build_optimizer "
                                                "default; touched rows assumed, see --touched-rows)"),
+    "lisa-park-sparse-embedding-grad": Variant(
+        "lisa-park", settings={"lisa_config": {"sparse_embedding_state": True, "sparse_embedding_grad": True}},
+        note="ours, park, row-sparse embedding state and gradient (the LisaTrainer default on one process): one "
+             "gradient row per token of the step"),
     "lisa-park-bf16-embedding-head": Variant("lisa-park", settings={"lisa_config": {"embedding_state_dtype": "bfloat16"}},
                                              note="ours, park, LisaConfig(embedding_state_dtype='bfloat16'): bf16 "
                                                   "moments for embedding and head, fp32 for decoder layers"),
@@ -135,12 +143,13 @@ VARIANTS = {
              "two layers on the device while they compute"),
     "lisa-park-every-saving-offload-frozen": Variant(
         "lisa-park", {"state_dtype": torch.bfloat16},
-        {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True, "offload_frozen_layers": "all"}},
+        {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True, "sparse_embedding_grad": True,
+                                              "offload_frozen_layers": "all"}},
         note="every saving and every frozen layer's weights in host memory"),
     "lisa-park-every-saving-step-in-backward-offload-frozen": Variant(
         "lisa-park", {"state_dtype": torch.bfloat16},
         {"prefetch_steps": 0, "optimizer_in_backward": True,
-         "lisa_config": {"sparse_embedding_state": True, "offload_frozen_layers": "all"}},
+         "lisa_config": {"sparse_embedding_state": True, "sparse_embedding_grad": True, "offload_frozen_layers": "all"}},
         note="every saving, the step inside backward, every frozen layer's weights in host memory"),
 }
 # Methods whose trainable set never changes allocate nothing new after their first step: one period is measured.
@@ -221,12 +230,24 @@ def make_state_bank(device: torch.device) -> HostStateBank:
 # The schedule
 
 
-def make_gradients(model, device: torch.device, batch: torch.Tensor | None) -> None:
+def meta_gradient(model, p: torch.Tensor, tokens: int) -> torch.Tensor:
+    """On meta, the gradient backward leaves on `p`: dense like `p`, or for an input embedding with `sparse=True`
+    a COO gradient with one row per token of the step (uncoalesced, as nn.Embedding gives it)."""
+    embedding = model.get_input_embeddings()
+    if getattr(embedding, "sparse", False) and p is embedding.weight:
+        indices = torch.empty(1, tokens, dtype=torch.int64, device="meta")
+        values = torch.empty(tokens, *p.shape[1:], dtype=p.dtype, device="meta")
+        # Marked coalesced so that coalesce() on meta (which has no kernel for it) returns it as it is.
+        return torch.sparse_coo_tensor(indices, values, p.shape, is_coalesced=True)
+    return torch.empty_like(p)
+
+
+def make_gradients(model, device: torch.device, batch: torch.Tensor) -> None:
     """What backward leaves: on meta, an empty gradient per parameter that requires one; else a real backward."""
     if device.type == "meta":
         for p in model.parameters():
             if p.requires_grad:
-                p.grad = torch.empty_like(p)
+                p.grad = meta_gradient(model, p, batch.shape[1])
         return
     model(input_ids=batch, labels=batch).loss.backward()
 
@@ -241,7 +262,7 @@ def step_in_backward(model, optimizer, device: torch.device, batch: torch.Tensor
     seen = []
     if device.type == "meta":
         for p in reversed(trainable):
-            p.grad = torch.empty_like(p)
+            p.grad = meta_gradient(model, p, batch.shape[1])
             seen.append(measure())
             optimizer.step_param(p)
             p.grad = None
@@ -274,27 +295,36 @@ def touched_row_count(shape: str, args) -> int:
 @contextlib.contextmanager
 def assumed_touched_rows(count: int):
     """On meta, row-sparse embedding state gets `count` rows at its first step and none later (see the module
-    docstring); real tensors run the package's own code."""
-    touched, add = sparse_rows.touched_rows, sparse_rows.add_rows
+    docstring), and a sparse gradient's rows for them are made up in shape only; real tensors run the package's
+    own code."""
+    originals = {name: getattr(sparse_rows, name) for name in ("touched_rows", "add_rows", "_sparse_grad_rows")}
 
     def touched_rows(grad):
         if grad.device.type != "meta":
-            return touched(grad)
+            return originals["touched_rows"](grad)
         return torch.empty(count, dtype=torch.int64, device="meta")
 
     def add_rows(state, rows):
         if rows.device.type != "meta":
-            return add(state, rows)
+            return originals["add_rows"](state, rows)
         if state[sparse_rows.ROWS].numel() == 0:
             for key, value in list(state.items()):
                 if key != "step":
                     state[key] = value.new_empty((rows.numel(), *value.shape[1:]))
 
-    sparse_rows.touched_rows, sparse_rows.add_rows = touched_rows, add_rows
+    def sparse_grad_rows(grad, rows):
+        if grad.device.type != "meta":
+            return originals["_sparse_grad_rows"](grad, rows)
+        return grad.values().new_empty((rows.numel(), *grad.shape[1:]))
+
+    patched = {"touched_rows": touched_rows, "add_rows": add_rows, "_sparse_grad_rows": sparse_grad_rows}
+    for name, fn in patched.items():
+        setattr(sparse_rows, name, fn)
     try:
         yield
     finally:
-        sparse_rows.touched_rows, sparse_rows.add_rows = touched, add
+        for name, fn in originals.items():
+            setattr(sparse_rows, name, fn)
 
 
 def staging_bytes(offload) -> int:
@@ -314,12 +344,14 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
     if variant.method == "lisa-park":
         bank = kwargs["state_bank"] = make_state_bank(device)
     model, optimizer, controller = setup_method(variant.method, model, setup, device, **kwargs)
-    batch = None
-    if device.type != "meta":
-        # Tokens 0..n-1, then token 0 again: every position but the last has a next-token label, so exactly n rows
-        # of the input embedding get a gradient, the count the meta run assumes.
-        n = touched_row_count(shape, args)
-        batch = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])[None].to(device)
+    if setup.lisa_config.get("sparse_embedding_grad"):
+        from lisa_trainer.gradients import use_sparse_embedding_grad
+
+        use_sparse_embedding_grad(model, optimizer, True, data_parallel=False)
+    # Tokens 0..n-1, then token 0 again: every position but the last has a next-token label, so exactly n rows of
+    # the input embedding get a gradient, the count the meta run assumes (on meta only the shape is used).
+    n = touched_row_count(shape, args)
+    batch = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])[None].to(device)
 
     offload = getattr(controller, "frozen_weights", None)
     per_period = {key: [] for key in (*STATE_KEYS, "host", "layers_sampled")}

@@ -143,3 +143,15 @@ def test_step_in_backward_holds_one_gradient_at_a_time(runs):
         assert inside["per_period"]["grads"] == [largest] * PERIODS
         assert all(g > 2 * largest for g in after["per_period"]["grads"])
         assert inside["per_period"]["optimizer_state"] == after["per_period"]["optimizer_state"]
+
+
+def test_sparse_embedding_gradient_holds_one_row_per_token(runs):
+    """The row-sparse embedding gradient: the step's tokens' rows (uncoalesced, int64 index each) instead of the
+    vocabulary's. The accounting's step is the batch that touches the assumed rows: touched + 1 tokens."""
+    cfg = bench_memory.SHAPES["tiny"]["config"]
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    tokens = bench_memory.touched_row_count("tiny", ARGS) + 1
+    for device in ("cpu", "meta"):
+        dense = runs[device]["lisa-park-sparse-embedding"]["per_period"]["grads"]
+        sparse = runs[device]["lisa-park-sparse-embedding-grad"]["per_period"]["grads"]
+        assert sparse == [g - vocab * hidden * 2 + tokens * (8 + hidden * 2) for g in dense]
