@@ -41,6 +41,28 @@ def offloaded_twin(model, indices):
     return twin, offload
 
 
+def train_side_by_side(plain, twin, offload, steps: int = 3) -> torch.Tensor:
+    """AdamW steps on both models from the same batches: the same losses at every step, and between steps every
+    offloaded layer back in host memory. Returns the last batch."""
+    device = next(plain.parameters()).device
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, twin)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, 67, (2, 11), generator=gen).to(device)
+        losses = []
+        for model, optimizer in zip((plain, twin), optimizers):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if model is twin:
+                offload.release_all()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+        assert not any(on_device(twin, i) for i in offload.offloaded)
+    return ids
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_training_is_bit_identical_and_one_offloaded_layer_computes_at_a_time(checkpointing):
     plain = tiny_llama(checkpointing)
@@ -53,21 +75,7 @@ def test_training_is_bit_identical_and_one_offloaded_layer_computes_at_a_time(ch
     for module in twin.modules():  # after the offload's hooks: sees what each leaf module computes with
         module.register_forward_pre_hook(
             lambda *_: resident_at_entry.append(sum(on_device(twin, i) for i in frozen)))
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, twin)]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        ids = torch.randint(0, 67, (2, 11), generator=gen)
-        losses = []
-        for model, optimizer in zip((plain, twin), optimizers):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if model is twin:
-                offload.release_all()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        assert losses[0] == losses[1]
-        assert not any(on_device(twin, i) for i in frozen)
+    ids = train_side_by_side(plain, twin, offload)
     if checkpointing:  # forward, then recompute + backward: one offloaded layer at a time
         assert max(resident_at_entry) == 1
     else:  # without checkpointing every layer keeps its weights from its forward to its backward
@@ -193,20 +201,7 @@ def test_on_a_gpu_prefetched_copies_give_the_same_training_and_free_the_weights(
     resident = sum(-(-p.nbytes // 512) * 512 for p in twin.parameters())
     assert torch.cuda.memory_allocated() - before == resident
     assert not any(on_device(twin, i) for i in frozen)
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, twin)]
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        ids = torch.randint(0, 67, (2, 11), generator=gen).cuda()
-        losses = []
-        for model, optimizer in zip((plain, twin), optimizers):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if model is twin:
-                offload.release_all()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        assert losses[0] == losses[1]
+    train_side_by_side(plain, twin, offload)
     for (name, a), b in zip(plain.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a.cpu(), b.cpu()), name
     assert offload._host[next(iter(offload._host))].is_pinned()
