@@ -141,6 +141,11 @@ VARIANTS = {
         "lisa-park", settings={"lisa_config": {"offload_frozen_layers": "all"}},
         note="ours, park, every frozen layer's weights in host memory (LisaConfig(offload_frozen_layers=n_layers)), "
              "two layers on the device while they compute"),
+    "lisa-park-exact-savings-offload-frozen": Variant(
+        "lisa-park", settings={"lisa_config": {"sparse_embedding_state": True, "sparse_embedding_grad": True,
+                                               "offload_frozen_layers": "all"}},
+        note="the LisaTrainer defaults (row-sparse embedding state and gradient, fp32 moments, prefetch) and every "
+             "frozen layer's weights in host memory: exact savings only"),
     "lisa-park-every-saving-offload-frozen": Variant(
         "lisa-park", {"state_dtype": torch.bfloat16},
         {"prefetch_steps": 0, "lisa_config": {"sparse_embedding_state": True, "sparse_embedding_grad": True,
