@@ -129,15 +129,19 @@ class FrozenWeightOffload:
     # ---------------------------------------------------------------------------------------------- the hooks
 
     def _enter(self, index: int) -> None:
-        if index in self._resident or index not in self._offloaded:
+        if index not in self._offloaded:
             return
         backward = _in_backward()
-        keep_for_backward = torch.is_grad_enabled() and not backward
-        for other in list(self._resident):
-            if not (keep_for_backward and not _checkpointed(self.layers[other])):
-                self._release(other)
-        self._materialize(index)
-        self._resident.add(index)
+        if index not in self._resident:
+            keep_for_backward = torch.is_grad_enabled() and not backward
+            for other in list(self._resident):
+                if not (keep_for_backward and not _checkpointed(self.layers[other])):
+                    self._release(other)
+            self._materialize(index)
+            self._resident.add(index)
+        # Every leaf module of the layer comes here, and the prefetch starts at the first. The forward's last
+        # offloaded layer is still resident when its recompute starts the backward: the layer below it is fetched
+        # from then on.
         step = -1 if backward else 1
         ahead = next((i for i in range(index + step, -1 if step < 0 else len(self.layers), step)
                       if i in self._offloaded), None)
