@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import warnings
 
 import torch
 
+from lisa_kernels import _native
 from lisa_kernels._native import PAGE_SIZE
 
 # Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
@@ -154,3 +156,35 @@ class _Arena:
         self.chunks = keep
         self.reserved -= released
         return released
+
+
+def slot_view(slot: _Slot, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The first bytes of `slot` as a tensor of `shape` and `dtype`."""
+    nbytes = shape.numel() * dtype.itemsize
+    return slot.chunk.data[slot.offset:slot.offset + nbytes].view(dtype).view(shape)
+
+
+class HostTensors:
+    """Host tensors carved from an arena's chunks, for data that stays in host memory and is copied to the device
+    again and again (frozen layers' weights). Pinned chunks come from the native extension at the size asked for,
+    or from PyTorch, whose caching host allocator rounds each request up to a power of two: tensors share chunks
+    here, where one pinned tensor per weight would round a Llama-3-8B MLP matrix of 117 MB up to 134 MB (+11% of
+    host memory for the 30 frozen layers). The tensors live as long as this object. Where the arena cannot grow
+    (pinning refused), a tensor gets pageable memory, after one warning: copies from it are slower, not wrong."""
+
+    def __init__(self, pin: bool, chunk_bytes: int = 64 << 20):
+        self._arena = _Arena(_ChunkSource(_native.load(), pin), chunk_bytes, None)
+        self._warned = False
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        shape = torch.Size(shape)
+        if shape.numel() == 0:
+            return torch.empty(shape, dtype=dtype)
+        try:
+            return slot_view(self._arena.alloc(shape.numel() * dtype.itemsize), shape, dtype)
+        except _ArenaFull as e:
+            if not self._warned:
+                warnings.warn(f"HostTensors: host memory arena cannot grow ({e}); using pageable memory",
+                              RuntimeWarning, stacklevel=2)
+                self._warned = True
+            return torch.empty(shape, dtype=dtype)

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from lisa_kernels import _native
-from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource, _round_up, _Slot
+from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource, _round_up, _Slot, slot_view
 
 __all__ = ["HostStateBank"]
 
@@ -306,8 +306,7 @@ class HostStateBank:
         except _ArenaFull as e:
             self._warn_pageable(str(e), nbytes)
             return torch.empty(shape, dtype=dtype, pin_memory=False), None
-        view = slot.chunk.data[slot.offset:slot.offset + nbytes].view(dtype).view(shape)
-        return view, slot
+        return slot_view(slot, shape, dtype), slot
 
     def _alloc_slot(self, nbytes: int) -> _Slot:
         try:

@@ -508,3 +508,35 @@ def test_cuda_offload_of_tensor_still_being_written(backend):
     del x
     expected = produce(x0).cpu()
     assert_bitwise_equal(bank.restore("x").cpu(), expected)
+
+
+def test_host_tensors_share_chunks_and_keep_their_values():
+    """HostTensors (frozen layers' weights in host memory): tensors of odd sizes packed into shared chunks,
+    disjoint, each keeping what was written to it."""
+    from lisa_kernels.host_arena import HostTensors
+
+    tensors = HostTensors(pin=False, chunk_bytes=1 << 20)
+    shapes = [((129, 7), torch.bfloat16), ((1001,), torch.float32), ((3, 5, 11), torch.float16), ((0, 4), torch.float32)]
+    made = [tensors.empty(shape, dtype) for shape, dtype in shapes]
+    for t, (shape, dtype) in zip(made, shapes):
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+    values = [sample(t.shape, t.dtype, seed=i) for i, t in enumerate(made)]
+    for t, v in zip(made, values):
+        t.copy_(v)
+    for t, v in zip(made, values):
+        assert_bitwise_equal(t, v)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in made if t.numel())
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert len(tensors._arena.chunks) == 1  # all of them in one 1 MiB chunk
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs pinning to fail for want of a GPU")
+def test_host_tensors_without_pinning_go_pageable_with_one_warning():
+    from lisa_kernels.host_arena import HostTensors
+
+    tensors = HostTensors(pin=True)
+    with pytest.warns(RuntimeWarning, match="pageable") as record:
+        made = [tensors.empty((10 + i,), torch.float32) for i in range(3)]
+    assert len(record) == 1 and all(not t.is_pinned() for t in made)
+    made[0].fill_(2.0)
+    assert made[0].sum().item() == 20.0

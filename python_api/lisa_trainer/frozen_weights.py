@@ -32,11 +32,12 @@ The trainer calls `release_all()` after each backward (and evaluation) so that n
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from lisa_kernels.host_arena import HostTensors
 
 
 def _in_backward() -> bool:
@@ -64,6 +65,7 @@ class FrozenWeightOffload:
         self._resident: set[int] = set()  # offloaded layers whose weights are on the device now
         self._prefetch: dict[int, tuple[list[torch.Tensor], object]] = {}  # layer -> (device copies, copy event)
         self._pin = pin_memory
+        self._pinned: HostTensors | None = None
         self._stream = None
         self._hooks = []
         for index, layer in enumerate(self.layers):
@@ -163,16 +165,12 @@ class FrozenWeightOffload:
 
     def _host_buffer(self, p: nn.Parameter) -> torch.Tensor:
         if p not in self._host:
-            device = "meta" if p.device.type == "meta" else "cpu"  # meta: accounting without data
-            pin = self._pin and p.device.type == "cuda"
-            try:
-                host = torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin)
-            except RuntimeError as error:  # e.g. a locked-memory limit: pageable copies are slower, not wrong
-                warnings.warn(f"FrozenWeightOffload: pinned host memory unavailable ({error}); using pageable "
-                              f"memory", stacklevel=3)
-                self._pin = False
-                host = torch.empty(p.shape, dtype=p.dtype, device=device)
-            self._host[p] = host
+            if p.device.type == "cuda":  # pinned, from an arena that packs them (see HostTensors)
+                if self._pinned is None:
+                    self._pinned = HostTensors(pin=self._pin)
+                self._host[p] = self._pinned.empty(p.shape, p.dtype)
+            else:  # meta: accounting without data; CPU: nothing to pin
+                self._host[p] = torch.empty(p.shape, dtype=p.dtype, device="meta" if p.device.type == "meta" else "cpu")
         return self._host[p]
 
     def _release(self, index: int) -> None:
