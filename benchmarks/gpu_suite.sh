@@ -8,7 +8,7 @@
 # CUDA-marked tests and every benchmark, each under its own timeout, all within SUITE_BUDGET_S seconds (default
 # 540). A failing or timed-out step does not stop the others; the exit status is non-zero when any step failed.
 # --part memory runs instead the LISA fine-tuning of the 7B and 8B shapes capped at 20 GB and 24 GB of device
-# memory (bench_finetune --memory-limit-gb, gradient checkpointing, frozen layers' weights in host memory).
+# memory (bench_finetune --memory-limit-gb, gradient checkpointing; frozen layers' weights in host memory at 20 GB).
 # Results go to DIR: --out DIR, else $LISA_BENCH_RESULTS, else benchmarks/results/. There: each benchmark's JSON
 # (+ .png charts), the full log gpu_suite.log and a per-step summary gpu_suite-<device>.json.
 set -uo pipefail
@@ -91,12 +91,14 @@ fi
 step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 step native-build 150 "$PY" -m lisa_kernels.build
 if [[ $PART == memory ]]; then
-    # LISA park, γ=2, seq 1024 x batch 1, every frozen layer's weights in host memory: does each fit the card?
-    for run in "8b 20" "7b 20" "8b 24"; do
-        read -r shape gb <<< "$run"
-        step "finetune-$shape-${gb}gb" 130 "$PY" -m benchmarks.bench_finetune --shape "$shape" --methods lisa-park \
-            --steps 12 --interval 5 --warmup 2 --batch-size 1 --seq-len 1024 --gradient-checkpointing \
-            --offload-frozen-layers 32 --memory-limit-gb "$gb" --time-budget 90 --name "finetune-$shape-${gb}gb"
+    # LISA park, γ=2, seq 1024 x batch 1, gradient checkpointing: does each fit the card? 32 offloaded layers: every
+    # frozen layer's weights in host memory; 0: the defaults.
+    for run in "8b 20 32" "7b 20 32" "7b 24 0"; do
+        read -r shape gb offload <<< "$run"
+        name="finetune-$shape-${gb}gb-offload$offload"
+        step "$name" 130 "$PY" -m benchmarks.bench_finetune --shape "$shape" --methods lisa-park --steps 12 \
+            --interval 5 --warmup 2 --batch-size 1 --seq-len 1024 --gradient-checkpointing \
+            --offload-frozen-layers "$offload" --memory-limit-gb "$gb" --time-budget 90 --name "$name"
     done
 else
     step pytest-cuda 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider
