@@ -287,12 +287,17 @@ def run_method(method: str, args, device: torch.device, dtype: torch.dtype, isol
     return result
 
 
+def uses_lisa_trainer(method: str) -> bool:
+    """Our LISA methods (lisa_trainer's controller), not the public implementations' style."""
+    return method.startswith("lisa-") and method != "lisa-public"
+
+
 def import_method_packages(method: str) -> None:
     from transformers import LlamaForCausalLM  # noqa: F401
     try:
         if method == "lora":
             import peft  # noqa: F401
-        elif method.startswith("lisa-") and method != "lisa-public":
+        elif uses_lisa_trainer(method):
             import lisa_kernels  # noqa: F401
             import lisa_trainer  # noqa: F401
     except ImportError:
@@ -319,6 +324,15 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         raise MethodUnavailable(exc) from exc
     if dp is not None:
         model = dp.wrap(model, controller)
+    elif uses_lisa_trainer(method):  # one process: the input embedding's gradient as LisaTrainer sets it
+        from lisa_trainer.gradients import use_sparse_embedding_grad
+
+        use_sparse_embedding_grad(model, optimizer, controller.config.sparse_embedding_grad, data_parallel=False)
+    chunked = None
+    if args.chunked_loss:
+        from lisa_trainer.loss import ChunkedCausalLMLoss
+
+        chunked = ChunkedCausalLMLoss(model)
     bank = controller.parker.bank if method.startswith("lisa-park") else None
     offload = getattr(controller, "frozen_weights", None)
     run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank, data_parallel=dp)
@@ -330,7 +344,7 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         t0 = time.perf_counter()
         if controller is not None:
             controller.on_step_begin(step)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = step_loss(model, batch, chunked)
         if dp is None:
             loss.backward()
         else:
@@ -347,6 +361,16 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         synchronize(device)
         run.step_times_ms.append((time.perf_counter() - t0) * 1e3)
     return run
+
+
+def step_loss(model, batch: torch.Tensor, chunked) -> torch.Tensor:
+    """Mean next-token loss of a batch of tokens: the model's own, or the chunked LM-head loss (never the whole
+    logits), as lisa-finetune computes it by default."""
+    if chunked is not None:
+        loss = chunked({"input_ids": batch, "attention_mask": torch.ones_like(batch), "labels": batch})
+        if loss is not None:
+            return loss / (batch.shape[0] * (batch.shape[1] - 1))
+    return model(input_ids=batch, labels=batch).loss
 
 
 def failure(method: str, exc: Exception) -> dict:
@@ -438,6 +462,9 @@ def parse_args(argv=None):
     p.add_argument("--offload-frozen-layers", type=int, default=0,
                    help="LisaConfig.offload_frozen_layers for our LISA methods: frozen layers' weights in host "
                         "memory (needs --gradient-checkpointing)")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="every method computes its loss with the chunked LM-head loss (lisa-finetune's default), "
+                        "never the whole logits")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="on CUDA, cap each method's allocations at this many GB (10^9 B; "
                         "torch.cuda.set_per_process_memory_fraction), as on a smaller card")
@@ -582,7 +609,7 @@ def main(argv=None) -> int:
                        n_active=args.n_active, interval=args.interval, prefetch_steps=args.prefetch_steps,
                        seed=args.seed, isolated=isolated,
                        track_update_norms=args.track_update_norms, nproc=args.nproc, fsdp=args.fsdp,
-                       gradient_checkpointing=args.gradient_checkpointing,
+                       gradient_checkpointing=args.gradient_checkpointing, chunked_loss=args.chunked_loss,
                        offload_frozen_layers=args.offload_frozen_layers, memory_limit_gb=args.memory_limit_gb,
                        torch_threads=torch.get_num_threads()),
         "environment": environment(device),

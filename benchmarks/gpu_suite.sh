@@ -91,13 +91,13 @@ fi
 step install 120 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
 step native-build 150 "$PY" -m lisa_kernels.build
 if [[ $PART == memory ]]; then
-    # LISA park, γ=2, seq 1024 x batch 1, gradient checkpointing: does each fit the card? 32 offloaded layers: every
-    # frozen layer's weights in host memory; 0: the defaults.
+    # LISA park, γ=2, seq 1024 x batch 1, gradient checkpointing, chunked loss: does each fit the card? 32 offloaded
+    # layers: every frozen layer's weights in host memory; 0: lisa-finetune's defaults.
     for run in "8b 20 32" "7b 20 32" "7b 24 0"; do
         read -r shape gb offload <<< "$run"
         name="finetune-$shape-${gb}gb-offload$offload"
         step "$name" 130 "$PY" -m benchmarks.bench_finetune --shape "$shape" --methods lisa-park --steps 12 \
-            --interval 5 --warmup 2 --batch-size 1 --seq-len 1024 --gradient-checkpointing \
+            --interval 5 --warmup 2 --batch-size 1 --seq-len 1024 --gradient-checkpointing --chunked-loss \
             --offload-frozen-layers "$offload" --memory-limit-gb "$gb" --time-budget 90 --name "$name"
     done
 else

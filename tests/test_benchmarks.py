@@ -148,3 +148,14 @@ def test_finetune_with_frozen_layers_in_host_memory_trains_alike_with_less_devic
     assert runs[0]["device_state_gb"] - runs[8]["device_state_gb"] == pytest.approx(frozen * layer_bytes / 1e9)
     with pytest.raises(SystemExit):
         bench_finetune.parse_args(["--offload-frozen-layers", "4"])  # without --gradient-checkpointing
+
+
+def test_finetune_chunked_loss_equals_the_model_loss():
+    from benchmarks import bench_finetune
+    from lisa_trainer.loss import ChunkedCausalLMLoss
+
+    model = bench_finetune.build_model("tiny", torch.device("cpu"), torch.float32, 0)
+    batch = bench_finetune.make_batches(SHAPES["tiny"]["config"]["vocab_size"], 2, 17, 1, 0)[0]
+    plain = bench_finetune.step_loss(model, batch, None)
+    chunked = bench_finetune.step_loss(model, batch, ChunkedCausalLMLoss(model))
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=0)
