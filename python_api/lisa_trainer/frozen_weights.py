@@ -67,6 +67,7 @@ class FrozenWeightOffload:
         self._pin = pin_memory
         self._pinned: HostTensors | None = None
         self._stream = None
+        self._entered: tuple[int, bool] | None = None  # the (layer, in backward) the hooks last acted for
         self._hooks = []
         for index, layer in enumerate(self.layers):
             for module in layer.modules():
@@ -134,6 +135,9 @@ class FrozenWeightOffload:
         if index not in self._offloaded:
             return
         backward = _in_backward()
+        if self._entered == (index, backward):  # the layer's other leaf modules: all done at its first
+            return
+        self._entered = (index, backward)
         if index not in self._resident:
             keep_for_backward = torch.is_grad_enabled() and not backward
             for other in list(self._resident):
@@ -141,9 +145,8 @@ class FrozenWeightOffload:
                     self._release(other)
             self._materialize(index)
             self._resident.add(index)
-        # Every leaf module of the layer comes here, and the prefetch starts at the first. The forward's last
-        # offloaded layer is still resident when its recompute starts the backward: the layer below it is fetched
-        # from then on.
+        # The forward's last offloaded layer is still resident when its recompute starts the backward: the layer
+        # below it is fetched from then on.
         step = -1 if backward else 1
         ahead = next((i for i in range(index + step, -1 if step < 0 else len(self.layers), step)
                       if i in self._offloaded), None)
@@ -177,6 +180,8 @@ class FrozenWeightOffload:
         for p in self._params[index]:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self._resident.discard(index)
+        if self._entered is not None and self._entered[0] == index:
+            self._entered = None
 
     def _device_copies(self, index: int) -> list[torch.Tensor]:
         return [torch.empty(self._host[p].shape, dtype=p.dtype, device=p.device) for p in self._params[index]]

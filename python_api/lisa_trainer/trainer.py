@@ -291,13 +291,13 @@ class LisaTrainer:
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
-    def _backward_stepping(self, loss: torch.Tensor) -> StepInBackward | None:
+    def _backward_stepping(self, loss: torch.Tensor, loss_value: float) -> StepInBackward | None:
         """``optimizer_in_backward``: backward in which each trainable tensor is updated as soon as its gradient is
         complete, and the gradient freed. The hooks go on the tensors that train now (after the controller's switch
         and the learning rate are set) and come off after backward. A non-finite loss skips the backward, and so
         the whole step (None), as a step after backward would; a non-finite gradient skips its own tensor's update
         (:class:`lisa_kernels.StepInBackward`), the tensors updated before it in that backward stay updated."""
-        if not math.isfinite(loss.item()):
+        if not math.isfinite(loss_value):
             return None
         with StepInBackward(self.optimizer) as stepping:
             loss.backward()
@@ -332,13 +332,14 @@ class LisaTrainer:
         for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             loss = self._loss_sum(b) / max(1, n_trained)
+            loss_value = loss.item()
             if self.dist:  # gradients are communicated during the last backward only
                 self.dist.backward(loss, last=i == len(batches) - 1)
             elif args.optimizer_in_backward:
-                stepped_in_backward = self._backward_stepping(loss)
+                stepped_in_backward = self._backward_stepping(loss, loss_value)
             else:
                 loss.backward()
-            loss_total += loss.item()
+            loss_total += loss_value
             self._release_offloaded_weights()
         if self.dist:
             comm_bytes = self.dist.finish_gradients()
