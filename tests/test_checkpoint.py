@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+from crash import crash_after
 
 from lisa_kernels import StateParker
 from lisa_trainer.checkpoint import (
@@ -40,20 +41,6 @@ def trainer(out, tok, data, policy, **kw):
 
 def steps_of(out):
     return [(r["step"], r["loss"], r["lr"], r["active_layers"]) for r in read_log(out / "train_log.jsonl") if r["kind"] == "step"]
-
-
-def crash_after(t, step):
-    """Make ``t.train()`` die (KeyboardInterrupt) once step ``step`` has run and been logged."""
-    real_step = t.train_step
-
-    def crashing_step():
-        if t.step == step:
-            raise KeyboardInterrupt
-        return real_step()
-
-    t.train_step = crashing_step
-    with pytest.raises(KeyboardInterrupt):
-        t.train()
 
 
 @pytest.mark.parametrize("policy", ["park", "reset", "keep"])
