@@ -3,7 +3,9 @@ import random
 
 import pytest
 import torch
+from crash import crash_after
 
+from lisa_kernels import StateParker
 from lisa_trainer.checkpoint import (
     STATE_FILE,
     capture_rng_state,
@@ -48,17 +50,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tok, data, policy):
     full.train()
     assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["checkpoint-4", "checkpoint-8"]
 
-    part = trainer(tmp_path / "part", tok, data, policy, save_steps=4)
-    real_step = part.train_step
-
-    def crash_after_step_5():
-        if part.step == 5:  # step 5 ran and was logged, then the process died
-            raise KeyboardInterrupt
-        return real_step()
-
-    part.train_step = crash_after_step_5
-    with pytest.raises(KeyboardInterrupt):
-        part.train()
+    crash_after(trainer(tmp_path / "part", tok, data, policy, save_steps=4), 5)
     assert [s[0] for s in steps_of(tmp_path / "part")] == [1, 2, 3, 4, 5]
     resumed = trainer(tmp_path / "part", tok, data, policy, save_steps=4)
     resumed.train(resume_from_checkpoint="latest")
@@ -73,6 +65,30 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tok, data, policy):
     for k in sa:
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa[k][name], sb[k][name]), (k, name)
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor"])
+def test_every_parking_optimizer_resumes_exactly(tmp_path, tok, data, optim):
+    """The --optim choices beside adamw_lisa, with parked state: the checkpoint at step 4 holds the state of layers
+    period 0 trained and period 1 froze; the resumed run loads it straight into the bank and ends bit-identical."""
+    full = trainer(tmp_path / "full", tok, data, "park", save_steps=4, optim=optim)
+    full.train()
+    crash_after(trainer(tmp_path / "part", tok, data, "park", save_steps=4, optim=optim), 5)
+    resumed = trainer(tmp_path / "part", tok, data, "park", save_steps=4, optim=optim)
+    resumed.resume(tmp_path / "part" / "checkpoint-4")
+    parker = StateParker.of(resumed.optimizer)
+    assert parker.parked_params and not any(p.requires_grad for p in parker.parked_params)
+    resumed.train(resume_from_checkpoint="latest")
+
+    assert steps_of(tmp_path / "part") == steps_of(tmp_path / "full")
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), n
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys(), k
+        for name, value in sa[k].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[k][name])), (k, name)
 
 
 def test_checkpoint_contents_load_weights_only(tmp_path, tok, data):

@@ -1,8 +1,12 @@
 """Faults a real run meets: two runs in one folder, NaN training, a full disk, a file-size limit, a read-only or
 misnamed output folder, damaged checkpoints, a block size the model cannot take, a save killed half-way, a resume
-in the middle of a LISA period. Each ends with one line naming the path, flag or limit, and loses nothing."""
+in the middle of a LISA period, a run log cut short or unwritable. Each ends with one line naming the path, flag or
+limit, and loses nothing."""
 
+import errno
+import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -11,6 +15,7 @@ import time
 
 import pytest
 import torch
+from crash import crash_after
 
 from lisa_trainer.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, CheckpointWriteError, list_checkpoints, read_checkpoint_state
 from lisa_trainer.cli import main
@@ -18,7 +23,9 @@ from lisa_trainer.controller import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.run_folder import LOCK_FILE, RunFolderError
-from lisa_trainer.runlog import read_log
+from lisa_trainer import runlog
+from lisa_trainer.runlog import LOG_FILE, read_log
+from lisa_trainer.sampler import parse_layer_weights
 from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, TrainingDiverged
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
@@ -257,17 +264,7 @@ def test_a_period_cut_by_a_resume_logs_the_same_update_norms(tmp_path, tok, data
     """Periods of 3 steps, checkpoint at step 4: period 1 (steps 3-5) is cut; its record must match the full run's."""
     trainer(tmp_path / "full", tok, data, save_steps=4).train()
 
-    part = trainer(tmp_path / "part", tok, data, save_steps=4)
-    real_step = part.train_step
-
-    def crash_after_step_5():
-        if part.step == 5:
-            raise KeyboardInterrupt
-        return real_step()
-
-    part.train_step = crash_after_step_5
-    with pytest.raises(KeyboardInterrupt):
-        part.train()
+    crash_after(trainer(tmp_path / "part", tok, data, save_steps=4), 5)
     trainer(tmp_path / "part", tok, data, save_steps=4).train(resume_from_checkpoint="latest")
 
     def periods(out):
@@ -276,3 +273,125 @@ def test_a_period_cut_by_a_resume_logs_the_same_update_norms(tmp_path, tok, data
     full, resumed = periods(tmp_path / "full"), periods(tmp_path / "part")
     assert [p["period"] for p in full] == [0, 1, 2]
     assert resumed == full  # first_step, partial, layers and every update norm
+
+
+# ------------------------------------------------------------------------------------------------------ run log
+
+# What a kill or a full disk leaves of a record being appended.
+CUT_RECORD = '{"kind": "step", "step": 6, "epoch": 1.2, "loss": 2.71, "lr": 0.003, "grad_'
+
+
+def killed_while_logging(out, tok, data) -> str:
+    """A run with checkpoint-4, killed while appending step 6's record: its log ends in a cut line. Returns the log
+    as it was before that line."""
+    crash_after(trainer(out, tok, data, save_steps=4), 5)
+    whole = (out / LOG_FILE).read_text()
+    with open(out / LOG_FILE, "a") as f:
+        f.write(CUT_RECORD)
+    return whole
+
+
+def cut_line_warnings(caught, log) -> list[str]:
+    return [str(w.message) for w in caught if str(log) in str(w.message)]
+
+
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-4", "checkpoint-4 --overwrite_output_dir"])
+def test_a_cut_last_log_line_is_ignored_and_the_history_kept(tmp_path, tok, data, resume):
+    before = killed_while_logging(tmp_path, tok, data)
+    log, cut_line = tmp_path / LOG_FILE, len(before.splitlines()) + 1
+    resumed = trainer(tmp_path, tok, data, save_steps=4, overwrite_output_dir="overwrite" in resume)
+    with pytest.warns(UserWarning) as caught:
+        resumed.train(resume_from_checkpoint="latest" if resume == "latest" else tmp_path / resume.split()[0])
+    found = cut_line_warnings(caught, log)
+    assert len(found) == 1 and f"{log}, line {cut_line}: cut short" in found[0], found
+    kept = [line for line in before.splitlines() if json.loads(line)["step"] <= 4]
+    assert log.read_text().splitlines()[: len(kept)] == kept  # the history up to the checkpoint, byte for byte
+    assert [r["step"] for r in read_log(log) if r["kind"] == "step"] == list(range(1, 9))
+
+
+def test_a_failed_log_rewrite_at_resume_leaves_the_log_whole(tmp_path, tok, data):
+    """The resume rewrites the log without the records after the checkpoint; a write failing half-way (here the
+    file-size limit) must leave the old log as it was, and name it."""
+    killed_while_logging(tmp_path, tok, data)
+    log = tmp_path / LOG_FILE
+    whole = log.read_bytes()
+    resumed = trainer(tmp_path, tok, data, save_steps=4)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(whole) // 3, hard))  # the config record alone is about half
+    try:
+        with pytest.raises(OSError, match=rf"{re.escape(str(log))}: cannot write the run log: a file would exceed"), \
+                pytest.warns(UserWarning, match="cut short"):
+            resumed.train(resume_from_checkpoint="latest")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert log.read_bytes() == whole
+    assert [p.name for p in tmp_path.iterdir() if LOG_FILE in p.name] == [LOG_FILE]  # no temporary file left
+    with pytest.warns(UserWarning, match="cut short"):
+        trainer(tmp_path, tok, data, save_steps=4).train(resume_from_checkpoint="latest")
+    assert [r["step"] for r in read_log(log) if r["kind"] == "step"] == list(range(1, 9))
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, gpt2_dir, capsys, monkeypatch):
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return FullDisk(opened) if "a" in mode else opened  # appends fail; the rest works
+
+    monkeypatch.setattr(runlog, "open", open_on_a_full_disk, raising=False)
+    out = tmp_path / "out"
+    assert main(gpt2_run(gpt2_dir, out, "--max_steps", "2")) == 1
+    line = error_line(capsys.readouterr().err)
+    assert f"{out / LOG_FILE}: cannot write the run log: no space left on the device of {out}" in line
+
+
+def test_a_kill_during_the_final_save_logs_the_last_period_once(tmp_path, tok, data):
+    """Periods of 3 steps, 7 steps, a checkpoint at step 7: the one-step period 2 is logged when training ends, then
+    the final save is killed. The resumed run logs that period again; the log must hold it once."""
+    killed = trainer(tmp_path, tok, data, max_steps=7, save_steps=7, save_model=True)
+
+    def killed_save(path):
+        raise KeyboardInterrupt
+
+    killed.save_model = killed_save
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    periods = [r for r in read_log(tmp_path / LOG_FILE) if r["kind"] == "period"]
+    assert [p["period"] for p in periods] == [0, 1, 2] and periods[-1]["partial"]
+
+    trainer(tmp_path, tok, data, max_steps=7, save_steps=7, save_model=True).train(resume_from_checkpoint="latest")
+    records = read_log(tmp_path / LOG_FILE)
+    assert [r for r in records if r["kind"] == "period"] == periods
+    assert [r["kind"] for r in records].count("summary") == 1 and (tmp_path / MODEL_FILE).is_file()
+
+
+def test_layer_weights_from_a_log_with_a_cut_line(tmp_path, tok, data, capsys):
+    before = killed_while_logging(tmp_path / "run", tok, data)
+    log, cut_line = tmp_path / "run" / LOG_FILE, len(before.splitlines()) + 1
+    (tmp_path / "whole.jsonl").write_text(before)
+    expected = parse_layer_weights(str(tmp_path / "whole.jsonl"))
+    with pytest.warns(UserWarning) as caught:
+        assert parse_layer_weights(str(log)) == expected
+    found = cut_line_warnings(caught, log)
+    assert len(found) == 1 and f"{log}, line {cut_line}: cut short" in found[0], found
+
+    damaged = tmp_path / "damaged.jsonl"  # a damaged line that is not the last: no crash leaves that, so refused
+    lines = before.splitlines()
+    damaged.write_text("\n".join([*lines[:2], lines[2][:30], *lines[3:]]) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(damaged))}, line 3: not a JSON record"):
+        parse_layer_weights(str(damaged))
+    with pytest.raises(SystemExit) as exited:  # argparse rejects the value
+        main(["--demo", "--output_model_path", str(tmp_path / "out"), "--lisa_layer_weights", str(damaged)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"--lisa_layer_weights: {damaged}, line 3: not a JSON record (Unterminated string" in err

@@ -280,8 +280,9 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=N
     (a checkpoint holds no shards, so it resumes under any number of ranks).
 
     Order matters: weights, then the controller (which re-enters the saved period and so knows which layers are
-    frozen), then the optimizer. With the "park" policy the frozen layers' saved moments go straight into the host
-    state bank (``load_state_dict(..., park="frozen")``): the full optimizer state never sits on the GPU at once.
+    frozen), then the optimizer. With the "park" policy the optimizer has a `lisa_kernels.StateParker` (whatever
+    ``--optim``), whose ``load_state_dict`` hook sends the frozen layers' saved state straight into the host state
+    bank (its ``park_on_load``, "frozen" by default): the full optimizer state never sits on the GPU at once.
     """
     from safetensors.torch import load_file, load_model
 
@@ -298,10 +299,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=N
         payload = sharded.shard_checkpoint_state(payload, model, optimizer)
     controller.load_state_dict(payload["controller"])
     controller.load_period_start_state(payload.get("period_start"))
-    if getattr(controller.config, "state_policy", None) == "park":
-        optimizer.load_state_dict(payload["optimizer"], park="frozen")
-    else:
-        optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(payload["optimizer"])
     restore_rng_state(payload["rng"])
     return payload["trainer"]
 

@@ -75,11 +75,12 @@ def current_run_id(folder: Path) -> str | None:
 
 
 def log_run_id(folder: Path) -> str | None:
-    """The id of the run logged in ``folder`` ("" for a log from before runs had ids), None without a log."""
+    """The id of the run logged in ``folder`` ("" for a log from before runs had ids), None without a log. A cut last
+    line is what a crash leaves: the run that resumes this log drops it and says so."""
     path = folder / LOG_FILE
     try:
-        records = read_log(path) if path.is_file() else []
-    except ValueError:  # a damaged log still belongs to some run
+        records = read_log(path, warn=False) if path.is_file() else []
+    except ValueError:  # a log damaged elsewhere still belongs to some run
         return ""
     if not records:
         return None

@@ -505,7 +505,8 @@ class LisaTrainer:
         if main:
             trackers = Trackers(parse_report_to(args.report_to), self.output_dir, args.run_name,
                                 config={**dataclasses.asdict(args), **dataclasses.asdict(self.lisa_config)})
-            log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None, also=[trackers])
+            log = JsonlLog(self.output_dir / LOG_FILE, resume_step=resumed_at if own_log else None,
+                           resume_periods=len(self.controller.period_log), also=[trackers])
         else:
             log = NullLog()
         if self.device.type == "cuda":
