@@ -153,3 +153,48 @@ def test_the_demo_runs_again_in_its_own_folder(tmp_path, monkeypatch):
     assert main(["--demo", *FAST]) == 0
     steps = [r["step"] for r in read_log(tmp_path / "lisa-demo-output" / "train_log.jsonl") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------- one-line errors, not tracebacks
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1)"),
+    (["--adam_beta2", "1.0"], "--adam_beta2 must be in [0, 1)"),
+    (["--adam_epsilon", "-1"], "--adam_epsilon must be a finite number >= 0"),
+    (["--report_to", "mlflowx"], "--report_to names unknown tracker(s) mlflowx"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),
+    (["--max_steps", "-2"], "--max_steps must be > 0, or -1"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1, got 0"),
+    (["--max_steps", "-1", "--num_train_epochs", "inf"], "--num_train_epochs must be a finite number > 0"),
+])
+def test_out_of_range_values_are_refused_before_loading(tmp_path, capsys, argv, flag):
+    err = error_of(["--demo", "--output_dir", str(tmp_path / "out"), *argv], capsys)
+    assert f"lisa-finetune: error: {flag}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_output_dir_problems_name_output_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    err = error_of(["--demo", "--output_dir", str(tmp_path / "file" / "out"), *FAST], capsys)
+    assert "error: --output_dir" in err and "--output_model_path" not in err, err
+    err = error_of(["--demo", "--output_dir", str(tmp_path / "o"), "--output_model_path",
+                    str(tmp_path / "file" / "m"), *FAST], capsys)
+    assert "error: --output_model_path" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_model_weights_are_a_one_line_error(tmp_path, capsys, tok, damage):
+    from lisa_trainer.demo import build_demo_model, demo_dataset_path
+
+    model_dir = tmp_path / "model"
+    build_demo_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00not safetensors" * 64)
+    err = error_of(["--model_name_or_path", str(model_dir), "--dataset_path", str(demo_dataset_path()),
+                    "--output_dir", str(tmp_path / "out"), *FAST], capsys)
+    line = [x for x in err.splitlines() if x.startswith("lisa-finetune: error:")]
+    assert "Traceback" not in err and len(line) == 1, err
+    assert f"--model_name_or_path {model_dir}: cannot read {weights}" in line[0]

@@ -241,7 +241,10 @@ def _check_inputs(opts: Options) -> Path:
     dataset = Path(opts.data.dataset_path) if opts.data.dataset_path else demo_dataset_path()
     if not dataset.exists():
         raise CliError(f"--dataset_path {dataset}: no such file or folder")
-    for flag, path in (("--output_model_path", opts.out_model), ("--output_dir", opts.out_dir)):
+    # Each folder named by the flag that gave it (the model goes to --output_dir unless --output_model_path is given).
+    folders = {opts.out_dir: "--output_dir", opts.out_model: "--output_model_path" if opts.run.output_model_path
+               else "--output_dir"}
+    for path, flag in folders.items():
         try:
             ensure_writable_folder(path)
         except RunFolderError as e:
@@ -293,6 +296,7 @@ def _attention(opts: Options) -> str:
 def _load_model(opts: Options):
     import torch
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, dtype = opts.model.model_name_or_path, opts.model.torch_dtype
@@ -306,11 +310,26 @@ def _load_model(opts: Options):
             **{dtype_kw: dtype if dtype == "auto" else getattr(torch, dtype)})
     except (OSError, ValueError, ImportError) as e:
         raise CliError(f"--model_name_or_path {name}: cannot load the model ({e})") from None
+    except SafetensorError as e:  # a weights file cut short or damaged
+        raise CliError(f"--model_name_or_path {name}: cannot read {_unreadable_weights(name)} ({e})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=opts.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CliError(f"--model_name_or_path {name}: cannot load its tokenizer ({e})") from None
     return model, tokenizer
+
+
+def _unreadable_weights(name: str) -> str:
+    """The first .safetensors file of the model folder ``name`` whose header does not read, or "its weights"."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(name).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return "its weights"
 
 
 def _check_block_size(model, block_size: int) -> None:
