@@ -2,9 +2,10 @@
 
 The options are the fields of `ModelOptions`, `DataOptions`, `RunOptions` (here), `LisaConfig` and
 `LisaTrainingArguments`: each field carries its flag, type, default and help, and its dataclass validates it, so an
-error names the flag the user typed. `--config run.yaml|run.json` reads the same options from a file (flags given
-on the command line override it). The other flags of LMFlow's finetuner and of Hugging Face's `TrainingArguments`
-are accepted with one warning that they have no effect here.
+error names the flag the user typed. `--config run.yaml|run.json` reads the same options from a file, each value
+converted and checked as its flag's text (flags given on the command line override it). The other flags of LMFlow's
+finetuner and of Hugging Face's `TrainingArguments` are accepted with one warning that they have no effect here, on
+the command line and in a config file.
 
 With no ``--model_name_or_path`` (or with ``--demo``) it runs the embedded default: a small random-weight Llama, a
 byte-level tokenizer and the sample dataset shipped with the package, all built locally; it finishes in about a
@@ -139,6 +140,7 @@ class Options:
     demo: bool
     out_model: Path
     out_dir: Path
+    config_keys: dict[str, str]  # field -> its key in the --config file, for the options read from there
 
 
 # --------------------------------------------------------------------------------------------- command line
@@ -185,19 +187,42 @@ def _set_aside(parser: argparse.ArgumentParser, rest: list[str]) -> list[str]:
     return ignored
 
 
+def _warn_no_effect(names: list[str]) -> None:
+    warnings.warn(f"{', '.join(names)}: no effect in lisa-finetune (accepted so that LMFlow and Hugging Face scripts "
+                  "run unchanged)", stacklevel=3)
+
+
+def _read_config(path: str, given: dict) -> tuple[dict, dict[str, str]]:
+    """The options of the config file ``path`` that the command line does not give, and the file's key of each."""
+    try:
+        config = read_config_file(path, OPTION_CLASSES, no_effect=_no_effect_flags())
+    except ConfigFileError as e:
+        raise CliError(f"--config {e}") from None
+    if "config" in config.values:
+        raise CliError(f"--config {path}: {config.keys['config']}: a config file cannot name another one")
+    if config.ignored:
+        _warn_no_effect([f"{path}: {key}" for key in config.ignored])
+    taken = {name: value for name, value in config.values.items() if name not in given}
+    return taken, {name: config.keys[name] for name in taken}
+
+
+def option_message(error: OptionError, config: str | None, config_keys: dict[str, str]) -> str:
+    """``error`` as the user gave the options: options read from the config file by their keys there (the file named
+    first when the error is about one of them), the others by their flags."""
+    message = command_line_message(error, OPTION_CLASSES, config_keys)
+    return f"--config {config}: {message}" if error.name in config_keys else message
+
+
 def parse_options(argv: list[str] | None = None) -> Options:
     parser = build_parser()
     given, rest = parser.parse_known_args(argv)
     ignored = _set_aside(parser, rest)
     if ignored:
-        warnings.warn(f"{', '.join('--' + n for n in ignored)}: no effect in lisa-finetune (accepted so that LMFlow "
-                      "and Hugging Face scripts run unchanged)", stacklevel=2)
-    values = vars(given)
+        _warn_no_effect(["--" + name for name in ignored])
+    values, config_keys = vars(given), {}
     if values.get("config"):
-        try:
-            values = {**read_config_file(values["config"], OPTION_CLASSES), **values}
-        except ConfigFileError as e:
-            raise CliError(f"--config {e}") from None
+        from_file, config_keys = _read_config(values["config"], values)
+        values = {**from_file, **values}
     demo = bool(values.get("demo")) or values.get("model_name_or_path") is None
     values = {**(DEMO_DEFAULTS if demo else MODEL_DEFAULTS), **values}
     out_model, out_dir = _output_folders(values, demo)
@@ -209,8 +234,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
                          progress=not run.disable_tqdm)
         lisa = build(LisaConfig, values, seed=training.seed)
     except OptionError as e:
-        raise CliError(command_line_message(e, OPTION_CLASSES)) from None
-    return Options(model, data, lisa, training, run, demo, out_model, out_dir)
+        raise CliError(option_message(e, values.get("config"), config_keys)) from None
+    return Options(model, data, lisa, training, run, demo, out_model, out_dir, config_keys)
 
 
 def _output_folders(values: dict, demo: bool) -> tuple[Path, Path]:
@@ -241,7 +266,10 @@ def _check_inputs(opts: Options) -> Path:
     dataset = Path(opts.data.dataset_path) if opts.data.dataset_path else demo_dataset_path()
     if not dataset.exists():
         raise CliError(f"--dataset_path {dataset}: no such file or folder")
-    for flag, path in (("--output_model_path", opts.out_model), ("--output_dir", opts.out_dir)):
+    # Each folder named by the flag that gave it (the model goes to --output_dir unless --output_model_path is given).
+    folders = {opts.out_dir: "--output_dir", opts.out_model: "--output_model_path" if opts.run.output_model_path
+               else "--output_dir"}
+    for path, flag in folders.items():
         try:
             ensure_writable_folder(path)
         except RunFolderError as e:
@@ -293,6 +321,7 @@ def _attention(opts: Options) -> str:
 def _load_model(opts: Options):
     import torch
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name, dtype = opts.model.model_name_or_path, opts.model.torch_dtype
@@ -306,11 +335,26 @@ def _load_model(opts: Options):
             **{dtype_kw: dtype if dtype == "auto" else getattr(torch, dtype)})
     except (OSError, ValueError, ImportError) as e:
         raise CliError(f"--model_name_or_path {name}: cannot load the model ({e})") from None
+    except SafetensorError as e:  # a weights file cut short or damaged
+        raise CliError(f"--model_name_or_path {name}: cannot read {_unreadable_weights(name)} ({e})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=opts.model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CliError(f"--model_name_or_path {name}: cannot load its tokenizer ({e})") from None
     return model, tokenizer
+
+
+def _unreadable_weights(name: str) -> str:
+    """The first .safetensors file of the model folder ``name`` whose header does not read, or "its weights"."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(name).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return "its weights"
 
 
 def _check_block_size(model, block_size: int) -> None:
@@ -421,7 +465,7 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
     try:
         trainer = LisaTrainer(model, tokenizer, train_data, opts.training, opts.lisa, eval_dataset=eval_data)
     except OptionError as e:
-        raise CliError(command_line_message(e, OPTION_CLASSES)) from None
+        raise CliError(option_message(e, opts.run.config, opts.config_keys)) from None
     main_rank = trainer.dist is None or trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
     if main_rank:
         print(_start_line(opts, trainer, layers, stats, dataset_path, train_data, eval_data), flush=True)

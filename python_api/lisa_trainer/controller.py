@@ -73,9 +73,9 @@ class LisaConfig:
         down where the copies outlast the compute.
     """
 
-    n_active_layers: int = option(2, flag="--lisa_activated_layers",
+    n_active_layers: int = option(2, flag="--lisa_activated_layers", aliases=("--lisa_n_layers",),  # axolotl's name
                                   help="γ: decoder layers trained per period (the paper uses 1, 2, 4 or 8)")
-    interval_steps: int = option(20, flag="--lisa_interval_steps",
+    interval_steps: int = option(20, flag="--lisa_interval_steps", aliases=("--lisa_step_interval",),  # axolotl's
                                  help="K: optimizer steps per period (the paper's typical value is 20)")
     layers_attribute: str | None = option(None, flag="--lisa_layers_attribute",
                                           help="dotted path of the decoder-layer list, e.g. model.layers or LMFlow's "

@@ -26,7 +26,7 @@ def parse_report_to(value) -> list[str]:
         return list(TRACKERS)
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ValueError(f"--report_to: unknown tracker(s) {', '.join(unknown)}; use none, all or any of "
+        raise ValueError(f"unknown tracker(s) {', '.join(unknown)}; use none, all or any of "
                          f"{', '.join(TRACKERS)}")
     return list(dict.fromkeys(names))
 

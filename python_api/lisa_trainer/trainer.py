@@ -74,7 +74,7 @@ class LisaTrainingArguments:
     lr_scheduler_type: str = option("cosine", choices=SCHEDULES, help="decay after the warmup")
     warmup_steps: int = option(0, help="linear warmup steps")
     warmup_ratio: float = option(0.0, help="warmup as a share of all steps, when --warmup_steps is 0")
-    num_train_epochs: float = option(1.0, help="passes over the data (when --max_steps <= 0)")
+    num_train_epochs: float = option(1.0, help="passes over the data (when --max_steps is -1)")
     max_steps: int = option(-1, help="optimizer steps; > 0 overrides --num_train_epochs")
     per_device_train_batch_size: int = option(8, help="sequences per micro-batch and rank")
     per_device_eval_batch_size: int | None = option(None, help="sequences per held-out batch (default: the "
@@ -113,19 +113,27 @@ class LisaTrainingArguments:
                                              "folder's name)")
 
     def __post_init__(self):
+        finite = math.isfinite
         checks = [
-            ("learning_rate", self.learning_rate > 0, "must be > 0"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("learning_rate", finite(self.learning_rate) and self.learning_rate > 0, "must be a finite number > 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0"),
+            # torch's AdamW's own limits, checked before a model is loaded
+            ("adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", finite(self.adam_epsilon) and self.adam_epsilon >= 0, "must be a finite number >= 0"),
             ("optim", self.optim in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
             ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
-            ("num_train_epochs", self.max_steps > 0 or self.num_train_epochs > 0, "must be > 0 when max_steps <= 0"),
-            ("max_steps", self.max_steps != 0, "must be > 0, or -1 to train for num_train_epochs"),
+            ("max_steps", self.max_steps > 0 or self.max_steps == -1, "must be > 0, or -1 to train for num_train_epochs"),
+            ("num_train_epochs", self.max_steps > 0 or (finite(self.num_train_epochs) and self.num_train_epochs > 0),
+             "must be a finite number > 0 when max_steps is -1"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "must be >= 1"),
-            ("per_device_eval_batch_size", (self.per_device_eval_batch_size or 1) >= 1, "must be >= 1"),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size is None or self.per_device_eval_batch_size >= 1,
+             "must be >= 1"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
-            ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0"),
+            ("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             "must be a finite number >= 0 (0: no clipping)"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
             ("eval_steps", self.eval_steps is None or self.eval_steps >= 1, "must be >= 1"),
             ("save_steps", self.save_steps is None or self.save_steps >= 1, "must be >= 1"),
@@ -151,7 +159,10 @@ class LisaTrainingArguments:
             raise OptionError(LisaTrainingArguments, "optim", f"{self.optim} needs the bitsandbytes package (pip "
                               "install bitsandbytes); adamw_lisa keeps fp32 moments and parks frozen layers' state "
                               "in host memory without it")
-        parse_report_to(self.report_to)  # an unknown tracker is refused before training starts
+        try:  # an unknown tracker is refused before training starts
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise OptionError(LisaTrainingArguments, "report_to", f"names {e}") from None
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int, kind: str) -> float:
