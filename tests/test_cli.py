@@ -153,3 +153,26 @@ def test_the_demo_runs_again_in_its_own_folder(tmp_path, monkeypatch):
     assert main(["--demo", *FAST]) == 0
     steps = [r["step"] for r in read_log(tmp_path / "lisa-demo-output" / "train_log.jsonl") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_peft_adapter_or_model_is_refused(tmp_path, capsys, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
+
+    def lora_model():
+        return peft.get_peft_model(build_demo_model(build_demo_tokenizer(), seed=0), peft.LoraConfig(r=4))
+
+    lora_model().save_pretrained(tmp_path / "adapter")  # adapter_config.json + the adapter weights
+    rest = ["--dataset_path", str(demo_dataset_path()), "--output_model_path", str(tmp_path / "out"), *FAST]
+    err = error_of(["--model_name_or_path", str(tmp_path / "adapter"), *rest], capsys)
+    assert "--model_name_or_path" in err and "a peft adapter (adapter_config.json)" in err
+    assert "merge_and_unload()" in err
+
+    # A name whose loading brings adapters with the model (as a hub adapter repository's does).
+    build_demo_tokenizer().save_pretrained(tmp_path / "named")
+    build_demo_model(build_demo_tokenizer(), seed=0).config.save_pretrained(tmp_path / "named")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: lora_model())
+    err = error_of(["--model_name_or_path", str(tmp_path / "named"), *rest], capsys)
+    assert "--model_name_or_path" in err and "is a peft model" in err and "merge_and_unload()" in err

@@ -295,7 +295,13 @@ def _load_model(opts: Options):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .layers import refuse_peft_model
+
     name, dtype = opts.model.model_name_or_path, opts.model.torch_dtype
+    if (Path(name) / "adapter_config.json").is_file():
+        raise CliError(f"--model_name_or_path {name}: a peft adapter (adapter_config.json), not a model; LISA trains "
+                       f"a model's full weights. Merge the adapter into its base model and pass that folder: "
+                       f"PeftModel.from_pretrained(base, {name!r}).merge_and_unload().save_pretrained(FOLDER)")
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise CliError(f"--model_name_or_path {name}: no config.json there (not a Hugging Face model folder)")
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -306,6 +312,10 @@ def _load_model(opts: Options):
             **{dtype_kw: dtype if dtype == "auto" else getattr(torch, dtype)})
     except (OSError, ValueError, ImportError) as e:
         raise CliError(f"--model_name_or_path {name}: cannot load the model ({e})") from None
+    try:
+        refuse_peft_model(model)  # adapters loaded with the model (a hub adapter's name)
+    except ValueError as e:
+        raise CliError(f"--model_name_or_path {name}: {e}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=opts.model.trust_remote_code)
     except (OSError, ValueError) as e:

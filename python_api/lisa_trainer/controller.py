@@ -24,7 +24,13 @@ from lisa_kernels import FusedAdamW, HostStateBank, StateParker
 from lisa_kernels.optimizer import _local
 
 from .frozen_weights import FrozenWeightOffload
-from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
+from .layers import (
+    ALWAYS_TRAINABLE_DEFAULT,
+    always_trainable_modules,
+    find_decoder_layers,
+    refuse_peft_model,
+    unique_parameters,
+)
 from .options import OptionError, option
 from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
 
@@ -226,6 +232,7 @@ class LisaController:
         if not _is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         self.model = model = _unwrap_model(model)
+        refuse_peft_model(model)
         self.config = config
         self.optimizer = optimizer
         self._opt = _unwrap_optimizer(optimizer)
@@ -508,6 +515,7 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
     """
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
+    refuse_peft_model(model)
     ours = optim == "adamw_lisa"
     if ours and cfg is not None and cfg.state_policy == "park":
         adamw_kwargs.setdefault("state_bank", HostStateBank())

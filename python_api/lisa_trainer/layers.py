@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate"]
+__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate", "refuse_peft_model"]
 
 ALWAYS_TRAINABLE_DEFAULT = ("input_embeddings", "output_embeddings", "final_norm")
 _CHOOSE_HINT = (
@@ -250,6 +250,20 @@ def always_trainable_modules(
                 )
             add(entry, module)
     return result
+
+
+def refuse_peft_model(model: nn.Module) -> None:
+    """Raise ValueError for a model carrying peft adapters (a `PeftModel`, or adapters added to a transformers
+    model): LISA trains the full weights of its sampled layers and of the embeddings and head, and the adapters'
+    `save_pretrained` writes the adapter weights only, so what was trained would not be saved."""
+    peft_module = next((m for m in model.modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if peft_module is None:
+        return
+    raise ValueError(
+        f"{type(model).__name__} is a peft model ({type(peft_module).__name__}: LoRA or other adapters). LISA trains "
+        f"full weights of the decoder layers and the embeddings, which peft's save_pretrained (adapter weights only) "
+        f"would drop. Merge the adapters into the model first (model = model.merge_and_unload()) and train that with "
+        f"LISA, or train the adapters alone, without LISA")
 
 
 def unique_parameters(modules, per_module: bool = False) -> list:
