@@ -12,6 +12,7 @@ without knowing its name; a user's dotted `layers_attribute` always wins.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
@@ -277,13 +278,35 @@ def unique_parameters(modules, per_module: bool = False) -> list:
     return groups if per_module else [p for group in groups for p in group]
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
     """Recompute each decoder layer's activations in backward, non-reentrant: it keeps gradients flowing to
     trainable layers behind frozen ones (and to the input embedding), and runs the layer's leaf modules again, which
-    `lisa_trainer.frozen_weights` relies on. Turns the model's KV cache off (it is useless in training)."""
+    `lisa_trainer.frozen_weights` relies on. Turns the model's KV cache off (it is useless in training).
+
+    Returns a function that gives the model back as it was: `use_cache` as before, and, unless it already
+    checkpointed, checkpointing off and without the input embedding's forward hook that transformers adds with it."""
+    was_on = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+    use_cache = getattr(model.config, "use_cache", None)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model.config, "use_cache", None):
+    if use_cache:
         model.config.use_cache = False
+
+    def restore() -> None:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        if was_on:
+            return
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        # transformers' disable leaves the hook that its enable added (for input_ids models); it removes it with this
+        added_input_hooks = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+        if added_input_hooks and not had_input_hooks:
+            model.disable_input_require_grads()
+
+    return restore
