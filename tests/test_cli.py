@@ -155,6 +155,21 @@ def test_the_demo_runs_again_in_its_own_folder(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4]
 
 
+def test_the_start_line_counts_offloaded_layers_parameters(tmp_path, capsys, monkeypatch):
+    from lisa_trainer.demo import build_demo_model, build_demo_tokenizer
+    from lisa_trainer.trainer import LisaTrainer
+
+    def interrupted(self, resume_from_checkpoint=None):  # the start line is printed before training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LisaTrainer, "train", interrupted)
+    argv = ["--demo", "--output_model_path", str(tmp_path / "out"), "--gradient_checkpointing", "1",
+            "--lisa_offload_frozen_layers", "4", *FAST]
+    assert main(argv) == 130
+    n_params = sum(p.numel() for p in build_demo_model(build_demo_tokenizer(), seed=0).parameters())
+    assert f"{n_params / 1e6:.2f}M parameters" in capsys.readouterr().out
+
+
 def test_a_peft_adapter_or_model_is_refused(tmp_path, capsys, monkeypatch):
     peft = pytest.importorskip("peft")
     import transformers
