@@ -452,7 +452,8 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
     return 0
 
 
-def _start_line(opts: Options, trainer, layers, n_params: int, stats: dict, dataset_path: Path, train_data, eval_data) -> str:
+def _start_line(opts: Options, trainer, layers, n_params: int, stats: dict, dataset_path: Path, train_data,
+                eval_data) -> str:
     ranks = (f" x {trainer.dist.world_size} ranks (global batch "
              f"{trainer.global_batch_size * opts.training.gradient_accumulation_steps})" if trainer.dist else "")
     return (
