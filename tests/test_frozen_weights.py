@@ -238,6 +238,7 @@ def test_train_hands_back_the_model_as_it_was_given(tmp_path, tok, data, monkeyp
     model.model.layers[1].mlp.requires_grad_(False)  # the user's own choice, which LISA overrides while it trains
     given_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     given_hooks = hooks_on(model)
+    assert model.config.use_cache
     args = LisaTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, max_steps=4,
                                  per_device_train_batch_size=4, progress=False, save_model=False,
                                  gradient_checkpointing=True)
@@ -262,6 +263,7 @@ def test_train_hands_back_the_model_as_it_was_given(tmp_path, tok, data, monkeyp
     assert {n: p.requires_grad for n, p in model.named_parameters()} == given_requires_grad
     assert embedding.sparse is False
     assert hooks_on(model) == given_hooks
+    assert model.config.use_cache and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     with torch.no_grad():
         assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, model(input_ids=ids).logits)

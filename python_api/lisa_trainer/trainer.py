@@ -514,6 +514,7 @@ class LisaTrainer:
         self.controller.release_model()
         if self._restore_checkpointing is not None:
             self._restore_checkpointing()
+            self._restore_checkpointing = None
         if self._given_embedding_sparse is not None:
             input_embedding(self.model).sparse = self._given_embedding_sparse
         self._holds_model = False
@@ -595,6 +596,7 @@ class LisaTrainer:
             raise
         finally:
             bar.close()
+            self._hand_back_model()  # before saving: the saved config's use_cache is the model's own
         if args.save_model:
             self.save_model(self.output_dir)
         if self.dist:  # the summary is read from rank 0's log; every rank returns rank 0's summary
