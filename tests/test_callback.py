@@ -115,6 +115,7 @@ def test_trainer_with_parked_state(tmp_path):
     model, initial, checker, trainer = run_trainer(tmp_path, lisa)
     check_lisa_run(model, initial, checker, lisa)
     assert layers_with_state_on_device(lisa) == set(lisa.controller.active_layers)
+    assert all(p.requires_grad for p in model.parameters())  # after training, as before it
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor"])

@@ -147,6 +147,7 @@ class LisaCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if self.controller is not None:
             self.controller.finish(state.global_step - 1)
+            self.controller.release_model()  # requires_grad as the model had it before training
 
 
 def _config_arguments(config: LisaConfig) -> dict:
