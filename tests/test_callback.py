@@ -115,6 +115,7 @@ def test_trainer_with_parked_state(tmp_path):
     model, initial, checker, trainer = run_trainer(tmp_path, lisa)
     check_lisa_run(model, initial, checker, lisa)
     assert layers_with_state_on_device(lisa) == set(lisa.controller.active_layers)
+    assert all(p.requires_grad for p in model.parameters())  # after training, as before it
 
 
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adafactor"])
@@ -241,3 +242,26 @@ def test_trainer_own_fused_adamw_parks_on_cuda(tmp_path):
                 lisa.controller.sampler.layers_for_period(lisa.controller.period + 1))
             assert layers_with_state_on_device(lisa) <= resident
     assert all(torch.equal(finals["park"][n], finals["keep"][n]) for n in finals["keep"])
+
+
+def with_lora(model):
+    peft = pytest.importorskip("peft")
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def test_a_peft_model_is_refused_at_once_with_either_optimizer(tmp_path):
+    # LISA would train the base weights, which peft's save_pretrained (adapters only) drops.
+    args = training_args(tmp_path)
+    refused = r"PeftModel is a peft model .*LoRA.* model.merge_and_unload\(\)"
+    with pytest.raises(ValueError, match=refused):  # the Trainer's own optimizer: refused when the Trainer is built
+        Trainer(model=with_lora(tiny_llama()), args=args, train_dataset=_Tokens(),
+                callbacks=[LisaCallback(n_active_layers=1, interval_steps=2)])
+    with pytest.raises(ValueError, match=refused):
+        LisaCallback.optimizer_for(with_lora(tiny_llama()), args)
+    trainer = Trainer(model=with_lora(tiny_llama()), args=args, train_dataset=_Tokens())
+    trainer.add_callback(LisaCallback(n_active_layers=1, interval_steps=2))  # after the Trainer's init
+    with pytest.raises(ValueError, match=refused):
+        trainer.train()
+    merged = with_lora(tiny_llama()).merge_and_unload()  # a plain model again
+    Trainer(model=merged, args=args, train_dataset=_Tokens(), callbacks=[LisaCallback()],
+            optimizers=(LisaCallback.optimizer_for(merged, args), None))

@@ -330,3 +330,41 @@ def test_damaged_model_weights_are_a_one_line_error(tmp_path, capsys, tok, damag
     line = [x for x in err.splitlines() if x.startswith("lisa-finetune: error:")]
     assert "Traceback" not in err and len(line) == 1, err
     assert f"--model_name_or_path {model_dir}: cannot read {weights}" in line[0]
+
+
+def test_the_start_line_counts_offloaded_layers_parameters(tmp_path, capsys, monkeypatch):
+    from lisa_trainer.demo import build_demo_model, build_demo_tokenizer
+    from lisa_trainer.trainer import LisaTrainer
+
+    def interrupted(self, resume_from_checkpoint=None):  # the start line is printed before training
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LisaTrainer, "train", interrupted)
+    argv = ["--demo", "--output_model_path", str(tmp_path / "out"), "--gradient_checkpointing", "1",
+            "--lisa_offload_frozen_layers", "4", *FAST]
+    assert main(argv) == 130
+    n_params = sum(p.numel() for p in build_demo_model(build_demo_tokenizer(), seed=0).parameters())
+    assert f"{n_params / 1e6:.2f}M parameters" in capsys.readouterr().out
+
+
+def test_a_peft_adapter_or_model_is_refused(tmp_path, capsys, monkeypatch):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
+
+    def lora_model():
+        return peft.get_peft_model(build_demo_model(build_demo_tokenizer(), seed=0), peft.LoraConfig(r=4))
+
+    lora_model().save_pretrained(tmp_path / "adapter")  # adapter_config.json + the adapter weights
+    rest = ["--dataset_path", str(demo_dataset_path()), "--output_model_path", str(tmp_path / "out"), *FAST]
+    err = error_of(["--model_name_or_path", str(tmp_path / "adapter"), *rest], capsys)
+    assert "--model_name_or_path" in err and "a peft adapter (adapter_config.json)" in err
+    assert "merge_and_unload()" in err
+
+    # A name whose loading brings adapters with the model (as a hub adapter repository's does).
+    build_demo_tokenizer().save_pretrained(tmp_path / "named")
+    build_demo_model(build_demo_tokenizer(), seed=0).config.save_pretrained(tmp_path / "named")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: lora_model())
+    err = error_of(["--model_name_or_path", str(tmp_path / "named"), *rest], capsys)
+    assert "--model_name_or_path" in err and "is a peft model" in err and "merge_and_unload()" in err

@@ -215,3 +215,64 @@ def test_trainer_offload_with_the_step_inside_backward(tmp_path, tok, data):
         assert plain.train_step()["loss"] == both.train_step()["loss"]
     for (name, a), b in zip(plain.model.state_dict().items(), both.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def hooks_on(model) -> dict:
+    """How many hooks of each kind every module and parameter of `model` carries."""
+    kinds = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+             "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+    counts = {(name, kind): len(getattr(m, kind)) for name, m in model.named_modules() for kind in kinds}
+    for name, p in model.named_parameters():
+        for kind in ("_backward_hooks", "_post_accumulate_grad_hooks"):
+            counts[(name, kind)] = len(getattr(p, kind) or {})
+    return counts
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_hands_back_the_model_as_it_was_given(tmp_path, tok, data, monkeypatch, fails):
+    """After train(), also when a step fails inside an offloaded layer's forward: every weight on the device with
+    its data, requires_grad and embedding.sparse as the user had them, no hooks left; training can go on."""
+    from lisa_trainer.demo import build_demo_model
+
+    model = build_demo_model(tok, seed=0, **SMALL)
+    model.model.layers[1].mlp.requires_grad_(False)  # the user's own choice, which LISA overrides while it trains
+    given_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    given_hooks = hooks_on(model)
+    assert model.config.use_cache
+    args = LisaTrainingArguments(output_dir=str(tmp_path), learning_rate=3e-3, max_steps=4,
+                                 per_device_train_batch_size=4, progress=False, save_model=False,
+                                 gradient_checkpointing=True)
+    trainer = LisaTrainer(model, tok, data, args, LisaConfig(n_active_layers=1, interval_steps=2, state_policy="park",
+                                                             offload_frozen_layers=2))
+    embedding = model.get_input_embeddings()
+    assert embedding.sparse and hooks_on(model) != given_hooks  # set up for training
+    if fails:  # at step 2 (a new period), inside an offloaded layer's forward, while its weights are on the device
+        for index, layer in enumerate(model.model.layers):
+            def failing(*inputs, index=index, real=layer.mlp.forward):
+                if trainer.step == 2 and index in trainer.controller.frozen_weights.offloaded:
+                    raise RuntimeError("failed in an offloaded layer")
+                return real(*inputs)
+            monkeypatch.setattr(layer.mlp, "forward", failing)
+        with pytest.raises(RuntimeError, match="failed in an offloaded layer"):
+            trainer.train()
+        monkeypatch.undo()
+    else:
+        trainer.train()
+
+    assert all(p.numel() > 0 for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == given_requires_grad
+    assert embedding.sparse is False
+    assert hooks_on(model) == given_hooks
+    assert model.config.use_cache and not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    if fails:  # the same trainer goes on from step 2 as a run that never failed
+        while trainer.step < 4:
+            trainer.train_step()
+            assert len(trainer.controller.frozen_weights.offloaded) == 2 and embedding.sparse
+        whole = make_trainer(tmp_path / "whole", tok, data, 0, max_steps=4)
+        whole.train()
+        for (name, a), b in zip(whole.model.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name

@@ -130,3 +130,11 @@ def test_epochs_set_the_step_count(tmp_path, tok, data):
     t = make_trainer(tmp_path, tok, data, max_steps=-1, num_train_epochs=2.0, per_device_train_batch_size=8,
                      gradient_accumulation_steps=2)
     assert t.max_steps == math.ceil(math.ceil(len(data) / 8) * 2 / 2)
+
+
+def test_a_peft_model_is_refused(tmp_path, tok, data):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build_demo_model(tok, seed=0, **SMALL), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    args = LisaTrainingArguments(output_dir=str(tmp_path), max_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"PeftModel is a peft model .*merge_and_unload\(\)"):
+        LisaTrainer(model, tok, data, args, LisaConfig(n_active_layers=1))

@@ -20,6 +20,9 @@ The fast path: `optimizers=(LisaCallback.optimizer_for(model, args), None)` trai
 checkpoint, so a resumed run loads every layer's state straight into host memory; the Trainer's own optimizer is
 built and loaded before any callback runs, so there the loaded state passes through the device once.
 
+A peft (LoRA) model is refused when the Trainer is built: LISA trains full weights, which peft's adapter-only
+`save_pretrained` would drop. Merge the adapters first (`model = model.merge_and_unload()`).
+
 Resuming (`trainer.train(resume_from_checkpoint=...)`) continues the same layer schedule (a pure function of
 (seed, period)) and the period log: the callback's state is saved in each checkpoint's `trainer_state.json`.
 With several processes (DDP), every rank picks the same layers from the same seed; DDP must be told that frozen
@@ -37,6 +40,7 @@ from transformers.trainer_callback import ExportableState
 from lisa_kernels import StateParker
 
 from .controller import LisaConfig, LisaController, OptimizerMissesParameters, _unwrap_optimizer, build_optimizer
+from .layers import refuse_peft_model
 from .options import OptionError
 
 __all__ = ["LisaCallback"]
@@ -97,7 +101,9 @@ class LisaCallback(TrainerCallback, ExportableState):
         return saved.get("attributes", {}).get("_resume_state") if isinstance(saved, dict) else None
 
     # ------------------------------------------------------------------------------------------ Trainer events
-    def on_init_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None:  # refused when the Trainer is built, whichever optimizer it will use
+            refuse_peft_model(model)
         if optimizer is None:
             return
         optim = _optim_name(args.optim)
@@ -141,6 +147,7 @@ class LisaCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if self.controller is not None:
             self.controller.finish(state.global_step - 1)
+            self.controller.release_model()  # requires_grad as the model had it before training
 
 
 def _config_arguments(config: LisaConfig) -> dict:

@@ -324,7 +324,13 @@ def _load_model(opts: Options):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .layers import refuse_peft_model
+
     name, dtype = opts.model.model_name_or_path, opts.model.torch_dtype
+    if (Path(name) / "adapter_config.json").is_file():
+        raise CliError(f"--model_name_or_path {name}: a peft adapter (adapter_config.json), not a model; LISA trains "
+                       f"a model's full weights. Merge the adapter into its base model and pass that folder: "
+                       f"PeftModel.from_pretrained(base, {name!r}).merge_and_unload().save_pretrained(FOLDER)")
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise CliError(f"--model_name_or_path {name}: no config.json there (not a Hugging Face model folder)")
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -337,6 +343,10 @@ def _load_model(opts: Options):
         raise CliError(f"--model_name_or_path {name}: cannot load the model ({e})") from None
     except SafetensorError as e:  # a weights file cut short or damaged
         raise CliError(f"--model_name_or_path {name}: cannot read {_unreadable_weights(name)} ({e})") from None
+    try:
+        refuse_peft_model(model)  # adapters loaded with the model (a hub adapter's name)
+    except ValueError as e:
+        raise CliError(f"--model_name_or_path {name}: {e}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=opts.model.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -462,13 +472,14 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
     from .trainer import LisaTrainer, TrainingDiverged
 
     model, tokenizer, layers, stats, train_data, eval_data = _prepare(opts, dataset_path)
+    n_params = sum(p.numel() for p in model.parameters())  # before the trainer, which may offload frozen layers
     try:
         trainer = LisaTrainer(model, tokenizer, train_data, opts.training, opts.lisa, eval_dataset=eval_data)
     except OptionError as e:
         raise CliError(option_message(e, opts.run.config, opts.config_keys)) from None
     main_rank = trainer.dist is None or trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
     if main_rank:
-        print(_start_line(opts, trainer, layers, stats, dataset_path, train_data, eval_data), flush=True)
+        print(_start_line(opts, trainer, layers, n_params, stats, dataset_path, train_data, eval_data), flush=True)
     try:
         summary = trainer.train(resume_from_checkpoint=opts.run.resume_from_checkpoint)
         trainer.save_model(opts.out_model)  # every rank: under FSDP2 the shards are gathered to rank 0, which writes
@@ -485,12 +496,13 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
     return 0
 
 
-def _start_line(opts: Options, trainer, layers, stats: dict, dataset_path: Path, train_data, eval_data) -> str:
+def _start_line(opts: Options, trainer, layers, n_params: int, stats: dict, dataset_path: Path, train_data,
+                eval_data) -> str:
     ranks = (f" x {trainer.dist.world_size} ranks (global batch "
              f"{trainer.global_batch_size * opts.training.gradient_accumulation_steps})" if trainer.dist else "")
     return (
         f"lisa-finetune: {'demo model' if opts.demo else opts.model.model_name_or_path} with {len(layers)} decoder "
-        f"layers, {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters; data {dataset_path}: "
+        f"layers, {n_params / 1e6:.2f}M parameters; data {dataset_path}: "
         f"{len(train_data)} train / {len(eval_data) if eval_data else 0} held-out sequences of <= "
         f"{opts.data.block_size} tokens ({stats['truncated']} instances truncated, {stats['dropped_untrained']} "
         f"without trained tokens left out); {trainer.max_steps} steps on {trainer.device}{ranks}"

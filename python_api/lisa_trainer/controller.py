@@ -24,7 +24,13 @@ from lisa_kernels import FusedAdamW, HostStateBank, StateParker
 from lisa_kernels.optimizer import _local
 
 from .frozen_weights import FrozenWeightOffload
-from .layers import ALWAYS_TRAINABLE_DEFAULT, always_trainable_modules, find_decoder_layers, unique_parameters
+from .layers import (
+    ALWAYS_TRAINABLE_DEFAULT,
+    always_trainable_modules,
+    find_decoder_layers,
+    refuse_peft_model,
+    unique_parameters,
+)
 from .options import OptionError, option
 from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
 
@@ -212,7 +218,8 @@ class LisaController:
     `optimizer.step()`; `step` counts optimizer steps from 0. Construction freezes everything except the starting
     period's layers and the always-trainable modules; pass `start_step` when resuming (or use `load_state_dict`).
     The controller owns `requires_grad` of every parameter: parameters that are neither in the decoder layers nor
-    always trainable stay frozen (list them with `frozen_parameter_names`).
+    always trainable stay frozen (list them with `frozen_parameter_names`). `release_model()` gives the model back
+    as it was given (after training, or when it fails).
 
     With DistributedDataParallel, wrap the model before constructing the controller (DDP leaves parameters that
     do not require grad at wrap time out of its gradient all-reduce for good, so a layer frozen then would train
@@ -226,6 +233,7 @@ class LisaController:
         if not _is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         self.model = model = _unwrap_model(model)
+        refuse_peft_model(model)
         self.config = config
         self.optimizer = optimizer
         self._opt = _unwrap_optimizer(optimizer)
@@ -251,7 +259,9 @@ class LisaController:
         self._names = {id(p): n for n, p in model.named_parameters()}
 
         self._check_optimizer()
-        self.frozen_weights = FrozenWeightOffload(self.layers) if config.offload_frozen_layers else None
+        self._given_requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._holds_model = False
+        self.frozen_weights: FrozenWeightOffload | None = None  # while it holds the model, with offloaded layers
         self.parker = StateParker.of(self._opt) if config.state_policy in ("park", "reset") else None
         if config.state_policy == "park":
             # Create the host state bank now: its first creation on a machine builds the native arena (~10 s), which
@@ -262,12 +272,6 @@ class LisaController:
         self._prefetched_for: int | None = None
         self._open: _OpenPeriod | None = None
         self.period_log: list[dict] = []
-
-        for p in self._other_params:
-            p.requires_grad_(False)
-            p.grad = None
-        for p in self._always_params:
-            p.requires_grad_(True)
         self._enter_period(start_step // config.interval_steps, enforce_all=True)
 
     # ----------------------------------------------------------------------------------------------- public API
@@ -297,6 +301,8 @@ class LisaController:
 
     def on_step_begin(self, step: int) -> None:
         """Switch layers when `step` starts a new period; prefetch the next period's state when it is near."""
+        if not self._holds_model:  # after release_model(): training goes on
+            self._take_model()
         period = step // self.config.interval_steps
         if period != self._period:
             self._close_period(last_step=step - 1)
@@ -313,6 +319,17 @@ class LisaController:
     def finish(self, last_step: int) -> None:
         """Record the current period's update norms when training stops in the middle of a period."""
         self._close_period(last_step=last_step)
+
+    def release_model(self) -> None:
+        """Give the model back as it was given: every parameter's `requires_grad` as at construction, offloaded
+        weights back on their device (and their host copies and hooks gone). The next `on_step_begin` takes it
+        again, so training can go on."""
+        if self.frozen_weights is not None:
+            self.frozen_weights.close()
+            self.frozen_weights = None
+        for p, requires_grad in self._given_requires_grad:
+            p.requires_grad_(requires_grad)
+        self._holds_model = False
 
     def state_dict(self) -> dict:
         """Plain ints, floats, strings and lists: safe for `torch.load(weights_only=True)` and JSON."""
@@ -392,21 +409,29 @@ class LisaController:
         # At construction/resume nothing needs unparking now: the parker unparks on demand before a step.
         arriving = [] if enforce_all else sorted(set(new) - set(self._active))
 
-        for p in self._params_of(leaving):
-            p.requires_grad_(False)
-            p.grad = None
-        for p in self._params_of(new):
-            p.requires_grad_(True)
-        if self.frozen_weights is not None:
-            frozen = [i for i in range(self.n_layers) if i not in new]
-            self.frozen_weights.set_offloaded(frozen[:self.config.offload_frozen_layers])
+        self._active = new
+        self._take_model()
 
         leaving_params = self._params_of(leaving)
         if enforce_all:  # at construction/resume, only layers that actually hold state need the policy
             leaving_params = [p for p in leaving_params if self._opt.state.get(p)]
         self._apply_state_policy(leaving_params, self._params_of(arriving))
         self._period = period
-        self._active = new
+
+    def _take_model(self) -> None:
+        """Set `requires_grad` of every parameter for the current period (a frozen one's `.grad` dropped: a zero
+        gradient would still move it through AdamW's momentum and weight decay) and offload frozen layers' weights."""
+        trained = {id(p) for p in self._always_params} | {id(p) for p in self._params_of(self._active)}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trained)
+            if id(p) not in trained:
+                p.grad = None
+        if self.config.offload_frozen_layers:
+            if self.frozen_weights is None:
+                self.frozen_weights = FrozenWeightOffload(self.layers)
+            frozen = [i for i in range(self.n_layers) if i not in self._active]
+            self.frozen_weights.set_offloaded(frozen[:self.config.offload_frozen_layers])
+        self._holds_model = True
 
     def _apply_state_policy(self, leaving: list[nn.Parameter], arriving: list[nn.Parameter]) -> None:
         policy = self.config.state_policy
@@ -508,6 +533,7 @@ def build_optimizer(model: nn.Module, cfg: LisaConfig | None = None, lr: float =
     """
     if cfg is not None and not isinstance(cfg, LisaConfig):
         raise TypeError(f"cfg must be a LisaConfig or None, got {type(cfg).__name__}")
+    refuse_peft_model(model)
     ours = optim == "adamw_lisa"
     if ours and cfg is not None and cfg.state_policy == "park":
         adamw_kwargs.setdefault("state_bank", HostStateBank())

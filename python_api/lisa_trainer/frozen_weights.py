@@ -123,11 +123,14 @@ class FrozenWeightOffload:
             self._drop_prefetch(index)
 
     def close(self) -> None:
-        """Bring every offloaded layer back to the device and remove the hooks."""
+        """Bring every offloaded layer back to the device, remove the hooks and free the host copies: the layers are
+        as they were before the offload."""
         self.set_offloaded(())
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._host.clear()
+        self._pinned = None
 
     # ---------------------------------------------------------------------------------------------- the hooks
 

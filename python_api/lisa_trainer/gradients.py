@@ -26,8 +26,7 @@ def use_sparse_embedding_grad(model: nn.Module, optimizer: torch.optim.Optimizer
     embedding in a ``sparse_rows`` group (not tied to the head, not FSDP) and the run is one process (under data
     parallelism the bucketed all-reduce takes dense gradients), else False. Logs which gradient the embedding gets;
     returns whether it is sparse. A module without a ``sparse`` flag (not an ``nn.Embedding``) stays as it is."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    module = get_embeddings() if callable(get_embeddings) else None
+    module = input_embedding(model)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
         return False
@@ -47,6 +46,12 @@ def use_sparse_embedding_grad(model: nn.Module, optimizer: torch.optim.Optimizer
     logger.info("input embedding %s: %s gradient%s", tuple(weight.shape), "dense" if reason else "row-sparse",
                 f" ({reason})" if reason else " (tokens x hidden values, stepped in its row-sparse state)")
     return reason is None
+
+
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """`model.get_input_embeddings()`, or None for a model without one."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    return get_embeddings() if callable(get_embeddings) else None
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

@@ -12,11 +12,12 @@ without knowing its name; a user's dotted `layers_attribute` always wins.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate"]
+__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate", "refuse_peft_model"]
 
 ALWAYS_TRAINABLE_DEFAULT = ("input_embeddings", "output_embeddings", "final_norm")
 _CHOOSE_HINT = (
@@ -252,6 +253,20 @@ def always_trainable_modules(
     return result
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """Raise ValueError for a model carrying peft adapters (a `PeftModel`, or adapters added to a transformers
+    model): LISA trains the full weights of its sampled layers and of the embeddings and head, and the adapters'
+    `save_pretrained` writes the adapter weights only, so what was trained would not be saved."""
+    peft_module = next((m for m in model.modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if peft_module is None:
+        return
+    raise ValueError(
+        f"{type(model).__name__} is a peft model ({type(peft_module).__name__}: LoRA or other adapters). LISA trains "
+        f"full weights of the decoder layers and the embeddings, which peft's save_pretrained (adapter weights only) "
+        f"would drop. Merge the adapters into the model first (model = model.merge_and_unload()) and train that with "
+        f"LISA, or train the adapters alone, without LISA")
+
+
 def unique_parameters(modules, per_module: bool = False) -> list:
     """Parameters of `modules`, each shared (tied) parameter once, in first-seen order; with `per_module`, one list
     per module (a tied parameter in the first module that has it)."""
@@ -263,13 +278,35 @@ def unique_parameters(modules, per_module: bool = False) -> list:
     return groups if per_module else [p for group in groups for p in group]
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
     """Recompute each decoder layer's activations in backward, non-reentrant: it keeps gradients flowing to
     trainable layers behind frozen ones (and to the input embedding), and runs the layer's leaf modules again, which
-    `lisa_trainer.frozen_weights` relies on. Turns the model's KV cache off (it is useless in training)."""
+    `lisa_trainer.frozen_weights` relies on. Turns the model's KV cache off (it is useless in training).
+
+    Returns a function that gives the model back as it was: `use_cache` as before, and, unless it already
+    checkpointed, checkpointing off and without the input embedding's forward hook that transformers adds with it."""
+    was_on = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    had_input_hooks = bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+    use_cache = getattr(model.config, "use_cache", None)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model.config, "use_cache", None):
+    if use_cache:
         model.config.use_cache = False
+
+    def restore() -> None:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        if was_on:
+            return
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        # transformers' disable leaves the hook that its enable added (for input_ids models); it removes it with this
+        added_input_hooks = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+        if added_input_hooks and not had_input_hooks:
+            model.disable_input_require_grads()
+
+    return restore

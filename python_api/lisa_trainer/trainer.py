@@ -47,7 +47,7 @@ from .run_folder import claim_output_dir, log_run_id
 from .runlog import LOG_FILE, JsonlLog, period_record, read_log
 from .loss import ChunkedCausalLMLoss
 from .distributed import DEFAULT_TIMEOUT_S, DataParallel, NullLog, launched_world_size
-from .gradients import clip_grad_norm, use_sparse_embedding_grad
+from .gradients import clip_grad_norm, input_embedding, use_sparse_embedding_grad
 from .layers import enable_gradient_checkpointing, find_decoder_layers
 from .options import OptionError, option
 from .trackers import Trackers, parse_report_to
@@ -228,8 +228,6 @@ class LisaTrainer:
         self.model = model if self.dist and self.dist.fsdp else model.to(self.device)
         if self.dist:  # before the optimizer: FSDP replaces the parameters with their shards
             self.dist.attach(model, find_decoder_layers(model, lisa_config.layers_attribute)[1])
-        if args.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
         if self.dist and self.dist.fsdp and lisa_config.sparse_embedding_state:
             # A checkpoint gathers each moment whole from the shards; the compact row-sparse form has no such layout.
             self.lisa_config = lisa_config = dataclasses.replace(lisa_config, sparse_embedding_state=False)
@@ -246,7 +244,8 @@ class LisaTrainer:
             raise OptionError(LisaConfig, "offload_frozen_layers", "needs gradient checkpointing "
                               "(--gradient_checkpointing: without it a layer's weights stay on the device from its "
                               "forward to its backward) and one process (each rank would copy its own)")
-        self._choose_embedding_grad()
+        self._given_embedding_sparse = getattr(input_embedding(model), "sparse", None)  # train() restores it
+        self._take_model()
         self.controller = LisaController(model, self.optimizer, lisa_config)
         # FSDP gathers the root's weights (embedding, head) in the model's own forward, which the chunked loss
         # does not call: it would meet the head's shards.
@@ -324,6 +323,8 @@ class LisaTrainer:
         """One optimizer step; returns its log record."""
         args, step = self.args, self.step
         started = time.perf_counter()
+        if not self._holds_model:  # handed back by an earlier train(); the controller sets up its part itself
+            self._take_model()
         self.controller.on_step_begin(step)
         lr = lr_at(step, base_lr=args.learning_rate, total_steps=self.max_steps, warmup_steps=self.warmup_steps, kind=args.lr_scheduler_type)
         for group in self.optimizer.param_groups:
@@ -491,17 +492,43 @@ class LisaTrainer:
 
     def train(self, resume_from_checkpoint: str | Path | None = None) -> dict:
         """Run to ``max_steps``; returns the summary (also the log's last record). ``resume_from_checkpoint``: a
-        checkpoint folder, or "latest" (the newest checkpoint of the run logged in ``output_dir``)."""
-        if self.dist and not self.dist.is_main:  # rank 0 holds the folder and decides the run; the others follow
-            claim = self.dist.broadcast_object(None)
-            self.run_id = claim.run_id
-            return self._train(claim.resume_from)
-        with claim_output_dir(self.output_dir, resume_from=resume_from_checkpoint or None,
-                              overwrite=self.args.overwrite_output_dir) as claim:
-            if self.dist:
-                self.dist.broadcast_object(claim)
-            self.run_id = claim.run_id
-            return self._train(claim.resume_from)
+        checkpoint folder, or "latest" (the newest checkpoint of the run logged in ``output_dir``).
+
+        Afterwards, also when it fails, the model is handed back as it was given (see `_hand_back_model`)."""
+        try:
+            if self.dist and not self.dist.is_main:  # rank 0 holds the folder and decides the run; the others follow
+                claim = self.dist.broadcast_object(None)
+                self.run_id = claim.run_id
+                return self._train(claim.resume_from)
+            with claim_output_dir(self.output_dir, resume_from=resume_from_checkpoint or None,
+                                  overwrite=self.args.overwrite_output_dir) as claim:
+                if self.dist:
+                    self.dist.broadcast_object(claim)
+                self.run_id = claim.run_id
+                return self._train(claim.resume_from)
+        finally:
+            self._hand_back_model()
+
+    def _take_model(self) -> None:
+        """Set the model up for training: gradient checkpointing (when asked for) and the input embedding's gradient.
+        The controller sets `requires_grad` and offloads frozen layers' weights."""
+        self._restore_checkpointing = None
+        if self.args.gradient_checkpointing:
+            self._restore_checkpointing = enable_gradient_checkpointing(self.model)
+        self._choose_embedding_grad()
+        self._holds_model = True
+
+    def _hand_back_model(self) -> None:
+        """The model as it was given: every weight on its device (none offloaded, no offload hooks), `requires_grad`
+        of every parameter, the input embedding's `sparse` flag, gradient checkpointing and `use_cache` as before
+        this trainer. The next step sets them up again."""
+        self.controller.release_model()
+        if self._restore_checkpointing is not None:
+            self._restore_checkpointing()
+            self._restore_checkpointing = None
+        if self._given_embedding_sparse is not None:
+            input_embedding(self.model).sparse = self._given_embedding_sparse
+        self._holds_model = False
 
     def _train(self, resume_from: Path | None) -> dict:
         from tqdm.auto import tqdm
@@ -581,6 +608,7 @@ class LisaTrainer:
             raise
         finally:
             bar.close()
+            self._hand_back_model()  # before saving: the saved config's use_cache is the model's own
         if args.save_model:
             self.save_model(self.output_dir)
         if self.dist:  # the summary is read from rank 0's log; every rank returns rank 0's summary
