@@ -481,7 +481,6 @@ def test_module_units_are_found_by_structure_and_fill_the_budget():
         assert entry["layers"] == sorted({int(m.split(".")[0]) for m in entry["modules"]})
         assert len(entry["module_grad_norms"]) == len(entry["modules"]) and entry["always_grad_norm"] > 0
     assert len({tuple(e["modules"]) for e in ctrl.period_log}) > 1
-    assert len({e["layers"][0] for e in ctrl.period_log}) > 1 or any(len(e["layers"]) > 1 for e in ctrl.period_log)
     # A small budget still trains something and never overflows.
     small = module_run(steps=4, module_budget=max(ctrl.module_sampler.sizes))[2]
     assert all(sum(sizes[m] for m in e["modules"]) <= max(ctrl.module_sampler.sizes) for e in small.period_log)
