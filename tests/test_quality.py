@@ -89,7 +89,7 @@ def test_balanced_sampling_in_the_controller_trains_every_layer_equally():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(layer_weights="automatic"), "layer_weights must be None, 'auto' or a sequence"),
+    (dict(layer_weights="automatic"), "layer_weights must be None, 'auto', 'outlier' or a sequence"),
     (dict(sampling="stratified"), "sampling must be one of"),
     (dict(sampling="balanced", layer_weights="auto"), "sampling 'balanced'.*takes no"),
     (dict(sampling="balanced", layer_weights=[1, 1, 1, 1]), "sampling 'balanced'.*takes no"),
