@@ -25,6 +25,7 @@ Run from the repository root:
 
     python -m benchmarks.bench_quality             # the full run (~20 min on a busy 2-core CPU, +5 the first time)
     python -m benchmarks.bench_quality --quick     # a tiny model, a few steps: checks that everything runs
+    python -m benchmarks.bench_quality --study sampling   # uniform, auto, outlier and module-wise over 5 seeds
 """
 from __future__ import annotations
 
@@ -248,7 +249,8 @@ class Run:
     n_active: int = 2
     interval: int = 10
     sampling: str = "uniform"  # LisaConfig.sampling
-    layer_weights: str | None = None  # None or "auto"
+    layer_weights: str | None = None  # None, "auto" or "outlier"
+    granularity: str = "layer"  # LisaConfig.granularity
     embedding_state_dtype: str | None = None  # LisaConfig.embedding_state_dtype
     state_dtype: str | None = None  # FusedAdamW's state_dtype for every group (the embedding's and head's too)
 
@@ -257,6 +259,8 @@ class Run:
         if not self.method.startswith("lisa"):
             return self.method
         extra = [] if self.layer_weights is None else [f"weights={self.layer_weights}"]
+        if self.granularity != "layer":
+            extra.append(f"{self.granularity}-wise")
         if self.sampling != "uniform":
             extra.append(self.sampling)
         if self.embedding_state_dtype is not None:
@@ -282,7 +286,8 @@ def setup(run: Run, model):
 
     cfg = LisaConfig(n_active_layers=run.n_active, interval_steps=run.interval, seed=run.seed,
                      state_policy=run.method.removeprefix("lisa-"), sampling=run.sampling,
-                     layer_weights=run.layer_weights, embedding_state_dtype=run.embedding_state_dtype)
+                     layer_weights=run.layer_weights, embedding_state_dtype=run.embedding_state_dtype,
+                     granularity=run.granularity)
     lean = {"state_dtype": getattr(torch, run.state_dtype)} if run.state_dtype else {}
     optimizer = build_optimizer(model, cfg, lr=run.lr, weight_decay=0.0, **lean)
     return model, optimizer, LisaController(model, optimizer, cfg)
@@ -379,12 +384,17 @@ def over_seeds(results: list[dict]) -> list[dict]:
     for label, rs in by_label.items():
         losses = [r["eval_loss"] for r in sorted(rs, key=lambda r: r["seed"])]
         deltas = [r["eval_loss"] - baseline[r["seed"]] for r in rs if r["seed"] in baseline]
+        spread = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
         rows.append({"option": label, "mean_loss": statistics.fmean(losses),
                      "std_loss": statistics.stdev(losses) if len(losses) > 1 else 0.0,
                      "min_loss": min(losses), "max_loss": max(losses),
-                     "mean_vs_uniform": statistics.fmean(deltas), "wins_vs_uniform": sum(d < 0 for d in deltas),
+                     "mean_vs_uniform": statistics.fmean(deltas), "std_vs_uniform": spread,
+                     "vs_uniform": deltas, "wins_vs_uniform": sum(d < 0 for d in deltas),
+                     # The rule for changing a default: better than uniform by more than twice the paired spread.
+                     "beats_uniform": statistics.fmean(deltas) < -2 * spread,
                      "seeds": len(losses), "losses": losses,
-                     "mean_train_s": statistics.fmean(r["train_seconds"] for r in rs)})
+                     "mean_train_s": statistics.fmean(r["train_seconds"] for r in rs),
+                     "max_device_state_mb": max(r["device_state_mb"] for r in rs)})
     return rows
 
 
@@ -425,12 +435,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--results-dir", type=Path, default=None, help="default benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--study", choices=("methods", "moment-dtype"), default="methods",
+    p.add_argument("--study", choices=("methods", "moment-dtype", "sampling"), default="methods",
                    help="methods: the full study; moment-dtype: LISA park with fp32 moments, bf16 moments for the "
-                        "embedding and head only, and bf16 moments everywhere, over the seeds, at --lr")
+                        "embedding and head only, and bf16 moments everywhere, over the seeds, at --lr; sampling: "
+                        "LISA park with uniform, auto and outlier layer weights and module-wise sampling, over "
+                        "--seeds seeds, at --lr")
     p.add_argument("--lr", type=float, default=1e-3,
-                   help="learning rate of the moment-dtype study (default 1e-3: LISA park's best in the methods "
-                        "study)")
+                   help="learning rate of the moment-dtype and sampling studies (default 1e-3: LISA park's best in "
+                        "the methods study)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds of the sampling study (default 5)")
     return p.parse_args(argv)
 
 
@@ -454,6 +467,31 @@ def moment_dtype_study(args, size: Size, execute, device: torch.device) -> None:
                   "vs fp32": r["mean_vs_uniform"], "lower than fp32": f"{r['wins_vs_uniform']}/{r['seeds']}",
                   "train s": r["mean_train_s"]} for r in json.loads(path.read_text())["summary"]],
                 title=f"Moment dtype, LISA park, lr {args.lr:.0e}, seeds {list(size.seeds)}")
+    print(f"results: {path}")
+
+
+SAMPLING_RULES = {"uniform": {}, "auto": {"layer_weights": "auto"}, "outlier": {"layer_weights": "outlier"},
+                  "module": {"granularity": "module"}}
+
+
+def sampling_study(args, size: Size, execute, device: torch.device) -> None:
+    """LISA park with each sampling rule, seed by seed: uniform layers, `auto` and `outlier` layer weights, and
+    module-wise sampling with the budget of γ whole layers; mean ± std, and the per-seed differences to uniform."""
+    seeds = range(1 if args.quick else args.seeds)
+    runs = [Run("lisa-park", args.lr, n_active=size.n_active, interval=size.interval, seed=seed, **rule)
+            for rule in SAMPLING_RULES.values() for seed in seeds]
+    started = time.perf_counter()
+    results = execute(runs)
+    payload = {"config": {**asdict(size), "quick": args.quick, "lr": args.lr, "seeds": list(seeds)},
+               "runs": results, "summary": over_seeds(results), "total_seconds": time.perf_counter() - started}
+    path = write_results("quality-sampling" + ("-quick" if args.quick else ""), payload, device,
+                         results_dir=args.results_dir)
+    print_table([{"option": r["option"], "mean loss": r["mean_loss"], "std": r["std_loss"],
+                  "vs uniform": r["mean_vs_uniform"], "paired std": r["std_vs_uniform"],
+                  "beats uniform": r["beats_uniform"], "lower than uniform": f"{r['wins_vs_uniform']}/{r['seeds']}",
+                  "device state MB": r["max_device_state_mb"], "train s": r["mean_train_s"]}
+                 for r in json.loads(path.read_text())["summary"]],
+                title=f"Sampling rules, LISA park, lr {args.lr:.0e}, seeds {list(seeds)}")
     print(f"results: {path}")
 
 
@@ -482,6 +520,9 @@ def main(argv=None) -> dict:
 
     if args.study == "moment-dtype":
         moment_dtype_study(args, size, execute, device)
+        return {}
+    if args.study == "sampling":
+        sampling_study(args, size, execute, device)
         return {}
     started = time.perf_counter()
     methods = execute(method_grid(size))

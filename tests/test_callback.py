@@ -265,3 +265,38 @@ def test_a_peft_model_is_refused_at_once_with_either_optimizer(tmp_path):
     merged = with_lora(tiny_llama()).merge_and_unload()  # a plain model again
     Trainer(model=merged, args=args, train_dataset=_Tokens(), callbacks=[LisaCallback()],
             optimizers=(LisaCallback.optimizer_for(merged, args), None))
+
+
+def test_trainer_module_wise_trains_sampled_modules_only_and_resumes_mid_period(tmp_path):
+    def run(out, resume=None):
+        model = tiny_llama()
+        args = training_args(out, save_strategy="steps", save_steps=5, optim="adamw_torch")
+        lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3, granularity="module")
+        checker = _FrozenModulesStayPut(lisa)
+        trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[lisa, checker])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, lisa, checker
+
+    whole, lisa, checker = run(tmp_path / "whole")
+    assert checker.steps == 12 and checker.failures == []
+    log = lisa.controller.period_log
+    assert len({tuple(e["modules"]) for e in log}) > 1 and all(e["module_grad_norms"] for e in log)
+    # Step 5 is inside period 2: the checkpoint carries that period's gradient sums so far.
+    resumed, resumed_lisa, _ = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-5"))
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), whole.parameters()))
+    keys = ("period", "modules", "module_grad_norms", "always_grad_norm")
+    assert [[e[k] for k in keys] for e in resumed_lisa.controller.period_log] == [[e[k] for k in keys] for e in log]
+
+
+class _FrozenModulesStayPut(_FrozenLayersStayPut):
+    """As `_FrozenLayersStayPut`, for the modules inside the layers: a decoder parameter changes iff its module is
+    active."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps += 1
+        ctrl = self.lisa.controller
+        active = {id(p) for u in ctrl.active_units for p in ctrl._unit_params[u]}
+        for name, p in model.named_parameters():
+            changed = not torch.equal(p, self.before[name])
+            if layer_of(name) is not None and changed != (id(p) in active):
+                self.failures.append((state.global_step, name, changed))

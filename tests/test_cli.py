@@ -111,6 +111,8 @@ def test_errors_name_the_flag_or_path(tmp_path, capsys):
          ["error: --lisa_layer_weights", "1 non-zero entries, fewer than --lisa_activated_layers"]),
         (["--lisa_layers_attribute", "model.nothing"], ["--lisa_layers_attribute"]),
         (["--lisa_state_policy", "forget"], ["--lisa_state_policy", "invalid choice"]),
+        (["--lisa_module_budget", "1000"], ["--lisa_module_budget", "--lisa_granularity='module' only"]),
+        (["--lisa_granularity", "module", "--lisa_layer_weights", "auto"], ["--lisa_granularity", "takes neither"]),
         (["--learning_rate", "-1"], ["--learning_rate"]),
         (["--model_name_or_path", str(tmp_path / "no-model")], ["--model_name_or_path", "no-model"]),
         (["--model_name_or_path", str(tmp_path), "--demo"], ["--demo", "--model_name_or_path"]),
@@ -135,7 +137,25 @@ def test_the_data_is_checked_before_the_model_is_loaded(tmp_path, capsys):
     assert "broken.json" in err and 'missing field "output"' in err
 
 
+def test_module_wise_demo_resumes_exactly(tmp_path):
+    out = tmp_path / "out"
+    argv = ["--demo", "--output_model_path", str(out), "--lisa_granularity", "module", "--save_steps", "3", *FAST,
+            "--max_steps", "8"]
+    assert main(argv) == 0
+    periods = [r for r in read_log(out / "train_log.jsonl") if r["kind"] == "period"]
+    assert len(periods) == 4 and all(p["modules"] and len(p["module_grad_norms"]) == len(p["modules"]) for p in periods)
+    assert len({tuple(p["modules"]) for p in periods}) > 1
+    before = [(r["step"], r["loss"]) for r in read_log(out / "train_log.jsonl") if r["kind"] == "step"]
+    # Resumed in the middle of period 1: the same losses, modules and gradient norms.
+    assert main([*argv, "--resume_from_checkpoint", str(out / "checkpoint-3")]) == 0
+    log = read_log(out / "train_log.jsonl")
+    assert [(r["step"], r["loss"]) for r in log if r["kind"] == "step"] == before
+    assert [(p["modules"], p["module_grad_norms"]) for p in log if p["kind"] == "period"] == \
+        [(p["modules"], p["module_grad_norms"]) for p in periods]
+
+
 def test_layer_weights_from_list_json_and_a_previous_log(tmp_path, demo_run):
+    assert parse_layer_weights("outlier") == "outlier"
     assert parse_layer_weights("1, 2,0.5") == [1.0, 2.0, 0.5]
     assert parse_layer_weights("[1, 0, 2.5]") == [1.0, 0.0, 2.5]  # the README's "a JSON list", inline
     (tmp_path / "w.json").write_text(json.dumps({"layer_weights": [1, 0, 3]}))

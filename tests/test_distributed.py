@@ -37,12 +37,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _trainer(out, tok, data, *, batch, n_active=1, seed=0, policy="keep", **kw):
+def _trainer(out, tok, data, *, batch, n_active=1, seed=0, policy="keep", granularity="layer", **kw):
     args = dict(output_dir=str(out), learning_rate=3e-3, max_steps=STEPS, per_device_train_batch_size=batch,
                 gradient_accumulation_steps=ACCUM, warmup_steps=0, progress=False, save_model=False, ddp_timeout=60,
                 lr_scheduler_type="constant")  # runs of FSDP_STEPS and STEPS agree on their first STEPS steps
     args.update(kw)
-    lisa = LisaConfig(n_active_layers=n_active, interval_steps=2, state_policy=policy, seed=seed)
+    lisa = LisaConfig(n_active_layers=n_active, interval_steps=2, state_policy=policy, seed=seed, granularity=granularity)
     return LisaTrainer(build_demo_model(tok, seed=0, **SMALL), tok, data, LisaTrainingArguments(**args), lisa)
 
 
@@ -120,6 +120,15 @@ def _scenarios(rank: int, out: Path) -> None:
                        policy="park")
     resumed.train(resume_from_checkpoint=out / "fsdp_park" / "checkpoint-5")
     results["fsdp_resumed"] = {"weights": resumed.dist.state_dict_to_save(resumed.model), "parked": _parked(resumed)}
+    # Module-wise, 4 periods; FSDP resumed from the middle of period 2.
+    module_runs = {"module_ddp": {}, "module_fsdp": {"fsdp": True, "save_steps": 5},
+                   "module_fsdp_resumed": {"fsdp": True, "resume": out / "module_fsdp" / "checkpoint-5"}}
+    for run, kw in module_runs.items():
+        resume = kw.pop("resume", None)
+        t = _trainer(out / run, tok, data, batch=BATCH, policy="park", granularity="module", max_steps=8, **kw)
+        t.train(resume_from_checkpoint=resume)
+        results[run] = {"weights": t.dist.state_dict_to_save(t.model) if t.dist.fsdp else _weights(t),
+                        "period_log": t.controller.period_log}
     results["one_row"] = _one_row_state_round_trip()
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
@@ -484,3 +493,29 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
     resumed = _weights(t)
     for name, w in ranks[0]["active2"]["weights"].items():  # the reduction-order tolerance of the tests above
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=name)
+
+
+def test_module_wise_ranks_agree_and_fsdp_sums_each_ranks_gradient_norms(ddp):
+    """Module-wise sampling under DDP and FSDP2: every rank logs the same modules and gradient norms (FSDP2's from
+    each rank's shards, summed), so every rank draws the same modules; only those modules' gradients travel."""
+    out, ranks = ddp
+    logs = {run: _periods(out / run) for run in ("module_ddp", "module_fsdp")}
+    for run in logs:
+        assert ranks[1][run]["period_log"] == ranks[0][run]["period_log"]
+        assert len({tuple(p["modules"]) for p in logs[run]}) > 1
+    for mine, theirs in zip(logs["module_fsdp"], logs["module_ddp"], strict=True):
+        assert mine["modules"] == theirs["modules"]
+        assert mine["module_grad_norms"] == pytest.approx(theirs["module_grad_norms"], rel=2e-5)
+    for name, w in ranks[0]["module_ddp"]["weights"].items():
+        torch.testing.assert_close(ranks[0]["module_fsdp"]["weights"][name], w, rtol=0, atol=2e-6, msg=name)
+    # The resumed run: the same weights, and the cut period's norms from its gradient sums in the checkpoint.
+    for name, w in ranks[0]["module_fsdp"]["weights"].items():
+        assert torch.equal(ranks[0]["module_fsdp_resumed"]["weights"][name], w), name
+    keys = ("period", "modules", "module_grad_norms", "always_grad_norm")
+    assert [[p[k] for k in keys] for p in ranks[0]["module_fsdp_resumed"]["period_log"]] == \
+        [[p[k] for k in keys] for p in logs["module_fsdp"]]
+    steps = {run: [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"] for run in logs}
+    assert [r["reduce_scatter_bytes"] for r in steps["module_fsdp"]] == [r["allreduce_bytes"] for r in steps["module_ddp"]]
+    layer = sum(p.numel() for p in build_demo_model(build_demo_tokenizer(), **SMALL).model.layers[0].parameters())
+    always = ranks[0]["active1"]["trainable"] - layer  # embeddings, head and final norm, as with whole layers
+    assert all(always < r["allreduce_bytes"] / 4 <= always + layer for r in steps["module_ddp"])

@@ -89,7 +89,7 @@ def test_balanced_sampling_in_the_controller_trains_every_layer_equally():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(layer_weights="automatic"), "layer_weights must be None, 'auto' or a sequence"),
+    (dict(layer_weights="automatic"), "layer_weights must be None, 'auto', 'outlier' or a sequence"),
     (dict(sampling="stratified"), "sampling must be one of"),
     (dict(sampling="balanced", layer_weights="auto"), "sampling 'balanced'.*takes no"),
     (dict(sampling="balanced", layer_weights=[1, 1, 1, 1]), "sampling 'balanced'.*takes no"),
@@ -146,3 +146,19 @@ def test_moment_dtype_study_quick_mode_compares_the_three_moment_dtypes(tmp_path
         state.setdefault(r["label"], set()).add(r["device_state_mb"])
     fp32, lean_head, lean_all = (min(state[o]) for o in options)
     assert fp32 > lean_head > lean_all
+
+
+def test_sampling_study_quick_mode_runs_every_rule_at_equal_budget(tmp_path):
+    """--study sampling: uniform, auto, outlier and module-wise LISA park; module-wise holds no more device state
+    than whole layers (its budget is γ layers' parameters)."""
+    from benchmarks import bench_quality
+
+    bench_quality.main(["--quick", "--device", "cpu", "--study", "sampling", "--cache", str(tmp_path / "cache"),
+                        "--results-dir", str(tmp_path / "results")])
+    data = json.loads((tmp_path / "results" / "quality-sampling-quick-cpu.json").read_text())
+    rows = {row["option"]: row for row in data["summary"]}
+    assert list(rows) == ["lisa-park γ=1 K=2", "lisa-park γ=1 K=2 weights=auto", "lisa-park γ=1 K=2 weights=outlier",
+                          "lisa-park γ=1 K=2 module-wise"]
+    uniform, *_, module = rows.values()
+    assert uniform["vs_uniform"] == [0.0] and not uniform["beats_uniform"]
+    assert 0 < module["max_device_state_mb"] <= uniform["max_device_state_mb"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lisa_trainer import LayerSampler
-from lisa_trainer.sampler import auto_layer_weights
+from lisa_trainer.layers import outlier_ratios
+from lisa_trainer.sampler import ModuleSampler, auto_layer_weights, module_importance, outlier_layer_weights
 
 
 def test_pure_function_of_seed_and_period():
@@ -178,3 +179,79 @@ def test_layers_for_period_checks_per_period_weights():
     with pytest.raises(ValueError, match="one entry per layer"):
         sampler.layers_for_period(0, [1, 1, 1])
     assert sampler.layers_for_period(3, [0, 1, 0, 1]) == (1, 3)
+
+
+# ------------------------------------------------------------------------------------------------- module-wise
+def test_module_sampler_is_pure_and_respects_the_budget():
+    sizes = [64, 64, 16, 128, 8, 8, 64, 64, 16, 128, 8, 8]
+    a, b = ModuleSampler(sizes, budget=200, seed=3), ModuleSampler(sizes, budget=200, seed=3)
+    weights = [1.0 + i % 3 for i in range(len(sizes))]
+    for period in range(200):
+        chosen = a.modules_for_period(period, weights)
+        assert chosen == b.modules_for_period(period, weights) == tuple(sorted(set(chosen)))
+        total = sum(sizes[i] for i in chosen)
+        assert total <= 200
+        # Filled: nothing left out would still fit.
+        assert all(total + sizes[i] > 200 for i in range(len(sizes)) if i not in chosen)
+    assert len({a.modules_for_period(p) for p in range(50)}) > 10
+    assert ModuleSampler(sizes, 200, seed=4).modules_for_period(0) != a.modules_for_period(0) or \
+        ModuleSampler(sizes, 200, seed=4).modules_for_period(1) != a.modules_for_period(1)
+
+
+def test_module_sampler_favours_heavy_modules():
+    sizes = [10] * 6
+    s = ModuleSampler(sizes, budget=20, seed=0)
+    counts = [0] * 6
+    for period in range(3000):
+        for i in s.modules_for_period(period, [4, 1, 1, 1, 1, 1]):
+            counts[i] += 1
+    assert counts[0] > 2 * max(counts[1:])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sizes": [], "budget": 1, "seed": 0}, "sizes must be"),
+    ({"sizes": [4, 8], "budget": 7, "seed": 0}, "at least the largest module's 8 parameters"),
+    ({"sizes": [4], "budget": 4, "seed": "0"}, "seed must be an int"),
+])
+def test_module_sampler_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModuleSampler(**kwargs)
+
+
+def test_module_importance_uses_gradient_norms_two_periods_back_with_a_floor():
+    index = {"0.q": 0, "0.k": 1, "1.q": 2}
+
+    def entry(period, modules, norms, always=2.0):
+        return {"period": period, "first_step": 3 * period, "last_step": 3 * period + 2, "modules": modules,
+                "module_grad_norms": norms, "always_grad_norm": always}
+
+    log = [entry(0, ["0.q", "0.k"], [2.0, 6.0]), entry(1, ["1.q"], [100.0])]
+    assert module_importance(log, index, 1) is None  # nothing from period <= -1
+    w = module_importance(log, index, 2)  # period 0 only: 1.0, 3.0, and 1.q the mean of the two
+    assert w == pytest.approx([0.5 / 3 + 0.5 * 1 / 6, 0.5 / 3 + 0.5 * 3 / 6, 0.5 / 3 + 0.5 * 2 / 6])
+    later = module_importance(log + [entry(2, ["0.q"], [6.0], always=1.0)], index, 4)
+    # 0.q: 1.0 then 6.0, smoothed halfway: 3.5; 0.k 3.0; 1.q 50.0
+    assert later == pytest.approx([0.5 / 3 + 0.5 * x / 56.5 for x in (3.5, 3.0, 50.0)])
+    assert min(later) >= 0.5 / 3
+
+
+# ------------------------------------------------------------------------------------------------- outlier (OWS)
+def test_outlier_weights_equal_a_hand_computation():
+    layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5)) for _ in range(3))
+    with torch.no_grad():
+        for layer in layers:
+            layer[0].weight.fill_(1.0)
+            layer[0].bias.fill_(1e6)  # 1-D: not counted
+            layer[1].weight.fill_(1e6)
+        layers[0][0].weight[0, 0] = 100.0  # mean (19 + 100) / 20 = 5.95; 100 > 7 * 5.95 = 41.65: 1 of 20
+        layers[1][0].weight[0, :2] = 200.0  # mean (18 + 400) / 20 = 20.9; 200 > 7 * 20.9 = 146.3: 2 of 20
+        layers[2][0].weight[1, :3] = -100.0  # |.|: mean (17 + 300) / 20 = 15.85; 100 < 7 * 15.85 = 110.95: none
+    assert outlier_ratios(layers) == [1 / 20, 2 / 20, 0.0]
+    # Mixed with uniform: floor 0.1 -> 0.1 / 3 + 0.9 * ratio / sum(ratios).
+    assert outlier_layer_weights(layers) == pytest.approx([0.1 / 3 + 0.3, 0.1 / 3 + 0.6, 0.1 / 3])
+    # M = 13 (OWS's value with activation norms): 100 > 77.35 in layer 0 only; 200 < 271.7 in layer 1.
+    assert outlier_ratios(layers, threshold=13.0) == [1 / 20, 0.0, 0.0]
+    with torch.no_grad():
+        for layer in layers:
+            layer[0].weight.fill_(1.0)
+    assert outlier_layer_weights(layers) is None  # no outliers anywhere: uniform

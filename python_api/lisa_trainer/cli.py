@@ -400,7 +400,8 @@ def _prepare(opts: Options, dataset_path: Path):
         raise CliError(f"--lisa_layers_attribute: {e}") from None
     if not opts.run.use_lisa:  # every layer active in every period: full fine-tuning through the same loop
         opts.lisa = dataclasses.replace(opts.lisa, n_active_layers=len(layers), layer_weights=None,
-                                        sampling="uniform", state_policy="keep", track_update_norms=False)
+                                        sampling="uniform", granularity="layer", module_budget=None,
+                                        state_policy="keep", track_update_norms=False)
     _check_block_size(model, opts.data.block_size)
     try:
         tokenized = tokenize_dataset(data, tokenizer, opts.data.block_size,

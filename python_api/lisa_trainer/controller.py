@@ -8,6 +8,10 @@ end records per-layer weight-update norms.
 
 The optimizer must hold every parameter (checked), so a layer frozen when the optimizer is built still trains when
 it is sampled; the schedule is a pure function of (seed, period), so ranks and resumed runs agree without talking.
+
+With `granularity="module"` the unit switched is a module inside a decoder layer instead of a whole layer; the
+schedule is then a pure function of (seed, period, the period log), whose per-module gradient norms an optimizer
+step pre-hook measures, and which every checkpoint holds, with the open period's sums so far.
 """
 
 from __future__ import annotations
@@ -27,17 +31,20 @@ from .frozen_weights import FrozenWeightOffload
 from .layers import (
     ALWAYS_TRAINABLE_DEFAULT,
     always_trainable_modules,
+    decoder_modules,
     find_decoder_layers,
     refuse_peft_model,
     unique_parameters,
 )
 from .options import OptionError, option
-from .sampler import SAMPLING_MODES, LayerSampler, auto_layer_weights, parse_layer_weights
+from .sampler import (LAYER_WEIGHT_RULES, SAMPLING_MODES, LayerSampler, ModuleSampler, auto_layer_weights,
+                      module_importance, outlier_layer_weights, parse_layer_weights)
 
 __all__ = ["BITSANDBYTES_OPTIMIZERS", "LisaConfig", "LisaController", "OPTIMIZERS", "OptimizerMissesParameters",
            "build_optimizer", "STATE_POLICIES"]
 
 STATE_POLICIES = ("park", "reset", "keep")
+GRANULARITIES = ("layer", "module")
 EMBEDDING_STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 logger = logging.getLogger(__name__)
 _STATE_DICT_FORMAT = 1
@@ -72,6 +79,13 @@ class LisaConfig:
         head, FSDP, another optimizer), under data parallelism (the bucketed gradient all-reduce takes dense
         gradients), for an embedding module without a `sparse` flag and with Hugging Face's Trainer (which clips
         with torch's `clip_grad_norm_`) the gradient stays dense; `LisaTrainer` logs which gradient it uses.
+    granularity: the unit LISA samples. "layer": whole decoder layers (the paper). "module": the modules inside the
+        decoder layers (attention projections, MLP matrices, norms; MISA, arXiv 2511.00056), drawn each period by
+        weighted sampling without replacement until `module_budget` trainable parameters are filled, weighted by
+        their gradient norms measured while they trained (`sampler.module_importance`); every module the draw
+        skips or leaves out is frozen, its optimizer state parked like a frozen layer's.
+    module_budget: trainable decoder parameters per period with granularity="module" (MISA's δ times the model
+        size); None: those of `n_active_layers` whole layers, so the device state matches layer-wise LISA.
     offload_frozen_layers: how many of each period's frozen decoder layers keep their weights in host memory,
         brought to the device one layer at a time while they compute (`lisa_trainer.frozen_weights`; the lowest-
         numbered frozen layers; 0: none). Bit-identical results; each offloaded layer's weights cross to the device
@@ -90,8 +104,9 @@ class LisaConfig:
     layer_weights: Sequence[float] | str | None = option(
         None, flag="--lisa_layer_weights", parse=parse_layer_weights,
         help="per-layer importance weights (non-negative, one per layer; default: uniform): 'auto' (estimated "
-             "during the run from past periods' update norms), a comma or JSON list, a JSON file with a list, or a "
-             "previous run's train_log.jsonl (its mean update norms)")
+             "during the run from past periods' update norms), 'outlier' (each layer's share of outlier weights, "
+             "OWS), a comma or JSON list, a JSON file with a list, or a previous run's train_log.jsonl (its mean "
+             "update norms)")
     sampling: str = option("uniform", flag="--lisa_sampling", choices=SAMPLING_MODES,
                            help="uniform: independent draws each period (the paper's rule); balanced: every layer "
                                 "trains in the same number of periods over each cycle (no weights)")
@@ -113,6 +128,12 @@ class LisaConfig:
                                          help="give the input embedding a sparse gradient (the step's tokens only, "
                                               "not the whole vocabulary), stepped exactly in its row-sparse state; "
                                               "dense under data parallelism")
+    granularity: str = option("layer", flag="--lisa_granularity", choices=GRANULARITIES,
+                              help="what LISA samples: layer (whole decoder layers) or module (attention and MLP "
+                                   "matrices and norms inside them, weighted by their gradient norms: MISA)")
+    module_budget: int | None = option(None, flag="--lisa_module_budget",
+                                       help="with --lisa_granularity module: trainable decoder parameters per period "
+                                            "(default: as many as --lisa_activated_layers whole layers)")
     offload_frozen_layers: int = option(0, flag="--lisa_offload_frozen_layers",
                                         help="keep up to this many frozen decoder layers' weights in host memory, "
                                              "each brought to the device only while it computes (needs "
@@ -131,8 +152,9 @@ class LisaConfig:
         if not _is_int(self.seed):
             refuse("seed", f"must be an int, got {self.seed!r}")
         if isinstance(self.layer_weights, str):
-            if self.layer_weights != "auto":
-                refuse("layer_weights", f"must be None, 'auto' or a sequence of numbers, got {self.layer_weights!r}")
+            if self.layer_weights not in LAYER_WEIGHT_RULES:
+                refuse("layer_weights", f"must be None, 'auto', 'outlier' or a sequence of numbers, got "
+                       f"{self.layer_weights!r}")
         elif self.layer_weights is not None:
             try:
                 if not isinstance(self.layer_weights, Sequence):
@@ -173,6 +195,15 @@ class LisaConfig:
         if self.sampling == "balanced" and self.layer_weights is not None:
             refuse("sampling", f"'balanced' gives every layer the same share, so it takes no {{layer_weights}} (got "
                    f"{self.layer_weights!r})", ("layer_weights",))
+        if self.granularity not in GRANULARITIES:
+            refuse("granularity", f"must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.module_budget is not None and (not _is_int(self.module_budget) or self.module_budget < 1):
+            refuse("module_budget", f"must be None or a positive int, got {self.module_budget!r}")
+        if self.granularity == "layer" and self.module_budget is not None:
+            refuse("module_budget", "applies to {granularity}='module' only", ("granularity",))
+        if self.granularity == "module" and (self.layer_weights is not None or self.sampling != "uniform"):
+            refuse("granularity", "'module' weights modules by their gradient norms; it takes neither "
+                   "{layer_weights} nor {sampling}='balanced'", ("layer_weights", "sampling"))
         if self.layer_weights == "auto" and not self.track_update_norms:
             refuse("layer_weights", "'auto' learns from update norms: it needs {track_update_norms}=True",
                    ("track_update_norms",))
@@ -243,7 +274,12 @@ class LisaController:
         if config.n_active_layers > self.n_layers:
             raise OptionError(LisaConfig, "n_active_layers", f"({config.n_active_layers}) exceeds the model's "
                               f"{self.n_layers} decoder layers (at {self.layers_path!r})")
-        fixed_weights = None if config.layer_weights == "auto" else config.layer_weights
+        if config.layer_weights == "outlier":  # once, from the weights as they are when training starts
+            fixed_weights = outlier_layer_weights(self.layers)
+            logger.info("layer_weights='outlier': %s", "uniform (no layer has outlier weights)" if fixed_weights is None
+                        else ", ".join(f"{w:.3f}" for w in fixed_weights))
+        else:
+            fixed_weights = None if config.layer_weights == "auto" else config.layer_weights
         if fixed_weights is not None and len(fixed_weights) != self.n_layers:
             raise OptionError(LisaConfig, "layer_weights", f"has {len(fixed_weights)} entries but the model has "
                               f"{self.n_layers} decoder layers (at {self.layers_path!r})")
@@ -252,6 +288,21 @@ class LisaController:
 
         self.always_trainable = always_trainable_modules(model, config.always_trainable, self.layers_path)
         self._layer_params = [unique_parameters([layer]) for layer in self.layers]
+        # The sampling units: whole layers, or the modules inside them. `_active` holds unit indices.
+        self.module_sampler = None
+        if config.granularity == "module":
+            self.module_names, self._unit_params, self._unit_layer = decoder_modules(self.layers)
+            sizes = [sum(p.numel() for p in ps) for ps in self._unit_params]
+            layer_size = sum(p.numel() for p in self._layer_params[0])
+            budget = config.module_budget or config.n_active_layers * layer_size
+            if budget < max(sizes):
+                raise OptionError(LisaConfig, "module_budget", f"({budget:,}) is smaller than the largest decoder "
+                                  f"module ({max(sizes):,} parameters), which could then never train")
+            self.module_sampler = ModuleSampler(sizes, budget, config.seed)
+            self._module_index = {name: u for u, name in enumerate(self.module_names)}
+        else:
+            self.module_names = None
+            self._unit_params, self._unit_layer = self._layer_params, list(range(self.n_layers))
         self._always_params_by_module = unique_parameters(self.always_trainable.values(), per_module=True)
         self._always_params = [p for ps in self._always_params_by_module for p in ps]
         managed = {id(p) for ps in self._layer_params for p in ps} | {id(p) for p in self._always_params}
@@ -272,12 +323,34 @@ class LisaController:
         self._prefetched_for: int | None = None
         self._open: _OpenPeriod | None = None
         self.period_log: list[dict] = []
+        # Module-wise: squared gradient norms of the active modules and (last) of the always-trainable ones, summed
+        # over this period's optimizer steps on the device, read once at its end.
+        self._grad_sq: torch.Tensor | None = None
+        self._grad_steps = 0
+        if self.module_sampler is not None:
+            self._opt.register_step_pre_hook(self._measure_gradients)
         self._enter_period(start_step // config.interval_steps, enforce_all=True)
 
     # ----------------------------------------------------------------------------------------------- public API
     @property
     def active_layers(self) -> tuple[int, ...]:
-        """Indices of the decoder layers training in the current period."""
+        """Indices of the decoder layers training in the current period (with granularity="module": those holding
+        at least one active module)."""
+        return tuple(sorted({self._unit_layer[u] for u in self._active}))
+
+    @property
+    def active_modules(self) -> tuple[str, ...] | None:
+        """Names of the modules training in the current period ("<layer>.<path>"); None with whole layers."""
+        return None if self.module_names is None else tuple(self.module_names[u] for u in self._active)
+
+    @property
+    def n_units(self) -> int:
+        """How many units the schedule chooses from: decoder layers, or decoder modules with granularity="module"."""
+        return len(self._unit_params)
+
+    @property
+    def active_units(self) -> tuple[int, ...]:
+        """Indices of this period's units (layers or modules, as `n_units` counts them)."""
         return self._active
 
     @property
@@ -293,11 +366,21 @@ class LisaController:
         return list(self._layer_params[index])
 
     def layers_for_period(self, period: int) -> tuple[int, ...]:
-        """The layers of `period`: the sampler's answer, given the importance weights observed so far with "auto"."""
+        """The layers of `period`: the sampler's answer, given the importance weights observed so far with "auto";
+        with granularity="module", the layers holding that period's modules."""
+        if self.module_sampler is not None:
+            return tuple(sorted({self._unit_layer[u] for u in self.units_for_period(period)}))
         weights = None
         if self.config.layer_weights == "auto":
             weights = auto_layer_weights(self.period_log, self.n_layers, period)
         return self.sampler.layers_for_period(period, weights)
+
+    def units_for_period(self, period: int) -> tuple[int, ...]:
+        """The units (layer or module indices) of `period`: a pure function of (seed, period, the period log)."""
+        if self.module_sampler is None:
+            return self.layers_for_period(period)
+        weights = module_importance(self.period_log, self._module_index, period)
+        return self.module_sampler.modules_for_period(period, weights)
 
     def on_step_begin(self, step: int) -> None:
         """Switch layers when `step` starts a new period; prefetch the next period's state when it is near."""
@@ -340,13 +423,20 @@ class LisaController:
             "n_layers": self.n_layers,
             "n_active_layers": c.n_active_layers,
             "interval_steps": c.interval_steps,
-            "layer_weights": c.layer_weights if c.layer_weights in (None, "auto") else list(c.layer_weights),
+            "layer_weights": c.layer_weights if c.layer_weights is None or isinstance(c.layer_weights, str)
+            else list(c.layer_weights),
             "sampling": c.sampling,
+            "granularity": c.granularity,
+            "module_budget": None if self.module_sampler is None else self.module_sampler.budget,
             "layers_attribute": self.layers_path,
             "state_policy": c.state_policy,
             "period": self._period,
             "active_layers": list(self._active),
             "period_log": [dict(entry) for entry in self.period_log],
+            # Module-wise: the open period's gradient sums so far, so a resumed run logs the same norms (and so
+            # samples the same modules later) as an uninterrupted one.
+            "open_gradients": None if self._grad_sq is None else {"steps": self._grad_steps,
+                                                                  "sq_sums": self._grad_sq.tolist()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -354,8 +444,10 @@ class LisaController:
         if state.get("format") != _STATE_DICT_FORMAT:
             raise ValueError(f"unknown LisaController state format {state.get('format')!r}")
         mine = self.state_dict()
-        state = {"sampling": "uniform", **state}  # written before sampling modes existed
-        for key in ("seed", "n_layers", "n_active_layers", "interval_steps", "layer_weights", "sampling"):
+        # Written before sampling modes and module granularity existed.
+        state = {"sampling": "uniform", "granularity": "layer", "module_budget": None, **state}
+        for key in ("seed", "n_layers", "n_active_layers", "interval_steps", "layer_weights", "sampling",
+                    "granularity", "module_budget"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"the checkpoint was written with {key}={state[key]!r} but this run has {key}={mine[key]!r}: "
@@ -365,6 +457,10 @@ class LisaController:
         self.period_log = [dict(entry) for entry in state["period_log"]]
         if state["period"] is not None:
             self._enter_period(int(state["period"]), enforce_all=True)
+        opened = state.get("open_gradients")
+        if opened is not None and self._grad_sq is not None:
+            self._grad_steps = opened["steps"]
+            self._grad_sq = torch.tensor(opened["sq_sums"], dtype=torch.float32, device=self._grad_sq.device)
         # A prefetch issued before the checkpoint did not survive it; issue it again if the window is open.
         self._prefetched_for = None
 
@@ -399,12 +495,12 @@ class LisaController:
                 f"or not: build_optimizer(model, cfg, lr=...) or LisaCallback.optimizer_for(model, ...)",
                 len(missing), example)
 
-    def _params_of(self, layer_indices) -> list[nn.Parameter]:
-        return [p for i in sorted(layer_indices) for p in self._layer_params[i]]
+    def _params_of(self, units) -> list[nn.Parameter]:
+        return [p for u in sorted(units) for p in self._unit_params[u]]
 
     def _enter_period(self, period: int, enforce_all: bool = False) -> None:
-        new = self.layers_for_period(period)
-        old = set(range(self.n_layers)) if enforce_all else set(self._active)
+        new = self.units_for_period(period)
+        old = set(range(self.n_units)) if enforce_all else set(self._active)
         leaving = sorted(old - set(new))
         # At construction/resume nothing needs unparking now: the parker unparks on demand before a step.
         arriving = [] if enforce_all else sorted(set(new) - set(self._active))
@@ -417,6 +513,10 @@ class LisaController:
             leaving_params = [p for p in leaving_params if self._opt.state.get(p)]
         self._apply_state_policy(leaving_params, self._params_of(arriving))
         self._period = period
+        if self.module_sampler is not None:
+            device = _local(self._unit_params[0][0]).device
+            self._grad_sq = torch.zeros(len(new) + 1, dtype=torch.float32, device=device)
+            self._grad_steps = 0
 
     def _take_model(self) -> None:
         """Set `requires_grad` of every parameter for the current period (a frozen one's `.grad` dropped: a zero
@@ -429,9 +529,31 @@ class LisaController:
         if self.config.offload_frozen_layers:
             if self.frozen_weights is None:
                 self.frozen_weights = FrozenWeightOffload(self.layers)
-            frozen = [i for i in range(self.n_layers) if i not in self._active]
+            touched = {self._unit_layer[u] for u in self._active}
+            frozen = [i for i in range(self.n_layers) if i not in touched]
             self.frozen_weights.set_offloaded(frozen[:self.config.offload_frozen_layers])
         self._holds_model = True
+
+    def _measure_gradients(self, optimizer, args, kwargs) -> None:
+        """Optimizer step pre-hook (module-wise): add each active module's squared gradient norm, and the
+        always-trainable modules' together, to the period's sums (on the device: no synchronisation per step). FSDP2
+        shards are summed over the ranks at once (one all-reduce of a few numbers), so every rank holds the whole
+        model's sums and a checkpoint written by rank 0 resumes them exactly."""
+        groups = [self._unit_params[u] for u in self._active] + [self._always_params]
+        sq = torch.zeros(len(groups), dtype=torch.float32, device=self._grad_sq.device)
+        for g, params in enumerate(groups):
+            for p in params:
+                if p.grad is not None:
+                    grad = _local(p.grad)
+                    values = grad.coalesce().values() if grad.is_sparse else grad
+                    sq[g] += values.float().square().sum().to(sq.device)
+        sharded = next((p for ps in groups for p in ps if hasattr(p, "device_mesh")), None)
+        if sharded is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(sq, group=sharded.device_mesh.get_group())
+        self._grad_sq += sq
+        self._grad_steps += 1
 
     def _apply_state_policy(self, leaving: list[nn.Parameter], arriving: list[nn.Parameter]) -> None:
         policy = self.config.state_policy
@@ -448,13 +570,17 @@ class LisaController:
         nxt = self._period + 1
         if self._prefetched_for == nxt or step < nxt * c.interval_steps - c.prefetch_steps:
             return
-        incoming = set(self.layers_for_period(nxt)) - set(self._active)
+        incoming = set(self.units_for_period(nxt)) - set(self._active)
         self.parker.prefetch(self._params_of(incoming))
         self._prefetched_for = nxt
 
     def _tracked(self) -> list[tuple[str, list[nn.Parameter]]]:
-        """(name, params) of the active layers and each always-trainable module; a tied parameter counts once."""
-        groups = [(f"layer{i}", self._layer_params[i]) for i in self._active]
+        """(name, params) of the active layers (their active modules' params) and each always-trainable module; a
+        tied parameter counts once."""
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for u in self._active:
+            by_layer.setdefault(self._unit_layer[u], []).extend(self._unit_params[u])
+        groups = [(f"layer{i}", params) for i, params in sorted(by_layer.items())]
         return groups + list(zip(self.always_trainable, self._always_params_by_module))
 
     def _open_period(self, step: int) -> None:
@@ -478,15 +604,27 @@ class LisaController:
         totals = _sum_over_shards(totals, [p for _, params in groups for p in params])
         norms = {name: math.sqrt(total) for (name, _), total in zip(groups, totals.tolist())}
         start = opened.period * self.config.interval_steps
-        self.period_log.append({
+        layers = self.active_layers
+        entry = {
             "period": opened.period,
             "first_step": opened.first_step,
             "last_step": last_step,
             "partial": opened.first_step != start or last_step != start + self.config.interval_steps - 1,
-            "layers": list(self._active),
-            "layer_update_norms": [norms[f"layer{i}"] for i in self._active] if tracked else None,
+            "layers": list(layers),
+            "layer_update_norms": [norms[f"layer{i}"] for i in layers] if tracked else None,
             "module_update_norms": {path: norms[path] for path in self.always_trainable} if tracked else None,
-        })
+        }
+        if self.module_sampler is not None:
+            entry.update(self._gradient_norms())
+        self.period_log.append(entry)
+
+    def _gradient_norms(self) -> dict:
+        """The period's modules and their root-mean-square gradient norm per step (and the always-trainable
+        modules'); the sums restart."""
+        rms = [math.sqrt(s / self._grad_steps) if self._grad_steps else 0.0 for s in self._grad_sq.tolist()]
+        self._grad_sq.zero_()
+        self._grad_steps = 0
+        return {"modules": list(self.active_modules), "module_grad_norms": rms[:-1], "always_grad_norm": rms[-1]}
 
 
 def _sum_over_shards(totals: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:

@@ -15,9 +15,11 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["find_decoder_layers", "always_trainable_modules", "layer_candidates", "LayerCandidate", "refuse_peft_model"]
+__all__ = ["find_decoder_layers", "always_trainable_modules", "decoder_modules", "layer_candidates", "LayerCandidate",
+           "outlier_ratios", "refuse_peft_model"]
 
 ALWAYS_TRAINABLE_DEFAULT = ("input_embeddings", "output_embeddings", "final_norm")
 _CHOOSE_HINT = (
@@ -276,6 +278,49 @@ def unique_parameters(modules, per_module: bool = False) -> list:
         seen.update(id(p) for p in group)
         groups.append(group)
     return groups if per_module else [p for group in groups for p in group]
+
+
+# outlier_ratios: OWS's threshold M for a weight-only score (why 7, not the paper's 13: `sampler.OUTLIER_FLOOR`).
+OUTLIER_THRESHOLD = 7.0
+
+
+def outlier_ratios(layers, threshold: float = OUTLIER_THRESHOLD) -> list[float]:
+    """Per layer: the share of its matrix entries (parameters of 2 or more dimensions) whose magnitude exceeds
+    `threshold` times the mean magnitude over all of the layer's matrices. One matrix at a time, summed in fp64; an
+    FSDP2 shard is gathered whole for it (a collective: every rank calls this)."""
+    ratios = []
+    for layer in layers:
+        mats = [p for p in layer.parameters() if p.dim() >= 2]
+        count = sum(p.numel() for p in mats)
+        if not count:
+            raise ValueError(f"layer_weights='outlier': a decoder layer ({type(layer).__name__}) has no weight matrix")
+        mean = sum(float(_full(p).abs().sum(dtype=torch.float64)) for p in mats) / count
+        ratios.append(sum(int((_full(p).abs() > threshold * mean).sum()) for p in mats) / count)
+    return ratios
+
+
+def _full(p: nn.Parameter) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (DTensor), the parameter's data otherwise."""
+    return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
+def decoder_modules(layers) -> tuple[list[str], list[list[nn.Parameter]], list[int]]:
+    """The sampling units of module-wise LISA: every module inside a decoder layer that holds parameters of its own
+    (attention q/k/v/o projections, MLP gate/up/down, norms, a layer's own bias...), found by structure.
+
+    Returns (names "<layer>.<path in the layer>", each unit's parameters, each unit's layer index), in layer and
+    module order; a parameter shared within a layer belongs to the first module that holds it."""
+    names, params, layer_of = [], [], []
+    for i, layer in enumerate(layers):
+        seen = set()
+        for path, module in layer.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            if own:
+                seen.update(id(p) for p in own)
+                names.append(f"{i}.{path}" if path else str(i))
+                params.append(own)
+                layer_of.append(i)
+    return names, params, layer_of
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:

@@ -216,6 +216,10 @@ class LisaTrainer:
             raise OptionError(LisaTrainingArguments, "optimizer_in_backward", f"runs in one process: under torchrun "
                               f"(WORLD_SIZE={launched_world_size()}) the ranks' gradients are averaged after backward, "
                               f"after the update")
+        if args.optimizer_in_backward and lisa_config.granularity == "module":
+            raise OptionError(LisaTrainingArguments, "optimizer_in_backward", "steps each tensor inside backward, "
+                              "where the module-wise sampling cannot measure the gradient norms it samples by; "
+                              "use it with --lisa_granularity layer")
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # Under torchrun/accelerate (WORLD_SIZE > 1): data-parallel, see distributed.py; None in one process.
         self.dist, self.device = DataParallel.setup(self.device, args.ddp_timeout, fsdp=args.fsdp)
@@ -335,7 +339,7 @@ class LisaTrainer:
         n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         if self.dist:  # every rank divides by the global count: the summed gradient is the global token-mean's
             c = self.controller
-            self.dist.on_step_begin(c.active_layers, c.n_layers, period=c.period,
+            self.dist.on_step_begin(c.active_units, c.n_units, period=c.period,
                                     settings=(self.lisa_config.seed, self.lisa_config.interval_steps))
             n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
