@@ -27,6 +27,7 @@ WORLD = 2
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
 BATCH, ACCUM, STEPS = 2, 2, 4  # per rank; the single-process reference uses BATCH * WORLD
 FSDP_STEPS = 6
+ONE_PROCESS, ONE_PROCESS_SAVED = "one_process", 3  # a one-process run of FSDP_STEPS steps, saved at step 3
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
@@ -120,6 +121,10 @@ def _scenarios(rank: int, out: Path) -> None:
                        policy="park")
     resumed.train(resume_from_checkpoint=out / "fsdp_park" / "checkpoint-5")
     results["fsdp_resumed"] = {"weights": resumed.dist.state_dict_to_save(resumed.model), "parked": _parked(resumed)}
+    for name, fsdp in (("ddp_from_one", False), ("fsdp_from_one", True)):  # a one-process run's checkpoint
+        t = _trainer(out / name, tok, data, batch=BATCH, n_active=2, fsdp=fsdp, max_steps=FSDP_STEPS)
+        t.train(resume_from_checkpoint=out / ONE_PROCESS / f"checkpoint-{ONE_PROCESS_SAVED}")
+        results[name] = {"weights": t.dist.state_dict_to_save(t.model) if fsdp else _weights(t)}
     results["one_row"] = _one_row_state_round_trip()
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
@@ -153,10 +158,19 @@ def _spawn(scenario, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
+def ddp(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("ddp")
+    # One process, batch BATCH * WORLD: its checkpoint (in the middle of period 1) resumes under 2 ranks below, and
+    # its final weights are what those runs must end with.
+    data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
+    one = _trainer(out / ONE_PROCESS, tok, data, batch=BATCH * WORLD, n_active=2, max_steps=FSDP_STEPS,
+                   save_steps=ONE_PROCESS_SAVED)
+    one.train()
+    one_weights = _weights(one)
     _spawn(_scenarios, out)
-    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks[0][ONE_PROCESS] = {"weights": one_weights}
+    return out, ranks
 
 
 @pytest.fixture(scope="module")
@@ -484,3 +498,22 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
     resumed = _weights(t)
     for name, w in ranks[0]["active2"]["weights"].items():  # the reduction-order tolerance of the tests above
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=name)
+
+
+def test_a_one_process_checkpoint_resumes_under_two_ranks_ddp_or_fsdp(ddp):
+    """One process keeps the input embedding's moments for the rows that had a gradient only (row-sparse state);
+    FSDP keeps dense moments, cut into each rank's shard: the compact form is expanded (untouched rows have zero
+    moments, the parameter's one step count holds for every row), and both runs end as the one process did."""
+    from lisa_trainer.checkpoint import read_checkpoint_state
+
+    out, ranks = ddp
+    saved = read_checkpoint_state(out / ONE_PROCESS / f"checkpoint-{ONE_PROCESS_SAVED}")["optimizer"]["state"]
+    assert any("rows" in entry for entry in saved.values())  # the compact form is what is resumed from
+    for run in ("ddp_from_one", "fsdp_from_one"):
+        resumed = ranks[0][run]["weights"]
+        for name, w in ranks[0][ONE_PROCESS]["weights"].items():  # the reduction-order tolerance of the tests above
+            torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=f"{run} {name}")
+        steps = [r for r in read_log(out / run / "train_log.jsonl") if r["kind"] == "step"]
+        one = [r for r in read_log(out / ONE_PROCESS / "train_log.jsonl") if r["kind"] == "step"]
+        assert [r["step"] for r in steps] == list(range(ONE_PROCESS_SAVED + 1, FSDP_STEPS + 1))
+        assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in one[ONE_PROCESS_SAVED:]], rel=1e-6)
