@@ -8,6 +8,7 @@ seconds on a busy 2-core machine, a 4-step run of the tiny model much less.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -281,6 +282,34 @@ def _fsdp_fails_on_rank1_while_saving(rank: int, out: Path) -> None:
 
         t.dist._full = out_of_memory
     _train_and_record_the_error(t, rank, out)
+
+
+def _fsdp_rank1_killed_in_a_forward(rank: int, out: Path) -> None:
+    """With FSDP, rank 1 is killed (no message left behind) in the third step's forward, while rank 0 is in one of
+    FSDP's own all-gathers."""
+    tok = build_demo_tokenizer()
+    data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
+    t = _trainer(out, tok, data, batch=BATCH, n_active=2, ddp_timeout=30, fsdp=True)
+    if rank == 1:
+        def kill(module, args):
+            if t.step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        t.model.model.layers[2].register_forward_pre_hook(kill)
+    _train_and_record_the_error(t, rank, out)
+
+
+def test_a_killed_fsdp_rank_is_one_line_on_the_other(tmp_path):
+    """FSDP's collectives run inside forward and backward, not through DataParallel's: their failure is reported as
+    every other collective's is, not as gloo's 'Connection closed by peer' traceback."""
+    context = mp.start_processes(_rank_entry, args=(_free_port(), _fsdp_rank1_killed_in_a_forward, str(tmp_path)),
+                                 nprocs=WORLD, join=False, start_method="spawn")
+    for p in context.processes:
+        p.join(120)
+    assert [p.exitcode for p in context.processes] == [1, -signal.SIGKILL]
+    rank0 = (tmp_path / "rank0.err").read_text()
+    assert rank0.startswith("DistributedError: rank 0: a collective of the training step failed (") and \
+        "another rank probably died" in rank0 and "\n" not in rank0, rank0
 
 
 def _train_and_record_the_error(trainer, rank: int, out: Path) -> None:

@@ -343,6 +343,14 @@ class DataParallel:
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the traceback still prints here
             pass
 
+    def explain_failure(self, error: BaseException) -> BaseException:
+        """`error` as this rank reports it: a failed collective that did not go through `_collective` (FSDP2's
+        all-gathers and reduce-scatters inside forward and backward, the all-reduces of sharded gradient norms and
+        update norms) becomes the `DistributedError` every other collective gives; any other error stays itself."""
+        if isinstance(error, DistributedError) or not _is_communication_failure(error):
+            return error
+        return self._explain("a collective of the training step", error)
+
     def _collective(self, what: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -459,6 +467,12 @@ def _local_shard(full, like: torch.Tensor):
     for dim, (size, start) in enumerate(zip(shape, offset)):
         piece = piece.narrow(dim, start, size)
     return piece.clone()
+
+
+def _is_communication_failure(error: BaseException) -> bool:
+    """A collective that failed, not this rank's own error: NCCL raises torch's DistError; gloo a RuntimeError from
+    its transport (a peer's connection closed or reset, a receive timed out), whose message names its source."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo/transport/" in str(error))
 
 
 def _default_store():
