@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from .controller import LisaConfig
 from .options import (ConfigFileError, OptionError, add_options, build, command_line_message, option,
@@ -417,6 +418,32 @@ def _prepare(opts: Options, dataset_path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import launched_world_size
+
+    code = _main(argv)
+    if launched_world_size() > 1:
+        _end_rank(code)
+    return code
+
+
+def _end_rank(code: int) -> NoReturn:
+    """End a rank of a torchrun job now, skipping the interpreter's teardown (everything the run writes is closed).
+
+    Once FSDP2's DTensors have used the gloo process group, torch keeps its backend, and with it its worker
+    threads, alive past `destroy_process_group` (without FSDP they are joined there). A worker that drops the last
+    reference to a tensor of its last collective while the interpreter tears down must take the GIL, which Python
+    answers by ending the thread; the C++ frames it unwinds through then call std::terminate ("terminate called
+    without an active exception", SIGABRT, and torchrun stops the other ranks before rank 0 writes the plot)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     from .distributed import DistributedError, shutdown
 
     out_dir = None

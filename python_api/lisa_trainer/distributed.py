@@ -300,18 +300,34 @@ class DataParallel:
 
     def shard_checkpoint_state(self, payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """A checkpoint's state (as `gather_checkpoint` saves it) with the optimizer's moments and the period-start
-        weights cut to this rank's shards, ready for the usual `load_state_dict` calls."""
+        weights cut to this rank's shards, ready for the usual `load_state_dict` calls.
+
+        A checkpoint of one process may hold an input embedding's row-sparse state (`lisa_kernels.sparse_rows`:
+        moments of the rows that have had a gradient only), which has no shards: it is expanded to the dense
+        moments it stands for (zeros in the other rows; its one step count is the parameter's, as in dense AdamW,
+        so the rows without state are exactly rows whose moments stayed zero), and each group keeps its own
+        `sparse_rows` setting instead of the saved one."""
+        from lisa_kernels import sparse_rows
+
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        saved_ids = [i for group in payload["optimizer"]["param_groups"] for i in group["params"]]
+        saved_groups = payload["optimizer"]["param_groups"]
+        saved_ids = [i for group in saved_groups for i in group["params"]]
         param_of = dict(zip(saved_ids, params))
-        state = {i: {k: _local_shard(v, param_of[i]) for k, v in entry.items()}
-                 for i, entry in payload["optimizer"]["state"].items()}
+        state = {}
+        for i, entry in payload["optimizer"]["state"].items():
+            if sparse_rows.ROWS in entry:
+                entry = dict(entry)
+                sparse_rows.expand(entry, torch.empty(param_of[i].shape, dtype=torch.bool))  # the full shape, CPU
+            state[i] = {k: _local_shard(v, param_of[i]) for k, v in entry.items()}
+        groups = [{**saved, "sparse_rows": group.get("sparse_rows", False)} if "sparse_rows" in saved else saved
+                  for group, saved in zip(optimizer.param_groups, saved_groups)]
         period_start = payload.get("period_start")
         if period_start is not None:
             by_name = dict(model.named_parameters())
             period_start = {**period_start, "snapshots": {name: _local_shard(t, by_name[name]) for name, t
                                                           in period_start["snapshots"].items()}}
-        return {**payload, "optimizer": {**payload["optimizer"], "state": state}, "period_start": period_start}
+        return {**payload, "optimizer": {**payload["optimizer"], "param_groups": groups, "state": state},
+                "period_start": period_start}
 
     # ------------------------------------------------------------------------------------------- failures
     def report_failure(self, error: BaseException) -> None:
@@ -326,6 +342,14 @@ class DataParallel:
             store.set(f"{_FAILURE_KEY}{self.rank}", message)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the traceback still prints here
             pass
+
+    def explain_failure(self, error: BaseException) -> BaseException:
+        """`error` as this rank reports it: a failed collective that did not go through `_collective` (FSDP2's
+        all-gathers and reduce-scatters inside forward and backward, the all-reduces of sharded gradient norms and
+        update norms) becomes the `DistributedError` every other collective gives; any other error stays itself."""
+        if isinstance(error, DistributedError) or not _is_communication_failure(error):
+            return error
+        return self._explain("a collective of the training step", error)
 
     def _collective(self, what: str, fn, *args, **kwargs):
         try:
@@ -443,6 +467,12 @@ def _local_shard(full, like: torch.Tensor):
     for dim, (size, start) in enumerate(zip(shape, offset)):
         piece = piece.narrow(dim, start, size)
     return piece.clone()
+
+
+def _is_communication_failure(error: BaseException) -> bool:
+    """A collective that failed, not this rank's own error: NCCL raises torch's DistError; gloo a RuntimeError from
+    its transport (a peer's connection closed or reset, a receive timed out), whose message names its source."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo/transport/" in str(error))
 
 
 def _default_store():

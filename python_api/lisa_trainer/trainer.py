@@ -570,15 +570,15 @@ class LisaTrainer:
                     "args": dataclasses.asdict(args),
                 }
             )
-        if resumed_at is None:
-            eval_loss = self.evaluate()
-            if eval_loss is not None:
-                log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
         logged_periods = len(self.controller.period_log)
         nonfinite_in_a_row = 0
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not args.progress or not main, unit="step",
                    desc="LISA", dynamic_ncols=True)
         try:
+            if resumed_at is None:  # under FSDP the forward passes all-gather: inside the failure handling below
+                eval_loss = self.evaluate()
+                if eval_loss is not None:
+                    log.write({"kind": "eval", "step": 0, "eval_loss": eval_loss})
             while self.step < self.max_steps:
                 rec = self.train_step()
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if rec.get("skipped") else 0
@@ -607,8 +607,11 @@ class LisaTrainer:
             for entry in self.controller.period_log[logged_periods:]:
                 log.write(period_record(entry, self.step))
         except BaseException as error:
-            if self.dist:  # so the other ranks' failing collectives can say what happened here
-                self.dist.report_failure(error)
+            if self.dist:
+                explained = self.dist.explain_failure(error)
+                if explained is not error:  # a collective inside FSDP's forward or backward: another rank failed
+                    raise explained from error
+                self.dist.report_failure(error)  # so the other ranks' failing collectives can say what happened here
             raise
         finally:
             bar.close()
