@@ -1,0 +1,112 @@
+"""LisaCallback in Hugging Face Trainer and TRL SFTTrainer under torchrun, 2 gloo ranks, with no flag from the user:
+every gradient-checkpointing and ddp_find_unused_parameters setting trains (or, where the user asked DDP to reduce
+the whole model, fails at train start naming the setting), the ranks end identical, every sampled layer trains, only
+the trainable set is all-reduced (`lisa/allreduce_bytes` in the Trainer's logs), and a checkpoint resumes the same
+schedule. All runs share one torchrun launch (tests/callback_ddp_runs.py).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORLD = 2
+TRAINS = ["plain", "plain_find_unused_false", "checkpointing", "checkpointing_find_unused_true", "reentrant",
+          "reentrant_find_unused_true", "parked_trainer_optimizer", "ddp_whole_model", "added_later_find_unused_true",
+          "saved", "sft", "sft_find_unused_false"]
+WHOLE_MODEL = {"ddp_whole_model", "added_later_find_unused_true"}  # DDP reduces every parameter there
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("callback_ddp")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # FusedAdamW's PyTorch path on CPU
+    env.update(PYTHONPATH=os.pathsep.join([str(root), str(root / "python_api"), str(root / "tests")]),
+               OMP_NUM_THREADS="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(port),
+           str(root / "tests" / "callback_ddp_runs.py"), str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _trained(ranks, name):
+    for r in range(WORLD):
+        assert "error" not in ranks[r][name], ranks[r][name].get("traceback")
+    return ranks[0][name], ranks[1][name]
+
+
+@pytest.mark.parametrize("name", TRAINS)
+def test_every_setting_trains_every_sampled_layer_and_ranks_agree(runs, name):
+    run, other = _trained(runs, name)
+    assert run["steps"] == 6 and run["frozen_layer_failures"] == []  # frozen layers never moved in a step
+    for key, w in run["weights"].items():
+        assert torch.equal(w, other["weights"][key]), key
+    assert run["period_log"] == other["period_log"]
+    assert [e["period"] for e in run["period_log"]] == [0, 1, 2] and not any(e["partial"] for e in run["period_log"])
+    sampled = {i for e in run["period_log"] for i in e["layers"]}
+    assert len(sampled) > 1 and all(n > 0 for e in run["period_log"] for n in e["layer_update_norms"])
+    for key, w in run["weights"].items():
+        layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
+        assert torch.equal(w, run["initial"][key]) == (layer is not None and layer not in sampled), key
+
+
+def test_sft_trainer_trains_with_its_default_gradient_checkpointing(runs):
+    assert runs[0]["sft"]["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("name", TRAINS)
+def test_allreduce_bytes_in_the_trainer_logs_are_the_active_sets(runs, name):
+    run, _ = _trained(runs, name)
+    logged = [h["lisa/allreduce_bytes"] for h in run["log_history"] if "loss" in h]
+    assert len(logged) == 6
+    whole = sum(w.numel() * w.element_size() for w in run["weights"].values())
+    expected = whole if name in WHOLE_MODEL else run["active_set_bytes"]
+    assert set(logged) == {expected}
+    if name not in WHOLE_MODEL:
+        assert expected < 0.6 * whole  # one of the four layers trains; the rest costs no communication
+
+
+def test_allreduce_bytes_reach_the_trainers_reporting(runs):
+    """TensorBoard (report_to), which the Trainer calls before the user's callbacks, gets lisa/allreduce_bytes."""
+    run, _ = _trained(runs, "plain")
+    assert run["tensorboard"]["train/lisa/allreduce_bytes"] == [run["active_set_bytes"]] * 6
+
+
+def test_lisa_sync_gives_the_weights_of_ddp_over_the_whole_model(runs):
+    """The same division by the ranks before the same sum: bit-identical to DDP reducing every parameter."""
+    ours, _ = _trained(runs, "plain")
+    ddp, _ = _trained(runs, "ddp_whole_model")
+    for key, w in ours["weights"].items():
+        assert torch.equal(w, ddp["weights"][key]), key
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("ddp_whole_model_checkpointing", "LisaCallback(gradient_sync='ddp') leaves the whole model to the Trainer's DDP"
+                                      "; with ddp_find_unused_parameters unset, which the Trainer turns to False with "
+                                      "gradient checkpointing, DDP would wait"),
+    ("added_later", "LisaCallback was added after the Trainer was built (trainer.add_callback)"),
+])
+def test_a_setting_ddp_cannot_train_is_refused_at_train_start(runs, name, problem):
+    for r in range(WORLD):
+        error = runs[r][name]["error"]
+        assert error.startswith(f"ValueError: {problem}"), error
+        assert "Fix: " in error and "set TrainingArguments(ddp_find_unused_parameters=True)" in error, error
+        trace = runs[r][name]["traceback"]
+        assert "in on_train_begin" in trace and "training_step" not in trace  # before any step
+
+
+def test_resumed_two_rank_checkpoint_continues_the_schedule(runs):
+    whole, _ = _trained(runs, "saved")
+    resumed, other = _trained(runs, "resumed")
+    for key, w in whole["weights"].items():
+        assert torch.equal(resumed["weights"][key], w) and torch.equal(other["weights"][key], w), key
+    assert resumed["period_log"] == whole["period_log"]
