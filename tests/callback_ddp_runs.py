@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from test_callback import N_LAYERS, _FrozenLayersStayPut, _Tokens, tiny_llama, training_args
 
-from lisa_trainer import LisaCallback
+from lisa_kernels.sparse_rows import ROWS
+from lisa_trainer import LisaCallback, LisaConfig
 
 STEPS = 6
 # name -> (TrainingArguments overrides, LisaCallback keywords)
@@ -28,6 +29,8 @@ TRAINER_RUNS = {
     "reentrant_find_unused_true": ({"gradient_checkpointing": True, "ddp_find_unused_parameters": True,
                                     "gradient_checkpointing_kwargs": {"use_reentrant": True}}, {}),
     "parked_trainer_optimizer": ({"optim": "adamw_torch"}, {"state_policy": "park"}),
+    # FusedAdamW with the input embedding's row-sparse moments and bf16 embedding / head moments
+    "optimizer_for": ({"gradient_checkpointing": True}, {"optimizer_for": {"embedding_state_dtype": "bfloat16"}}),
     # DDP reducing the whole model: the usual way, for comparison
     "ddp_whole_model": ({"ddp_find_unused_parameters": True}, {"gradient_sync": "ddp"}),
     "ddp_whole_model_checkpointing": ({"gradient_checkpointing": True}, {"gradient_sync": "ddp"}),
@@ -49,10 +52,12 @@ def run_trainer(out: Path, overrides: dict, lisa_keywords: dict, resume=None, **
     args = training_args(out, max_steps=STEPS, logging_strategy="steps", logging_steps=1, ddp_timeout=60,
                          **{**overrides, **extra})
     add_later = lisa_keywords.pop("add_later", False)
+    lean = lisa_keywords.pop("optimizer_for", None)
     callback = lisa(**lisa_keywords)
     checker = _FrozenLayersStayPut(callback)
     callbacks = [checker] if add_later else [callback, checker]
-    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks)
+    optimizers = (None if lean is None else LisaCallback.optimizer_for(model, args, LisaConfig(**lean)), None)
+    trainer = Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks, optimizers=optimizers)
     if add_later:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=resume)
@@ -93,7 +98,19 @@ def summarize(trainer, callback, checker, initial) -> dict:
             "steps": checker.steps,
             "log_history": trainer.state.log_history,
             "tensorboard": tensorboard_scalars(Path(trainer.args.output_dir)),
-            "active_set_bytes": always + callback.config.n_active_layers * layer}
+            "active_set_bytes": always + callback.config.n_active_layers * layer,
+            "embedding_state": embedding_state(model, trainer.optimizer)}
+
+
+def embedding_state(model, optimizer) -> dict:
+    """Input embedding and head: (moment dtype, rows with state or None for dense state)."""
+    state = getattr(optimizer, "optimizer", optimizer).state
+    found = {}
+    for name, p in (("input", model.get_input_embeddings().weight), ("head", model.get_output_embeddings().weight)):
+        entry = state.get(p, {})
+        if "exp_avg" in entry:
+            found[name] = (entry["exp_avg"].dtype, entry[ROWS].numel() if ROWS in entry else None)
+    return found
 
 
 def tensorboard_scalars(out: Path) -> dict[str, list[float]]:

@@ -16,7 +16,7 @@ import torch
 
 WORLD = 2
 TRAINS = ["plain", "plain_find_unused_false", "checkpointing", "checkpointing_find_unused_true", "reentrant",
-          "reentrant_find_unused_true", "parked_trainer_optimizer", "ddp_whole_model", "added_later_find_unused_true",
+          "reentrant_find_unused_true", "parked_trainer_optimizer", "optimizer_for", "ddp_whole_model", "added_later_find_unused_true",
           "saved", "sft", "sft_find_unused_false"]
 WHOLE_MODEL = {"ddp_whole_model", "added_later_find_unused_true"}  # DDP reduces every parameter there
 
@@ -73,6 +73,19 @@ def test_allreduce_bytes_in_the_trainer_logs_are_the_active_sets(runs, name):
     assert set(logged) == {expected}
     if name not in WHOLE_MODEL:
         assert expected < 0.6 * whole  # one of the four layers trains; the rest costs no communication
+
+
+def test_optimizer_for_keeps_row_sparse_bf16_embedding_state_under_ddp(runs):
+    """The all-reduced gradient is dense, but only the rows of the tokens either rank saw are nonzero: the input
+    embedding's moments stay row-sparse (the data uses 61 of the 64 token ids), and both ranks step the same rows."""
+    run, other = _trained(runs, "optimizer_for")
+    vocab = run["weights"]["model.embed_tokens.weight"].shape[0]
+    dtype, rows = run["embedding_state"]["input"]
+    assert dtype == torch.bfloat16 and rows is not None and 0 < rows < vocab
+    assert run["embedding_state"]["head"] == (torch.bfloat16, None)
+    assert other["embedding_state"] == run["embedding_state"]
+    plain, _ = _trained(runs, "plain")
+    assert plain["embedding_state"]["input"] == (torch.float32, None)  # the Trainer's AdamW: dense, fp32
 
 
 def test_allreduce_bytes_reach_the_trainers_reporting(runs):
