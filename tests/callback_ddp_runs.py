@@ -30,7 +30,9 @@ TRAINER_RUNS = {
                                     "gradient_checkpointing_kwargs": {"use_reentrant": True}}, {}),
     "parked_trainer_optimizer": ({"optim": "adamw_torch"}, {"state_policy": "park"}),
     # FusedAdamW with the input embedding's row-sparse moments and bf16 embedding / head moments
-    "optimizer_for": ({"gradient_checkpointing": True}, {"optimizer_for": {"embedding_state_dtype": "bfloat16"}}),
+    "optimizer_for": ({"gradient_checkpointing": True},
+                      {"state_policy": "park", "optimizer_for": {"embedding_state_dtype": "bfloat16",
+                                                                 "state_policy": "park"}}),
     # DDP reducing the whole model: the usual way, for comparison
     "ddp_whole_model": ({"ddp_find_unused_parameters": True}, {"gradient_sync": "ddp"}),
     "ddp_whole_model_checkpointing": ({"gradient_checkpointing": True}, {"gradient_sync": "ddp"}),
@@ -99,7 +101,9 @@ def summarize(trainer, callback, checker, initial) -> dict:
             "log_history": trainer.state.log_history,
             "tensorboard": tensorboard_scalars(Path(trainer.args.output_dir)),
             "active_set_bytes": always + callback.config.n_active_layers * layer,
-            "embedding_state": embedding_state(model, trainer.optimizer)}
+            "embedding_state": embedding_state(model, trainer.optimizer),
+            "parked_bytes": (callback.controller.parker.bank.bytes_held if callback.config.state_policy == "park"
+                             else 0)}
 
 
 def embedding_state(model, optimizer) -> dict:

@@ -16,8 +16,8 @@ import torch
 
 WORLD = 2
 TRAINS = ["plain", "plain_find_unused_false", "checkpointing", "checkpointing_find_unused_true", "reentrant",
-          "reentrant_find_unused_true", "parked_trainer_optimizer", "optimizer_for", "ddp_whole_model", "added_later_find_unused_true",
-          "saved", "sft", "sft_find_unused_false"]
+          "reentrant_find_unused_true", "parked_trainer_optimizer", "optimizer_for", "ddp_whole_model",
+          "added_later_find_unused_true", "saved", "sft", "sft_find_unused_false"]
 WHOLE_MODEL = {"ddp_whole_model", "added_later_find_unused_true"}  # DDP reduces every parameter there
 
 
@@ -86,6 +86,12 @@ def test_optimizer_for_keeps_row_sparse_bf16_embedding_state_under_ddp(runs):
     assert other["embedding_state"] == run["embedding_state"]
     plain, _ = _trained(runs, "plain")
     assert plain["embedding_state"]["input"] == (torch.float32, None)  # the Trainer's AdamW: dense, fp32
+
+
+@pytest.mark.parametrize("name", ["optimizer_for", "parked_trainer_optimizer"])
+def test_each_rank_parks_the_frozen_layers_state(runs, name):
+    for r in range(WORLD):
+        assert _trained(runs, name)[r]["parked_bytes"] > 0
 
 
 def test_allreduce_bytes_reach_the_trainers_reporting(runs):
