@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "TrainerDataParallel", "launched_rank",
-           "launched_world_size", "shutdown"]
+__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "TrainerDataParallel", "accelerate_fsdp",
+           "launched_rank", "launched_world_size", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 1800  # Hugging Face TrainingArguments.ddp_timeout's default
 # Gradient bucket size: big enough that per-collective latency is amortised (NCCL reaches most of its bus
@@ -74,6 +74,41 @@ def shutdown() -> None:
     """Destroy the default process group if one is up (call once at the end of a data-parallel program)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# accelerate launch's FSDP settings (its config file, passed to the program as environment variables) that our
+# sharding can honour: variable -> (accepted values, lowercase; the setting as the config file names it). Every
+# other setting is met by `DataParallel(fsdp=True)` or does not apply (wrap policy: one unit per decoder layer;
+# state dict type: checkpoints hold full tensors).
+_ACCELERATE_FSDP_ACCEPTED = {
+    "FSDP_OFFLOAD_PARAMS": ({"false", ""}, "fsdp_offload_params: true (lisa-finetune parks the frozen layers' "
+                                           "optimizer state in host memory instead: --lisa_state_policy park)"),
+    "FSDP_SHARDING_STRATEGY": ({"full_shard", "1", "none", ""}, "fsdp_sharding_strategy other than FULL_SHARD"),
+    "FSDP_RESHARD_AFTER_FORWARD": ({"true", "full_shard", "1", "none", ""}, "fsdp_reshard_after_forward: false"),
+    "FSDP_ACTIVATION_CHECKPOINTING": ({"false", ""}, "fsdp_activation_checkpointing: true (use "
+                                                     "--gradient_checkpointing)"),
+}
+
+
+def accelerate_fsdp(environ=os.environ) -> tuple[bool, str | None]:
+    """(whether ``accelerate launch`` was given an FSDP config, a line saying how it is met or None).
+
+    Our FSDP2 sharding is the equivalent of the usual config (``FULL_SHARD``, ``TRANSFORMER_BASED_WRAP``): every
+    parameter fully sharded, one unit per decoder layer plus the root. An FSDP1 config (``fsdp_version: 1``, as
+    LMFlow's) gets FSDP2 with those settings and the line says so. A setting with no equivalent raises ValueError
+    naming it, rather than training otherwise than asked."""
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+        return False, None
+    refused = [what for var, (accepted, what) in _ACCELERATE_FSDP_ACCEPTED.items()
+               if environ.get(var, "").strip().lower() not in accepted]
+    if refused:
+        raise ValueError(f"accelerate launch's FSDP config: {'; '.join(refused)} is not supported; lisa-finetune "
+                         f"shards with FSDP2, fully (FULL_SHARD), one unit per decoder layer")
+    version = environ.get("FSDP_VERSION", "1")
+    if version == "2":
+        return True, None
+    return True, (f"accelerate's FSDP config (fsdp_version: {version}): lisa-finetune shards with FSDP2 instead, "
+                  f"the equivalent of FULL_SHARD with TRANSFORMER_BASED_WRAP (set fsdp_version: 2 to say so)")
 
 
 class DataParallel:
