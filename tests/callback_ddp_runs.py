@@ -89,6 +89,60 @@ def run_sft(out: Path, overrides: dict) -> dict:
     return summarize(trainer, callback, checker, initial) | {"gradient_checkpointing": config.gradient_checkpointing}
 
 
+def run_fsdp2(optim: str, policy: str) -> dict:
+    """LisaCallback's events around a loop of a model sharded with FSDP2 (`fully_shard`, one unit per decoder layer
+    plus the root, as accelerate's FSDP2 with TRANSFORMER_BASED_WRAP shards it; accelerate's FSDP needs GPUs)."""
+    import lisa_trainer.callback
+
+    sharding = lisa_trainer.callback._trainer_sharding
+    lisa_trainer.callback._trainer_sharding = lambda args: "fsdp2"  # what the Trainer's accelerator reports then
+    try:
+        return _train_fsdp2(optim, policy)
+    finally:
+        lisa_trainer.callback._trainer_sharding = sharding
+
+
+def _train_fsdp2(optim: str, policy: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_llama()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if optim == "optimizer_for":  # as lisa-finetune under FSDP2: dense embedding state, gathered whole by checkpoints
+        optimizer = LisaCallback.optimizer_for(model, lr=1e-2, cfg=LisaConfig(state_policy=policy,
+                                                                              sparse_embedding_state=False))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    callback = lisa(state_policy=policy)
+    args, state, control = training_args(Path("unused")), TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control, model=model, optimizer=optimizer)
+    data = _Tokens()
+    with_grads = []
+    for step in range(STEPS):
+        callback.on_step_begin(args, state, control)
+        batch = data.ids[4 * step + 2 * dist.get_rank():][:2]
+        model(input_ids=batch, labels=batch).loss.backward()
+        with_grads.append((sorted({i for i, layer in enumerate(model.model.layers)
+                                   if any(p.grad is not None for p in layer.parameters())}),
+                           list(callback.controller.active_layers)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+    callback.on_train_end(args, state, control)
+    parker = callback.controller.parker
+    names = {p: n for n, p in model.named_parameters()}
+    return {"layers_with_gradients": with_grads, "period_log": callback.controller.period_log,
+            "data_parallel": callback.data_parallel,
+            "parked": {names[p]: (sum(v.read().numel() for v in optimizer.state[p].values() if hasattr(v, "read")),
+                                  p.to_local().numel(), p.numel())
+                       for p in (parker.parked_params if policy == "park" else [])}}
+
+
 def summarize(trainer, callback, checker, initial) -> dict:
     model = trainer.model
     layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
@@ -147,6 +201,8 @@ def main(out: Path) -> None:
             save_strategy="steps", save_steps=4)
     attempt(results, "resumed", run_trainer, out / "saved", {"gradient_checkpointing": True}, {},
             resume=str(out / "saved" / "checkpoint-4"))
+    attempt(results, "fsdp2_optimizer_for_park", run_fsdp2, "optimizer_for", "park")
+    attempt(results, "fsdp2_adamw_keep", run_fsdp2, "adamw_torch", "keep")
     attempt(results, "sft", run_sft, out / "sft", {})
     attempt(results, "sft_find_unused_false", run_sft, out / "sft_false", {"ddp_find_unused_parameters": False})
     torch.save(results, out / f"rank{dist.get_rank()}.pt")

@@ -123,9 +123,48 @@ def test_a_setting_ddp_cannot_train_is_refused_at_train_start(runs, name, proble
         assert "in on_train_begin" in trace and "training_step" not in trace  # before any step
 
 
+@pytest.mark.parametrize("name", ["fsdp2_optimizer_for_park", "fsdp2_adamw_keep"])
+def test_fsdp2_sharded_layers_freeze_and_park_each_ranks_shards(runs, name):
+    """On FSDP2 shards: only the active layers get gradients (a frozen layer gets no reduce-scatter), no DDP
+    machinery, and with FusedAdamW each rank parks its own half of a frozen layer's moments."""
+    for r in range(WORLD):
+        run = runs[r][name]
+        assert "error" not in run, run.get("traceback")
+        assert all(with_grads == active for with_grads, active in run["layers_with_gradients"])
+        assert [e["layers"] for e in run["period_log"]] == [e["layers"] for e in runs[0]["plain"]["period_log"]]
+        assert run["data_parallel"] is None
+    parked = [runs[r]["fsdp2_optimizer_for_park"]["parked"] for r in range(WORLD)]
+    assert parked[0] and parked[0].keys() == parked[1].keys()
+    for param, (in_bank, local, whole) in parked[0].items():
+        assert in_bank == 2 * local and local < whole and local + parked[1][param][1] == whole, param
+
+
 def test_resumed_two_rank_checkpoint_continues_the_schedule(runs):
     whole, _ = _trained(runs, "saved")
     resumed, other = _trained(runs, "resumed")
     for key, w in whole["weights"].items():
         assert torch.equal(resumed["weights"][key], w) and torch.equal(other["weights"][key], w), key
     assert resumed["period_log"] == whole["period_log"]
+
+
+@pytest.mark.parametrize("sharding, policy, optim, problem", [
+    ("fsdp1", "keep", "adamw_torch", r"LisaCallback needs FSDP2, but the Trainer shards with FSDP1.* Fix: set "
+                                     r"fsdp_version: 2 in the accelerate config file"),
+    ("fsdp2", "park", "adamw_torch", r"parks sharded optimizer state with FusedAdamW only, not the Trainer's AdamW\. "
+                                     r"Fix: Trainer\(optimizers=\(LisaCallback.optimizer_for"),
+])
+def test_fsdp_the_callback_cannot_serve_is_refused_at_train_start(tmp_path, monkeypatch, sharding, policy, optim,
+                                                                    problem):
+    """What the Trainer's accelerator reports under an FSDP config (accelerate enables FSDP on GPUs only)."""
+    from transformers import TrainerControl, TrainerState
+
+    import lisa_trainer.callback
+    from lisa_trainer import LisaCallback
+    from test_callback import tiny_llama, training_args
+
+    monkeypatch.setattr(lisa_trainer.callback, "_trainer_sharding", lambda args: sharding)
+    model = tiny_llama()
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2, state_policy=policy)
+    with pytest.raises(ValueError, match=problem):
+        lisa.on_train_begin(training_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+                            optimizer=torch.optim.AdamW(model.parameters()))

@@ -42,7 +42,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, ExportableState
 from transformers.training_args import ParallelMode
 
-from lisa_kernels import StateParker
+from lisa_kernels import FusedAdamW, StateParker
 
 from .controller import LisaConfig, LisaController, OptimizerMissesParameters, _unwrap_optimizer, build_optimizer
 from .distributed import TrainerDataParallel
@@ -122,7 +122,7 @@ class LisaCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if _trainer_ddp(args) and model is not None:
+        if _trainer_sharding(args) == "ddp" and model is not None:
             if self.gradient_sync == "active":  # before train() wraps the model in DDP
                 TrainerDataParallel.keep_out_of_ddp(model, self._ddp_anchor(model))
             _run_first(self)
@@ -141,7 +141,10 @@ class LisaCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("LisaCallback needs the model and optimizer from the Trainer at on_train_begin")
-        if _trainer_ddp(args):  # before the controller freezes layers: DDP holds what trains now
+        sharding = _trainer_sharding(args)
+        if sharding in ("fsdp1", "fsdp2"):
+            self._check_fsdp(sharding, optimizer)
+        if sharding == "ddp":  # before the controller freezes layers: DDP holds what trains now
             anchor = TrainerDataParallel.kept_anchor(model) if self.gradient_sync == "active" else None
             if anchor is None and not _ddp_finds_unused(args, model):
                 raise ValueError(self._whole_model_ddp_problem(args))
@@ -201,6 +204,20 @@ class LisaCallback(TrainerCallback, ExportableState):
         smallest = min(params, key=lambda p: p.numel())
         return next(name for name, p in model.named_parameters() if p is smallest)
 
+    def _check_fsdp(self, sharding: str, optimizer) -> None:
+        """FSDP2 shards each parameter (a DTensor per layer), which LISA freezes and parks shard by shard; FSDP1
+        flattens a unit's parameters into one, which no per-layer freezing can reach."""
+        if sharding == "fsdp1":
+            raise ValueError("LisaCallback needs FSDP2, but the Trainer shards with FSDP1, whose flattened "
+                             "parameters cannot be frozen layer by layer. Fix: set fsdp_version: 2 in the accelerate "
+                             "config file (fsdp_config: fsdp_version: 2), or TrainingArguments(fsdp_config="
+                             "{'version': 2})")
+        if self.config.state_policy == "park" and not isinstance(_unwrap_optimizer(optimizer), FusedAdamW):
+            name = type(_unwrap_optimizer(optimizer)).__name__
+            raise ValueError(f"LisaCallback under FSDP2 parks sharded optimizer state with FusedAdamW only, not the "
+                             f"Trainer's {name}. Fix: Trainer(optimizers=(LisaCallback.optimizer_for(model, args), "
+                             f"None)), or LisaCallback(state_policy='keep') / 'reset'")
+
     def _whole_model_ddp_problem(self, args) -> str:
         if self.gradient_sync == "ddp":
             why, fixes = ("LisaCallback(gradient_sync='ddp') leaves the whole model to the Trainer's DDP",
@@ -222,10 +239,19 @@ def _config_arguments(config: LisaConfig) -> dict:
             for f in dataclasses.fields(config)}
 
 
-def _trainer_ddp(args) -> bool:
-    """Whether the Trainer wraps the model in DistributedDataParallel (several processes, no FSDP / DeepSpeed)."""
-    return (args.parallel_mode == ParallelMode.DISTRIBUTED and args.world_size > 1 and not args.fsdp
-            and not args.deepspeed)
+def _trainer_sharding(args) -> str | None:
+    """How the Trainer's accelerator spreads the model over several processes: "ddp", "fsdp1", "fsdp2", another
+    accelerate distributed type's name (DeepSpeed, ...), or None in one process."""
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size <= 1:
+        return None
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState()  # the Trainer's (a shared state): its FSDP config file or fsdp= arguments
+    if state.distributed_type == DistributedType.FSDP:
+        return f"fsdp{state.fsdp_plugin.fsdp_version}"
+    kind = str(state.distributed_type.value)
+    return "ddp" if kind.startswith("MULTI_") else kind.lower()  # MULTI_GPU, MULTI_CPU, ...: accelerate's DDP
 
 
 def _ddp_finds_unused(args, model) -> bool:
