@@ -168,3 +168,17 @@ def test_fsdp_the_callback_cannot_serve_is_refused_at_train_start(tmp_path, monk
     with pytest.raises(ValueError, match=problem):
         lisa.on_train_begin(training_args(tmp_path), TrainerState(), TrainerControl(), model=model,
                             optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_ddp_without_an_always_trainable_module_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    """DDP keeps one parameter that has a gradient in every step: with nothing always trainable there is none."""
+    from transformers import TrainerControl, TrainerState
+
+    import lisa_trainer.callback
+    from lisa_trainer import LisaCallback
+    from test_callback import tiny_llama, training_args
+
+    monkeypatch.setattr(lisa_trainer.callback, "_trainer_sharding", lambda args: "ddp")
+    lisa = LisaCallback(n_active_layers=1, always_trainable=())
+    with pytest.raises(ValueError, match=r"LisaConfig.always_trainable is empty, but under DDP LisaCallback needs"):
+        lisa.on_init_end(training_args(tmp_path), TrainerState(), TrainerControl(), model=tiny_llama())
