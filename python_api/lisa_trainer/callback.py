@@ -122,10 +122,8 @@ class LisaCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if _trainer_sharding(args) == "ddp" and model is not None:
-            if self.gradient_sync == "active":  # before train() wraps the model in DDP
-                TrainerDataParallel.keep_out_of_ddp(model, self._ddp_anchor(model))
-            _run_first(self)
+        if model is not None:
+            self._before_ddp_wraps(args, model)
         if optimizer is None:
             return
         optim = _optim_name(args.optim)
@@ -141,15 +139,7 @@ class LisaCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("LisaCallback needs the model and optimizer from the Trainer at on_train_begin")
-        sharding = _trainer_sharding(args)
-        if sharding in ("fsdp1", "fsdp2"):
-            self._check_fsdp(sharding, optimizer)
-        if sharding == "ddp":  # before the controller freezes layers: DDP holds what trains now
-            anchor = TrainerDataParallel.kept_anchor(model) if self.gradient_sync == "active" else None
-            if anchor is None and not _ddp_finds_unused(args, model):
-                raise ValueError(self._whole_model_ddp_problem(args))
-            self.data_parallel = TrainerDataParallel(model, anchor)
-            self._sent = [0, 0]
+        self._start_data_parallel(args, model, optimizer)  # before the controller freezes layers
         try:
             self.controller = LisaController(model, optimizer, self.config, start_step=state.global_step)
         except OptimizerMissesParameters as err:
@@ -194,6 +184,28 @@ class LisaCallback(TrainerCallback, ExportableState):
             self.data_parallel.close()
 
     # ------------------------------------------------------------------------------------- data parallelism
+    def _before_ddp_wraps(self, args, model) -> None:
+        """When the Trainer is built, before train() wraps the model in DDP: leave DDP one parameter."""
+        if _trainer_sharding(args) != "ddp":
+            return
+        if self.gradient_sync == "active":
+            TrainerDataParallel.keep_out_of_ddp(model, self._ddp_anchor(model))
+        _run_first(self)
+
+    def _start_data_parallel(self, args, model, optimizer) -> None:
+        """At train start, before LISA freezes anything (DDP holds what trains now): refuse what cannot train,
+        else start the gradient all-reduce of the trainable set (or only count DDP's bytes)."""
+        sharding = _trainer_sharding(args)
+        if sharding in ("fsdp1", "fsdp2"):
+            self._check_fsdp(sharding, optimizer)
+        if sharding != "ddp":
+            return
+        anchor = TrainerDataParallel.kept_anchor(model) if self.gradient_sync == "active" else None
+        if anchor is None and not _ddp_finds_unused(args, model):
+            raise ValueError(self._whole_model_ddp_problem(args))
+        self.data_parallel = TrainerDataParallel(model, anchor)
+        self._sent = [0, 0]
+
     def _ddp_anchor(self, model) -> str:
         """The name of the smallest always-trainable parameter: the one DDP keeps (it has a gradient each step)."""
         modules = always_trainable_modules(model, self.config.always_trainable, self.config.layers_attribute)
@@ -265,14 +277,17 @@ def _ddp_finds_unused(args, model) -> bool:
 
 
 def _run_first(callback) -> None:
-    """Move `callback`, being called from the Trainer's CallbackHandler, to the front of its list, so that what it
-    adds to the logs in `on_log` reaches the reporting integrations (TensorBoard, W&B, ...), which the Trainer
-    lists before the user's callbacks. Moving the element being visited to the front leaves the handler's loop on
-    the same next element."""
-    caller = inspect.currentframe().f_back.f_back.f_locals.get("self")
-    if isinstance(caller, CallbackHandler) and callback in caller.callbacks:
-        caller.callbacks.remove(callback)
-        caller.callbacks.insert(0, callback)
+    """Move `callback`, being called from the Trainer's CallbackHandler (a caller up the stack), to the front of
+    its list, so that what it adds to the logs in `on_log` reaches the reporting integrations (TensorBoard, W&B,
+    ...), which the Trainer lists before the user's callbacks. Moving the element being visited to the front leaves
+    the handler's loop on the same next element."""
+    frame = inspect.currentframe()
+    while frame is not None and not isinstance(frame.f_locals.get("self"), CallbackHandler):
+        frame = frame.f_back
+    if frame is not None and callback in frame.f_locals["self"].callbacks:
+        handler = frame.f_locals["self"]
+        handler.callbacks.remove(callback)
+        handler.callbacks.insert(0, callback)
 
 
 def _optim_name(optim) -> str:
