@@ -201,6 +201,9 @@ def main(out: Path) -> None:
             save_strategy="steps", save_steps=4)
     attempt(results, "resumed", run_trainer, out / "saved", {"gradient_checkpointing": True}, {},
             resume=str(out / "saved" / "checkpoint-4"))
+    # rank 1 samples with another seed: the first step must refuse to train
+    attempt(results, "mismatched_seeds", run_trainer, out / "mismatch", {}, {"seed": dist.get_rank()})
+    dist.barrier()
     attempt(results, "fsdp2_optimizer_for_park", run_fsdp2, "optimizer_for", "park")
     attempt(results, "fsdp2_adamw_keep", run_fsdp2, "adamw_torch", "keep")
     attempt(results, "sft", run_sft, out / "sft", {})

@@ -139,6 +139,13 @@ def test_fsdp2_sharded_layers_freeze_and_park_each_ranks_shards(runs, name):
         assert in_bank == 2 * local and local < whole and local + parked[1][param][1] == whole, param
 
 
+def test_ranks_sampling_other_layers_stop_at_the_first_step_naming_both(runs):
+    for r in range(WORLD):
+        error = runs[r]["mismatched_seeds"]["error"]
+        assert error.startswith("DistributedError: LISA schedule differs between ranks: rank 0 trains layers"), error
+        assert "rank 1 trains [" in error and "(settings [0, 1, 2])" in error  # period, seed, interval
+
+
 def test_resumed_two_rank_checkpoint_continues_the_schedule(runs):
     whole, _ = _trained(runs, "saved")
     resumed, other = _trained(runs, "resumed")
