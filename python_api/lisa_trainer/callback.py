@@ -161,12 +161,14 @@ class LisaCallback(TrainerCallback, ExportableState):
         if self.data_parallel is not None:
             self.data_parallel.on_step_begin(self.controller)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.data_parallel is not None:  # the step's gradients are all-reduced: never step on unsynced ones
+            self._sent[0] += self.data_parallel.step_bytes()
+            self._sent[1] += 1
+
     def on_step_end(self, args, state, control, **kwargs):
         # The Trainer has already counted the step it just finished.
         self.controller.on_step_end(state.global_step - 1)
-        if self.data_parallel is not None:
-            self._sent[0] += self.data_parallel.step_bytes()
-            self._sent[1] += 1
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """The mean bytes all-reduced per optimizer step since the last log, as ``lisa/allreduce_bytes``."""

@@ -554,7 +554,8 @@ class TrainerDataParallel:
                                     settings=(c.seed, c.interval_steps))
 
     def step_bytes(self) -> int:
-        """After a step's backward: the bytes all-reduced in it (this sync's and DDP's)."""
+        """After a step's last backward, before its update: the bytes all-reduced in it (this sync's and DDP's);
+        raises if the all-reduce did not run."""
         sync = self.parallel.grad_sync
         if sync is None:
             return self.ddp_bytes
