@@ -14,6 +14,10 @@ Methods:
   lisa-keep    ours, state kept on the device
   lisa-public  LISA as LMFlow / Axolotl ship it: requires_grad toggled every K steps, a plain torch AdamW over all
                parameters whose state for every layer ever sampled stays on the device
+  trainer-lisa  Hugging Face Trainer + LisaCallback (optimizer_for, park): under --nproc the callback all-reduces
+               the trainable set only, with no flag
+  trainer-lisa-find-unused  the same with LisaCallback(gradient_sync="ddp") and ddp_find_unused_parameters=True:
+               the Trainer's DDP all-reduces the whole model every step, as LISA callbacks usually run
 
 By default each method runs in its own process on a GPU (so one method's peak or OOM cannot pollute the next) and
 in this process on CPU (where importing torch + transformers costs more than the tiny run itself).
@@ -23,6 +27,7 @@ in this process on CPU (where importing torch + transformers costs more than the
     python -m benchmarks.bench_finetune --shape 7b --methods lisa-park,lora,full
     python -m benchmarks.bench_finetune --nproc 8 --shape 7b --methods full,lora,lisa-park   # DDP on 8 GPUs
     python -m benchmarks.bench_finetune --nproc 8 --fsdp --shape 7b --methods full,lisa-park  # FSDP2 on 8 GPUs
+    python -m benchmarks.bench_finetune --nproc 8 --shape 7b --methods trainer-lisa,trainer-lisa-find-unused
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, print_table, save_results, summarize, synchronize
-from benchmarks.data_parallel import BenchDataParallel, launcher, rank, worker_argv, world_size
+from benchmarks.data_parallel import BenchDataParallel, TrainerReport, launcher, rank, worker_argv, world_size
 
-METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public")
+METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public", "trainer-lisa",
+           "trainer-lisa-find-unused")
 GB = 1e9
 
 # Llama configs. "1b" follows Llama-3.2-1B (GQA, tied embeddings, 128k vocab), "7b" Llama-2-7B, "8b" Llama-3-8B
@@ -192,7 +198,7 @@ def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
 
 
 def is_switch_step(method: str, step: int, interval: int) -> bool:
-    return method.startswith("lisa") and step > 0 and step % interval == 0
+    return "lisa" in method and step > 0 and step % interval == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ def import_method_packages(method: str) -> None:
     try:
         if method == "lora":
             import peft  # noqa: F401
-        elif uses_lisa_trainer(method):
+        elif uses_lisa_trainer(method) or method.startswith("trainer-"):
             import lisa_kernels  # noqa: F401
             import lisa_trainer  # noqa: F401
     except ImportError:
@@ -306,6 +312,8 @@ def import_method_packages(method: str) -> None:
 
 def train(method: str, args, device: torch.device, dtype: torch.dtype) -> TrainingRun:
     """Build the model and the method's optimizer, then train `args.steps` steps, timing each whole step."""
+    if method.startswith("trainer-"):
+        return train_with_trainer(method, args, device, dtype)
     shape = SHAPES[args.shape]
     batches = [b.to(device) for b in make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len,
                                                   args.n_batches, args.seed + rank())]  # each rank its own data
@@ -360,6 +368,70 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
         run.losses.append(loss.item())
         synchronize(device)
         run.step_times_ms.append((time.perf_counter() - t0) * 1e3)
+    return run
+
+
+def train_with_trainer(method: str, args, device: torch.device, dtype: torch.dtype) -> TrainingRun:
+    """The callback path: Hugging Face `Trainer` + `LisaCallback` (FusedAdamW from `optimizer_for`, `park`) on the
+    same model and batches, the Trainer's own loop and, under torchrun, its own DDP wrapper."""
+    try:
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        from lisa_trainer import LisaCallback, LisaConfig
+    except ImportError as exc:
+        raise MethodUnavailable(exc) from exc
+    shape = SHAPES[args.shape]
+    # The batches of every rank (its own seed, as the other methods' ranks), laid out so that the Trainer's
+    # sequential order gives rank r its k-th batch at step k.
+    per_rank = [make_batches(shape["config"]["vocab_size"], args.batch_size, args.seq_len, args.n_batches,
+                             args.seed + r) for r in range(world_size())]
+    rows = [row for k in range(args.n_batches) for batches in per_rank for row in batches[k]]
+    model = build_model(args.shape, device, dtype, args.seed)
+    model_params = sum(p.numel() for p in model.parameters())
+    model_gb = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
+    whole_model = method == "trainer-lisa-find-unused"
+    cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
+                     track_update_norms=args.track_update_norms, prefetch_steps=args.prefetch_steps)
+    run = None
+
+    class Clock(TrainerCallback):
+        """Wall clock around each whole optimizer step, as the other methods are timed."""
+
+        def on_step_begin(self, *a, **kw):
+            synchronize(device)
+            self.t0 = time.perf_counter()
+
+        def on_pre_optimizer_step(self, *a, **kw):
+            run.updated.update(id(p) for p in model.parameters() if p.grad is not None)
+
+        def on_step_end(self, *a, **kw):
+            synchronize(device)
+            run.step_times_ms.append((time.perf_counter() - self.t0) * 1e3)
+            run.device_state_peak = max(run.device_state_peak, device_state_bytes(model, run.optimizer, device))
+
+    with tempfile.TemporaryDirectory() as out:
+        targs = TrainingArguments(
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type="constant", max_grad_norm=0.0,
+            logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+            use_cpu=device.type == "cpu", seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            # transformers 5 (earlier ones shuffle: the losses stay comparable, not equal)
+            **({"train_sampling_strategy": "sequential"}
+               if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__ else {}),
+            ddp_find_unused_parameters=True if whole_model else None)
+        optimizer = LisaCallback.optimizer_for(model, targs, cfg)
+        run = TrainingRun(model, optimizer, model_params, model_gb,
+                          data_parallel=TrainerReport("all-reduce (DDP, find_unused_parameters, whole model)"
+                                                      if whole_model else "all-reduce (LisaCallback, active set)")
+                          if world_size() > 1 else None)
+        lisa = LisaCallback(cfg, gradient_sync="ddp" if whole_model else "active")
+        trainer = Trainer(model=model, args=targs, train_dataset=[{"input_ids": r, "labels": r} for r in rows],
+                          callbacks=[lisa, Clock()], optimizers=(optimizer, None))
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    run.losses = [h["loss"] for h in logged]
+    run.comm_bytes = [int(h["lisa/allreduce_bytes"]) for h in logged if "lisa/allreduce_bytes" in h]
+    run.bank = lisa.controller.parker.bank
     return run
 
 

@@ -5,7 +5,10 @@
 - LISA (ours and the public variant): `lisa_trainer.distributed.GradientSync`, which all-reduces the active
   layers + embeddings/head/final norm only, rebuilt at each switch after the schedule check;
 - with ``--fsdp``: FSDP2 (`lisa_trainer.distributed`, one unit per decoder layer + the root) for full fine-tuning
-  and LISA; the bytes are those reduce-scattered (the gradients of the trainable set).
+  and LISA; the bytes are those reduce-scattered (the gradients of the trainable set);
+- the Hugging Face Trainer with `LisaCallback` (its own DDP wrapper; the bytes are those the callback logs as
+  ``lisa/allreduce_bytes``): LISA's all-reduce of the trainable set, or DDP over the whole model with
+  ``find_unused_parameters=True``.
 
 Every rank trains its own synthetic batches (seed + rank); rank 0 reports, with every rank's peak memory.
 """
@@ -72,22 +75,37 @@ class BenchDataParallel:
 
     def report(self, device: torch.device, bytes_per_step: list[int]) -> dict:
         """Figures of every rank (gathered on all; rank 0 writes them)."""
-        mine = {
-            "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        }
-        ranks = [None] * self.parallel.world_size
-        dist.all_gather_object(ranks, mine)
-        steady = bytes_per_step[1:] or bytes_per_step
-        return {
-            "world_size": self.parallel.world_size,
-            "grad_comm": ("reduce-scatter (FSDP2)" if self.fsdp else
-                          "all-reduce (DDP)" if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-                          else "all-reduce (active set)"),
-            "grad_comm_bytes_per_step": sorted(steady)[len(steady) // 2],
-            "per_rank_peak_allocated_gb": [r["peak_allocated_gb"] for r in ranks],
-            "per_rank_peak_rss_gb": [r["peak_rss_gb"] for r in ranks],
-        }
+        return rank_figures(("reduce-scatter (FSDP2)" if self.fsdp else
+                             "all-reduce (DDP)" if isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+                             else "all-reduce (active set)"), device, bytes_per_step)
+
+
+class TrainerReport:
+    """`report` of a method the Hugging Face Trainer runs data-parallel (it owns the DDP wrapper)."""
+
+    def __init__(self, grad_comm: str):
+        self.grad_comm = grad_comm
+
+    def report(self, device: torch.device, bytes_per_step: list[int]) -> dict:
+        return rank_figures(self.grad_comm, device, bytes_per_step)
+
+
+def rank_figures(grad_comm: str, device: torch.device, bytes_per_step: list[int]) -> dict:
+    """The gradient communication per step and every rank's peak memory (a collective: every rank calls it)."""
+    mine = {
+        "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    steady = bytes_per_step[1:] or bytes_per_step
+    return {
+        "world_size": dist.get_world_size(),
+        "grad_comm": grad_comm,
+        "grad_comm_bytes_per_step": sorted(steady)[len(steady) // 2],
+        "per_rank_peak_allocated_gb": [r["peak_allocated_gb"] for r in ranks],
+        "per_rank_peak_rss_gb": [r["peak_rss_gb"] for r in ranks],
+    }
 
 
 def _counting_allreduce(state: BenchDataParallel, bucket):

@@ -300,3 +300,30 @@ class _FrozenModulesStayPut(_FrozenLayersStayPut):
             changed = not torch.equal(p, self.before[name])
             if layer_of(name) is not None and changed != (id(p) in active):
                 self.failures.append((state.global_step, name, changed))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Liger's kernels)")
+def test_trl_sft_trainer_with_liger_kernel_trains_the_sampled_layers(tmp_path):
+    """TRL's SFTConfig(use_liger_kernel=True): Liger's fused linear cross-entropy (no logits on the device) with
+    LisaCallback, frozen layers untouched, every sampled layer trained."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from lisa_trainer.demo import build_demo_tokenizer
+
+    tok = build_demo_tokenizer()
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tok))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lisa = LisaCallback(n_active_layers=1, interval_steps=2, seed=3)
+    checker = _FrozenLayersStayPut(lisa)
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
+                       save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, max_length=32,
+                       use_liger_kernel=True)
+    texts = [f"question {i}: what is {i} plus {i}? answer: {2 * i}." for i in range(32)]
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}),
+                         processing_class=tok, callbacks=[lisa, checker])
+    trainer.train()
+    check_lisa_run(model, {n: t.to(model.device) for n, t in initial.items()}, checker, lisa)

@@ -388,6 +388,68 @@ def test_short_fsdp_runs_under_torchrun_end_cleanly_every_time(tmp_path):
         assert (out / "lisa_run.png").is_file() and done.stdout.count("LISA demo finished") == 1, (i, done.stdout)
 
 
+# LMFlow's configs/accelerate_fsdp_config.yaml (FSDP1, 8 processes), at 2 processes
+LMFLOW_FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_backward_prefetch: BACKWARD_PRE
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_forward_prefetch: false
+  fsdp_offload_params: false
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_sync_module_states: true
+  fsdp_use_orig_params: true
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+def test_accelerate_launch_with_lmflows_fsdp_config_shards_lisa_finetune(tmp_path):
+    """LMFlow's launch line with our CLI in place of its script: FSDP2 (reduce-scatter of the trainable set), with
+    one line saying an FSDP1 config got FSDP2; not a silent replica per rank."""
+    config = tmp_path / "accelerate_fsdp_config.yaml"
+    config.write_text(LMFLOW_FSDP_CONFIG)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env.update(PYTHONPATH=f"{root}{os.pathsep}{root / 'python_api'}", OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           str(_free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out), "--max_steps", "2",
+           "--per_device_train_batch_size", "2", "--block_size", "48", "--disable_tqdm", "--eval_steps", "100"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in read_log(out / "train_log.jsonl") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["world_size"] == WORLD and r["reduce_scatter_bytes"] > 0 and "allreduce_bytes" not in r for r in steps)
+    assert done.stdout.count("fsdp_version: 1): lisa-finetune shards with FSDP2 instead") == 1, done.stdout
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("setting, value, named", [
+    ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params: true"),
+    ("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP", "fsdp_sharding_strategy other than FULL_SHARD"),
+    ("FSDP_RESHARD_AFTER_FORWARD", "false", "fsdp_reshard_after_forward: false"),
+])
+def test_accelerate_fsdp_settings_without_an_equivalent_are_refused_by_name(setting, value, named):
+    from lisa_trainer.distributed import accelerate_fsdp
+
+    lmflow = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+              "FSDP_OFFLOAD_PARAMS": "false", "FSDP_RESHARD_AFTER_FORWARD": "true",
+              "FSDP_ACTIVATION_CHECKPOINTING": "false", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+    assert accelerate_fsdp({}) == (False, None)
+    assert accelerate_fsdp({**lmflow, "FSDP_VERSION": "2"}) == (True, None)
+    with pytest.raises(ValueError, match=f"accelerate launch's FSDP config: {named}.* is not supported"):
+        accelerate_fsdp({**lmflow, setting: value})
+
+
 def test_bench_workers_get_the_arguments_without_nproc():
     from benchmarks.data_parallel import launcher, worker_argv
 

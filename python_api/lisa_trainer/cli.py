@@ -493,12 +493,28 @@ def _run(opts: Options) -> int:
         return _train(opts, dataset_path, wall_start)
 
 
+def _follow_accelerate_fsdp(opts: Options) -> None:
+    """`accelerate launch --config_file` with an FSDP config shards as --fsdp does (rank 0 says how an FSDP1 config
+    is met); a setting that cannot be met stops the run here, before the model loads."""
+    from .distributed import accelerate_fsdp, launched_rank
+
+    try:
+        shard, note = accelerate_fsdp()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if shard and not opts.training.fsdp:
+        opts.training = dataclasses.replace(opts.training, fsdp=True)
+    if note and launched_rank() == 0:
+        print(f"lisa-finetune: {note}", flush=True)
+
+
 def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
     from .checkpoint import CheckpointError
     from .plots import plot_run
     from .runlog import LOG_FILE
     from .trainer import LisaTrainer, TrainingDiverged
 
+    _follow_accelerate_fsdp(opts)
     model, tokenizer, layers, stats, train_data, eval_data = _prepare(opts, dataset_path)
     n_params = sum(p.numel() for p in model.parameters())  # before the trainer, which may offload frozen layers
     try:

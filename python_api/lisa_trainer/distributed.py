@@ -15,6 +15,8 @@ do), or when the caller has already initialised a process group. Per optimizer s
   ``.grad`` and is in no bucket, so it costs no communication and there is no ``find_unused_parameters`` graph
   traversal; the buckets are rebuilt at every LISA switch (no weights are re-broadcast). For Llama-2-7B with
   E+H+2L that is 0.67 B of 6.74 B parameters: ~10 % of the bytes DDP over the whole model would move.
+- **Hugging Face Trainer** (`LisaCallback`): the Trainer's DDP keeps one always-trainable parameter and the same
+  `GradientSync` all-reduces the rest of the trainable set, averaged as DDP averages (`TrainerDataParallel`).
 - **FSDP2** (``fsdp=True``): one ``fully_shard`` unit per decoder layer plus the root; FusedAdamW keeps moments for
   each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. The final
   model is gathered to rank 0 and saved once. Checkpoints hold the full (gathered) weights, optimizer state and
@@ -40,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "launched_rank", "launched_world_size",
-           "shutdown"]
+__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "TrainerDataParallel", "accelerate_fsdp",
+           "launched_rank", "launched_world_size", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 1800  # Hugging Face TrainingArguments.ddp_timeout's default
 # Gradient bucket size: big enough that per-collective latency is amortised (NCCL reaches most of its bus
@@ -72,6 +74,41 @@ def shutdown() -> None:
     """Destroy the default process group if one is up (call once at the end of a data-parallel program)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# accelerate launch's FSDP settings (its config file, passed to the program as environment variables) that our
+# sharding can honour: variable -> (accepted values, lowercase; the setting as the config file names it). Every
+# other setting is met by `DataParallel(fsdp=True)` or does not apply (wrap policy: one unit per decoder layer;
+# state dict type: checkpoints hold full tensors).
+_ACCELERATE_FSDP_ACCEPTED = {
+    "FSDP_OFFLOAD_PARAMS": ({"false", ""}, "fsdp_offload_params: true (lisa-finetune parks the frozen layers' "
+                                           "optimizer state in host memory instead: --lisa_state_policy park)"),
+    "FSDP_SHARDING_STRATEGY": ({"full_shard", "1", "none", ""}, "fsdp_sharding_strategy other than FULL_SHARD"),
+    "FSDP_RESHARD_AFTER_FORWARD": ({"true", "full_shard", "1", "none", ""}, "fsdp_reshard_after_forward: false"),
+    "FSDP_ACTIVATION_CHECKPOINTING": ({"false", ""}, "fsdp_activation_checkpointing: true (use "
+                                                     "--gradient_checkpointing)"),
+}
+
+
+def accelerate_fsdp(environ=os.environ) -> tuple[bool, str | None]:
+    """(whether ``accelerate launch`` was given an FSDP config, a line saying how it is met or None).
+
+    Our FSDP2 sharding is the equivalent of the usual config (``FULL_SHARD``, ``TRANSFORMER_BASED_WRAP``): every
+    parameter fully sharded, one unit per decoder layer plus the root. An FSDP1 config (``fsdp_version: 1``, as
+    LMFlow's) gets FSDP2 with those settings and the line says so. A setting with no equivalent raises ValueError
+    naming it, rather than training otherwise than asked."""
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("true", "1"):
+        return False, None
+    refused = [what for var, (accepted, what) in _ACCELERATE_FSDP_ACCEPTED.items()
+               if environ.get(var, "").strip().lower() not in accepted]
+    if refused:
+        raise ValueError(f"accelerate launch's FSDP config: {'; '.join(refused)} is not supported; lisa-finetune "
+                         f"shards with FSDP2, fully (FULL_SHARD), one unit per decoder layer")
+    version = environ.get("FSDP_VERSION", "1")
+    if version == "2":
+        return True, None
+    return True, (f"accelerate's FSDP config (fsdp_version: {version}): lisa-finetune shards with FSDP2 instead, "
+                  f"the equivalent of FULL_SHARD with TRANSFORMER_BASED_WRAP (set fsdp_version: 2 to say so)")
 
 
 class DataParallel:
@@ -118,12 +155,12 @@ class DataParallel:
         return self.rank == 0
 
     # ---------------------------------------------------------------------------------------------- set up
-    def attach(self, model: nn.Module, layers: nn.ModuleList) -> None:
-        """Start every rank from rank 0's weights and buffers; then hook the gradient all-reduce into `model`, or
-        with FSDP shard it: one FSDP2 unit per decoder layer in `layers`, plus the root (embeddings, head, final
-        norm). Call before building the optimizer: sharding replaces the parameters with DTensors. With FSDP the
-        model may still be on the CPU: each unit moves to the device as it is sharded, so a model larger than one
-        GPU never sits on one whole."""
+    def attach(self, model: nn.Module, layers: nn.ModuleList | tuple = (), **sync_options) -> None:
+        """Start every rank from rank 0's weights and buffers; then hook the gradient all-reduce into `model`
+        (`GradientSync`, given `sync_options`), or with FSDP shard it: one FSDP2 unit per decoder layer in
+        `layers`, plus the root (embeddings, head, final norm). Call before building the optimizer: sharding
+        replaces the parameters with DTensors. With FSDP the model may still be on the CPU: each unit moves to the
+        device as it is sharded, so a model larger than one GPU never sits on one whole."""
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
                 on_comm = t.data if t.device == self._comm_device else t.data.to(self._comm_device)
@@ -132,7 +169,7 @@ class DataParallel:
                     t.data.copy_(on_comm)
         self.model = model
         if not self.fsdp:
-            self.grad_sync = GradientSync(model, self)
+            self.grad_sync = GradientSync(model, self, **sync_options)
             return
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -375,12 +412,21 @@ class GradientSync:
     post-accumulate-grad hook; while `armed` (the last local micro-batch of a step), a bucket is all-reduced as
     soon as it and every bucket before it are complete, so all ranks issue the same collectives in the same order.
     `finish()` launches what is left (a rank whose share of the step was empty contributes zeros), waits, and
-    writes the sums back into ``.grad``; it returns the bytes all-reduced.
+    writes the sums back into ``.grad``; it returns the bytes all-reduced. `finish_after_backward` arms it for the
+    backward pass of a forward's outputs and calls `finish()` when that backward ends.
+
+    ``exclude``: parameters someone else reduces (left out of the buckets). ``average``: divide the sums by the
+    number of ranks, as DDP does (for a loss that is each rank's own mean rather than its share of the global one).
     """
 
-    def __init__(self, model: nn.Module, parallel: DataParallel, bucket_bytes: int = BUCKET_BYTES):
+    def __init__(self, model: nn.Module, parallel: DataParallel, bucket_bytes: int = BUCKET_BYTES, *,
+                 exclude=(), average: bool = False):
         self.model, self.parallel, self.bucket_bytes = model, parallel, bucket_bytes
+        self.excluded = {id(p) for p in exclude}
+        self.average = average
         self.armed = False
+        self.sent = 0  # bytes all-reduced by the `finish()` calls of `finish_after_backward`, for the caller to read
+        self._finish_queued = False
         self.buckets: list[list[nn.Parameter]] = []
         self._bucket_of: dict[nn.Parameter, int] = {}
         self._missing: list[int] = []
@@ -398,7 +444,7 @@ class GradientSync:
         open_buckets: dict[torch.dtype, tuple[list, list]] = {}  # dtype -> (params, [bytes])
         self.buckets = []
         for p in reversed(list(dict.fromkeys(self.model.parameters()))):
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in self.excluded:
                 continue
             if p not in self._hooks:
                 self._hooks[p] = p.register_post_accumulate_grad_hook(self._on_grad)
@@ -410,6 +456,13 @@ class GradientSync:
         self.buckets += [bucket for bucket, _ in open_buckets.values()]
         self._bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
         self._reset()
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the model may train again under another sync)."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks = {}
+        self.buckets, self._bucket_of = [], {}
 
     def _reset(self) -> None:
         self._missing = [len(b) for b in self.buckets]
@@ -426,6 +479,8 @@ class GradientSync:
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        if self.average:
+            flat.div_(self.parallel.world_size)  # before the sum, as DDP: the same rounding as DDP's result
         work = self.parallel._collective("gradient all-reduce", dist.all_reduce, flat, async_op=True)
         self._launched.append((flat, work))
 
@@ -446,6 +501,115 @@ class GradientSync:
                         p.grad.copy_(summed.view_as(p))
         self._reset()
         return sent
+
+    def finish_after_backward(self, outputs) -> None:
+        """Arm for the backward pass that starts from the tensors in `outputs` (a forward's result: a tensor, a
+        dict or a sequence of them) and complete the all-reduce when that backward ends, whoever runs it: the
+        first of the outputs' gradients queues `finish()` on the autograd engine, which runs queued callbacks once
+        the whole backward is done (reentrant checkpointing's inner backward passes included), so gradient
+        clipping and the optimizer see summed gradients."""
+        tensors = [t for t in _tensors_in(outputs) if t.requires_grad]
+        if not tensors:
+            return
+        self.armed = True
+        for t in tensors:
+            t.register_hook(self._queue_finish)
+
+    def _queue_finish(self, grad):
+        if self.armed and not self._finish_queued:
+            self._finish_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_from_backward)
+
+    def _finish_from_backward(self) -> None:
+        self._finish_queued = False
+        self.sent += self.finish()
+
+
+class TrainerDataParallel:
+    """LISA's gradient all-reduce inside a Hugging Face Trainer's DDP (`LisaCallback` under torchrun or accelerate).
+
+    The Trainer wraps the model in DDP when training starts, before any callback sees the wrapper, and DDP expects
+    a gradient for every parameter it holds: for the layers LISA freezes it either raises "Expected to have
+    finished reduction" (``find_unused_parameters=False``, the Trainer's choice with gradient checkpointing) or
+    traverses the graph and all-reduces the whole model's buckets, frozen layers' zeros included. So
+    `keep_out_of_ddp`, called when the Trainer is built, leaves DDP one parameter: the anchor, the smallest
+    always-trainable one (the final norm's weight), which has a gradient in every step, so DDP's reducer is
+    satisfied whatever ``ddp_find_unused_parameters`` and gradient checkpointing say. `GradientSync` all-reduces
+    the rest of the trainable set (active layers, embeddings, head), rebuilt at each switch, averaged over the
+    ranks as DDP averages. It arms in the forward of each optimizer step's last micro-batch (accelerate's
+    ``sync_gradients``) and completes when that backward ends, before the Trainer clips the gradients.
+
+    ``anchor=None``: the Trainer's DDP holds every parameter and reduces them all (the model was built without
+    `keep_out_of_ddp`); only the schedule check and the byte count remain here. Create it before LISA freezes
+    any layer: DDP holds the parameters that train now, and every rank starts from rank 0's weights. The buckets
+    are laid out at the first `on_step_begin`.
+    """
+
+    def __init__(self, model: nn.Module, anchor: nn.Parameter | None):
+        self.parallel = DataParallel(next(model.parameters()).device)
+        self._hook = None
+        if anchor is None:
+            self.ddp_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            return
+        self.ddp_bytes = anchor.numel() * anchor.element_size()
+        self.parallel.attach(model, exclude=[anchor], average=True)
+        self._hook = model.register_forward_hook(self._after_forward)
+
+    @staticmethod
+    def keep_out_of_ddp(model: nn.Module, anchor_name: str) -> None:
+        """Before the Trainer wraps `model` in DDP: every parameter but `anchor_name` is left out of DDP."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ignored = [name for name, _ in model.named_parameters() if name != anchor_name]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+
+    @staticmethod
+    def kept_anchor(model: nn.Module) -> nn.Parameter | None:
+        """The parameter `keep_out_of_ddp` left to DDP; None if it was not called on `model`."""
+        ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
+        if ignored is None:
+            return None
+        kept = [p for name, p in model.named_parameters() if name not in set(ignored)]
+        return kept[0] if len(kept) == 1 else None
+
+    def on_step_begin(self, controller) -> None:
+        c = controller.config
+        self.parallel.on_step_begin(controller.active_layers, controller.n_layers, period=controller.period,
+                                    settings=(c.seed, c.interval_steps))
+
+    def step_bytes(self) -> int:
+        """After a step's last backward, before its update: the bytes all-reduced in it (this sync's and DDP's);
+        raises if the all-reduce did not run."""
+        sync = self.parallel.grad_sync
+        if sync is None:
+            return self.ddp_bytes
+        if sync.armed:
+            raise DistributedError("LisaCallback: the step's backward did not start from the model's outputs, so "
+                                   "its gradients were not all-reduced")
+        sent, sync.sent = sync.sent, 0
+        return sent + self.ddp_bytes
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self.parallel.grad_sync.close()
+
+    def _after_forward(self, module, inputs, outputs) -> None:
+        from accelerate.state import GradientState
+
+        if torch.is_grad_enabled() and module.training and GradientState().sync_gradients:
+            self.parallel.grad_sync.finish_after_backward(outputs)
+
+
+def _tensors_in(outputs):
+    if isinstance(outputs, torch.Tensor):
+        yield outputs
+    elif isinstance(outputs, dict):  # transformers' ModelOutput is a dict
+        for value in outputs.values():
+            yield from _tensors_in(value)
+    elif isinstance(outputs, (list, tuple)):
+        for value in outputs:
+            yield from _tensors_in(value)
 
 
 def _is_sharded(t) -> bool:
