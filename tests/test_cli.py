@@ -153,3 +153,14 @@ def test_the_demo_runs_again_in_its_own_folder(tmp_path, monkeypatch):
     assert main(["--demo", *FAST]) == 0
     steps = [r["step"] for r in read_log(tmp_path / "lisa-demo-output" / "train_log.jsonl") if r["kind"] == "step"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_an_empty_held_out_split_says_why(tmp_path, capsys):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps({"type": "text2text", "instances": [{"input": "Two plus two?", "output": "Four."}]}))
+    argv = ["--dataset_path", str(data), "--output_dir", str(tmp_path / "out"), "--validation_split_percentage", "10",
+            *FAST]
+    why = "--validation_split_percentage 10 gave an empty held-out split: the data has a single sequence"
+    with pytest.warns(UserWarning, match=why):
+        assert main(argv) == 0
+    assert f"held-out loss n/a ({why}" in capsys.readouterr().out
