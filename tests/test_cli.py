@@ -164,3 +164,19 @@ def test_an_empty_held_out_split_says_why(tmp_path, capsys):
     with pytest.warns(UserWarning, match=why):
         assert main(argv) == 0
     assert f"held-out loss n/a ({why}" in capsys.readouterr().out
+
+
+def test_resuming_with_another_batch_size_warns_where_the_data_continues(demo_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[1], out)  # written with --per_device_train_batch_size 2, checkpoints at steps 2 and 4
+    argv = ["--demo", "--output_model_path", str(out), "--resume_from_checkpoint", str(out / "checkpoint-2"), *FAST,
+            "--per_device_train_batch_size", "4"]
+    with pytest.warns(UserWarning) as seen:
+        assert main(argv) == 0
+    message = next(str(w.message) for w in seen if "resuming with" in str(w.message))
+    assert message.startswith("resuming with --per_device_train_batch_size 4 x --gradient_accumulation_steps 1 = 4 "
+                              "sequences per step; the checkpoint was written with --per_device_train_batch_size 2 x "
+                              "--gradient_accumulation_steps 1 = 2")
+    assert "continues at epoch 0, sequence 8 of the data order instead of epoch 0, sequence 4" in message
