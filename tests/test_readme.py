@@ -50,7 +50,8 @@ PLACEHOLDER_VALUES = {"--model_name_or_path": "path/to/local/model", "--dataset_
                       "--output_model_path": "output_models/my_model", "--output_dir": "output_models/my_model"}
 RUN_FLAGS = ["--model_name_or_path", "path/to/local/model", "--dataset_path", "data/my_dataset/", "--output_dir",
              "output_models/my_model"]
-RANKS = 2  # --nproc_per_node 8 / --num_processes 8 on this machine: 2 gloo ranks
+RANKS = 2  # --nproc_per_node 8 / --num_processes 8 here: 2 gloo ranks on the CPU, whatever GPUs there are
+LAUNCHED_ON_CPU = ["--device", "cpu"]
 # Appended to each benchmark command: the smallest sizes that still run every part of it.
 BENCHMARK_SIZES = {
     "benchmarks.bench_adamw": ["--repeats", "1", "--small-tensors", "20"],
@@ -252,7 +253,7 @@ def lisa_finetune_argv(cmd: Command, words: list[str]) -> list[str]:
 
 
 def launched_run_is_data_parallel(cmd: Command, launcher: list[str], argv: list[str]) -> None:
-    done = subprocess.run([*launcher, "-m", "lisa_trainer.cli", *argv, *SHORT_RUN], cwd=cmd.folder,
+    done = subprocess.run([*launcher, "-m", "lisa_trainer.cli", *argv, *SHORT_RUN, *LAUNCHED_ON_CPU], cwd=cmd.folder,
                           env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     opts = parse_options([*argv, *SHORT_RUN])
