@@ -388,3 +388,30 @@ def test_a_peft_adapter_or_model_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: lora_model())
     err = error_of(["--model_name_or_path", str(tmp_path / "named"), *rest], capsys)
     assert "--model_name_or_path" in err and "is a peft model" in err and "merge_and_unload()" in err
+
+
+def test_an_empty_held_out_split_says_why(tmp_path, capsys):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps({"type": "text2text", "instances": [{"input": "Two plus two?", "output": "Four."}]}))
+    argv = ["--dataset_path", str(data), "--output_dir", str(tmp_path / "out"), "--validation_split_percentage", "10",
+            *FAST]
+    why = "--validation_split_percentage 10 gave an empty held-out split: the data has a single sequence"
+    with pytest.warns(UserWarning, match=why):
+        assert main(argv) == 0
+    assert f"held-out loss n/a ({why}" in capsys.readouterr().out
+
+
+def test_resuming_with_another_batch_size_warns_where_the_data_continues(demo_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(demo_run[1], out)  # written with --per_device_train_batch_size 2, checkpoints at steps 2 and 4
+    argv = ["--demo", "--output_model_path", str(out), "--resume_from_checkpoint", str(out / "checkpoint-2"), *FAST,
+            "--per_device_train_batch_size", "4"]
+    with pytest.warns(UserWarning) as seen:
+        assert main(argv) == 0
+    message = next(str(w.message) for w in seen if "resuming with" in str(w.message))
+    assert message.startswith("resuming with --per_device_train_batch_size 4 x --gradient_accumulation_steps 1 = 4 "
+                              "sequences per step; the checkpoint was written with --per_device_train_batch_size 2 x "
+                              "--gradient_accumulation_steps 1 = 2")
+    assert "continues at epoch 0, sequence 8 of the data order instead of epoch 0, sequence 4" in message

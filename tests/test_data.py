@@ -196,3 +196,26 @@ def test_sequences_without_trained_tokens_are_counted_when_left_out(tmp_path, to
     data = load_and_tokenize(f, tok, block_size=64)
     assert len(data) == 1 and data.stats["truncated"] == 1 and data.stats["dropped_untrained"] == 1
     assert trained_text(tok, data.examples[0]) == "hello</s>"
+
+
+def test_blank_texts_are_left_out_with_a_warning_naming_the_file(tmp_path, tok):
+    f = write(tmp_path / "t.json", {"type": "text_only", "instances": [{"text": ""}, {"text": "kept"}, {"text": " \n\t"}]})
+    with pytest.warns(UserWarning, match=r't\.json: 2 of 3 instances have an empty or whitespace-only "text" '
+                                         r"\(instance 0, 2\); they are left out"):
+        data = load_and_tokenize(f, tok, block_size=16)
+    assert [tok.decode(e.input_ids) for e in data.examples] == ["<s>kept</s>"]
+    answers = write(tmp_path / "qa.json", {"type": "text2text", "instances": [{"input": "q", "output": "a"},
+                                                                             {"input": "q", "output": "  "}]})
+    with pytest.warns(UserWarning, match=r'qa\.json: 1 of 2 instances have an empty or whitespace-only "output"'):
+        assert len(load_lmflow_dataset(answers)) == 1
+
+
+def test_a_dataset_of_blank_texts_only_is_refused_naming_the_file(tmp_path):
+    f = write(tmp_path / "blank.json", {"type": "text_only", "instances": [{"text": ""}, {"text": "   "}]})
+    with pytest.raises(ValueError, match=r'blank\.json: every instance\'s "text" is empty or whitespace-only: '
+                                         "nothing to train on"):
+        load_lmflow_dataset(f)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}
+    f = write(tmp_path / "chat.json", {"type": "conversation", "instances": [chat]})
+    with pytest.raises(ValueError, match=r"chat\.json: every instance's assistant content is empty"):
+        load_lmflow_dataset(f)

@@ -411,6 +411,8 @@ def _prepare(opts: Options, dataset_path: Path):
     except ValueError as e:
         raise CliError(f"--dataset_path: {e}") from None
     train_data, eval_data = split_dataset(tokenized, opts.data.validation_split_percentage / 100, opts.training.seed)
+    if eval_data is None and opts.data.validation_split_percentage > 0:
+        warnings.warn(f"{_empty_split(opts)}; no held-out loss is computed", stacklevel=2)
     return model, tokenizer, layers, tokenized.stats, train_data, eval_data
 
 
@@ -554,6 +556,12 @@ def _start_line(opts: Options, trainer, layers, n_params: int, stats: dict, data
     )
 
 
+def _empty_split(opts: Options) -> str:
+    # split_dataset keeps at least one sequence in each part, so only a single sequence leaves the held-out part empty
+    return (f"--validation_split_percentage {opts.data.validation_split_percentage:g} gave an empty held-out split: "
+            "the data has a single sequence, which training keeps")
+
+
 def _format_summary(summary: dict, opts: Options, *, log: Path, png: Path, wall: float) -> str:
     def fmt(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -567,6 +575,7 @@ def _format_summary(summary: dict, opts: Options, *, log: Path, png: Path, wall:
     if "gpu_mem_peak_mb" in summary:
         mem = f"GPU peak allocated {summary['gpu_mem_peak_mb']:.0f} MiB; " + mem
     skipped = summary.get("skipped_steps")
+    no_held_out = _empty_split(opts) if opts.data.validation_split_percentage else "no --validation_split_percentage"
     lines = [
         f"LISA {'demo ' if opts.demo else ''}finished: {summary['steps']} steps on {summary['device']} in {wall:.1f} s "
         f"(training {summary['wall_time_s']:.1f} s); {lisa.n_active_layers} of {summary.get('n_layers', '?')} layers "
@@ -575,7 +584,7 @@ def _format_summary(summary: dict, opts: Options, *, log: Path, png: Path, wall:
         + (f" ({skipped} steps skipped: non-finite loss or gradient)" if skipped else ""),
         f"  held-out loss {fmt(summary['first_eval_loss'])} -> {fmt(summary['last_eval_loss'])}"
         if summary["first_eval_loss"] is not None
-        else "  held-out loss n/a (no --validation_split_percentage)",
+        else f"  held-out loss n/a ({no_held_out})",
         f"  layers per period: {shown or 'none finished'}",
         f"  peak memory: {mem}",
         f"  model: {opts.out_model}  (AutoModelForCausalLM.from_pretrained)",

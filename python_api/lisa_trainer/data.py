@@ -162,14 +162,41 @@ def _load_file(path: Path) -> tuple[str, list[dict]]:
 
 
 def load_lmflow_dataset(path: str | Path) -> LMFlowDataset:
-    """Read and validate an LMFlow dataset file or folder; raises ``ValueError`` naming file, instance, problem."""
+    """Read and validate an LMFlow dataset file or folder; raises ``ValueError`` naming file, instance, problem.
+
+    Instances whose trained text is empty or whitespace-only teach nothing but the end-of-text marker: they are
+    left out with one warning per file, and a dataset with nothing else is refused."""
     files = dataset_files(path)
-    types, instances = [], []
+    types, instances, blanks = [], [], []
     for f in files:
         kind, insts = _load_file(f)
+        blank = _blank_instances(kind, insts)
         types.append(kind)
-        instances.append(insts)
+        skip = set(blank)
+        instances.append([inst for i, inst in enumerate(insts) if i not in skip])
+        blanks.append(blank)
+    if not any(instances):
+        raise ValueError(f"{', '.join(map(str, files))}: every instance's {_TRAINED_TEXT[types[0]]} is empty or "
+                         "whitespace-only: nothing to train on")
+    for f, kind, blank, kept in zip(files, types, blanks, instances):
+        if blank:
+            shown = ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else "")
+            warnings.warn(f"{f}: {len(blank)} of {len(blank) + len(kept)} instances have an empty or whitespace-only "
+                          f"{_TRAINED_TEXT[kind]} (instance {shown}); they are left out", stacklevel=2)
     return LMFlowDataset(files=files, types=types, instances=instances)
+
+
+_TRAINED_TEXT = {"text_only": '"text"', "text2text": '"output"', "conversation": "assistant content"}
+
+
+def _blank_instances(kind: str, insts: list[dict]) -> list[int]:
+    """Indices of the instances whose trained text is empty or whitespace-only."""
+    def trained_texts(inst):
+        if kind == "conversation":
+            return [m["content"] for m in inst["messages"] if m["role"] == "assistant"]
+        return [inst["text" if kind == "text_only" else "output"]]
+
+    return [i for i, inst in enumerate(insts) if (texts := trained_texts(inst)) and not "".join(texts).strip()]
 
 
 # ------------------------------------------------------------------------------------------------ tokenization

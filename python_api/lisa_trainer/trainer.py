@@ -434,7 +434,41 @@ class LisaTrainer:
             "max_steps": self.max_steps,
             "seed": self.args.seed,
             "lisa_config": dataclasses.asdict(self.lisa_config),
+            **self._batching(),
         }
+
+    def _batching(self) -> dict:
+        """What the data position of a step depends on (`micro_batch`)."""
+        return {"per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "world_size": self.dist.world_size if self.dist else 1,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+
+    def _warn_if_batching_changed(self, saved: dict, step: int) -> None:
+        """The data position is counted in steps: other sequences per step resume at another place in the data."""
+        now = self._batching()
+        if any(key not in saved for key in now):
+            return  # a checkpoint written before these were saved
+
+        def per_step(b):
+            return b["per_device_train_batch_size"] * b["world_size"] * b["gradient_accumulation_steps"]
+
+        def position(b):  # epoch and first sequence (of that epoch's order) of the micro-batch after `step` steps
+            global_batch = b["per_device_train_batch_size"] * b["world_size"]
+            epoch, batch = divmod(step * b["gradient_accumulation_steps"],
+                                  math.ceil(len(self.train_dataset) / global_batch))
+            return f"epoch {epoch}, sequence {batch * global_batch}"
+
+        def settings(b):
+            return (f"--per_device_train_batch_size {b['per_device_train_batch_size']}"
+                    + (f" x {b['world_size']} ranks" if b["world_size"] > 1 else "")
+                    + f" x --gradient_accumulation_steps {b['gradient_accumulation_steps']}")
+
+        if per_step(now) != per_step(saved):
+            warnings.warn(f"resuming with {settings(now)} = {per_step(now)} sequences per step; the checkpoint was "
+                          f"written with {settings(saved)} = {per_step(saved)}. The data position is counted in steps, "
+                          f"so training continues at {position(now)} of the data order instead of {position(saved)}: "
+                          f"sequences are skipped or seen twice. Resume with the checkpoint's values to continue "
+                          f"exactly", stacklevel=3)
 
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.step)
@@ -491,6 +525,7 @@ class LisaTrainer:
             warnings.warn(f"resuming with seed {self.args.seed}, checkpoint used {state['seed']}: data order changes", stacklevel=2)
         if state["max_steps"] != self.max_steps:
             warnings.warn(f"max_steps {self.max_steps} differs from the checkpoint's {state['max_steps']}: the lr schedule changes", stacklevel=2)
+        self._warn_if_batching_changed(state, state["step"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         return self.step
 
