@@ -204,6 +204,9 @@ def main(out: Path) -> None:
     # rank 1 samples with another seed: the first step must refuse to train
     attempt(results, "mismatched_seeds", run_trainer, out / "mismatch", {}, {"seed": dist.get_rank()})
     dist.barrier()
+    attempt(results, "mismatched_module_seeds", run_trainer, out / "mismatch_module", {},
+            {"seed": dist.get_rank(), "granularity": "module"})
+    dist.barrier()
     attempt(results, "fsdp2_optimizer_for_park", run_fsdp2, "optimizer_for", "park")
     attempt(results, "fsdp2_adamw_keep", run_fsdp2, "adamw_torch", "keep")
     attempt(results, "sft", run_sft, out / "sft", {})

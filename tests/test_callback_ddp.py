@@ -144,6 +144,9 @@ def test_ranks_sampling_other_layers_stop_at_the_first_step_naming_both(runs):
         error = runs[r]["mismatched_seeds"]["error"]
         assert error.startswith("DistributedError: LISA schedule differs between ranks: rank 0 trains layers"), error
         assert "rank 1 trains [" in error and "(settings [0, 1, 2])" in error  # period, seed, interval
+        module_error = runs[r]["mismatched_module_seeds"]["error"]  # module-wise: modules compared, and named
+        assert module_error.startswith("DistributedError: LISA schedule differs between ranks: rank 0 trains modules"), \
+            module_error
 
 
 def test_resumed_two_rank_checkpoint_continues_the_schedule(runs):

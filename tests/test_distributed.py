@@ -140,6 +140,10 @@ def _scenarios(rank: int, out: Path) -> None:
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
     except DistributedError as e:
         results["mismatch"] = str(e)
+    try:  # the same with module-wise sampling: the message names modules
+        _trainer(out / "module_mismatch", tok, data, batch=BATCH, seed=rank, granularity="module").train()
+    except DistributedError as e:
+        results["module_mismatch"] = str(e)
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -254,6 +258,7 @@ def test_schedule_mismatch_is_an_error_naming_both_ranks_layers(ddp):
         msg = ranks[r]["mismatch"]
         assert "LISA schedule differs between ranks" in msg and "rank 0 trains layers [" in msg and "rank 1 trains [" in msg
         assert "(settings [0, 0, 2])" in msg and "(settings [0, 1, 2])" in msg  # period, seed, interval
+        assert "rank 0 trains modules [" in ranks[r]["module_mismatch"]
 
 
 # ------------------------------------------------------------------------------------------------- failures

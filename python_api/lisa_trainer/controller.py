@@ -349,6 +349,11 @@ class LisaController:
         return len(self._unit_params)
 
     @property
+    def unit_name(self) -> str:
+        """What the units are, for messages: "layers", or "modules" with granularity="module"."""
+        return "layers" if self.module_names is None else "modules"
+
+    @property
     def active_units(self) -> tuple[int, ...]:
         """Indices of this period's units (layers or modules, as `n_units` counts them)."""
         return self._active

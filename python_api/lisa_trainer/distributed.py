@@ -210,12 +210,13 @@ class DataParallel:
     def barrier(self, what: str) -> None:
         self._collective(what, dist.barrier)
 
-    def check_schedule(self, active_layers, n_layers: int, settings: tuple[int, ...] = ()) -> None:
-        """One all-gather of (settings..., per-layer mask): every rank must train the same decoder layers this
-        period, under the same schedule settings (period, seed, interval: a rank that switched at another step
-        would pair its collectives with the wrong ones of the others)."""
-        mask = [0] * n_layers
-        for i in active_layers:
+    def check_schedule(self, active_units, n_units: int, settings: tuple[int, ...] = (), unit: str = "layers") -> None:
+        """One all-gather of (settings..., per-unit mask): every rank must train the same units (decoder layers, or
+        modules with module-wise sampling: `unit` names them) this period, under the same schedule settings (period,
+        seed, interval: a rank that switched at another step would pair its collectives with the wrong ones of the
+        others)."""
+        mask = [0] * n_units
+        for i in active_units:
             mask[i] = 1
         mine = torch.tensor([*settings, *mask], dtype=torch.int64, device=self._comm_device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
@@ -224,17 +225,17 @@ class DataParallel:
         for r, theirs in enumerate(seen):
             if theirs != seen[0]:
                 raise DistributedError(
-                    f"LISA schedule differs between ranks: rank 0 trains layers {seen[0][1]} (settings {seen[0][0]}), "
+                    f"LISA schedule differs between ranks: rank 0 trains {unit} {seen[0][1]} (settings {seen[0][0]}), "
                     f"rank {r} trains {theirs[1]} (settings {theirs[0]}). Every rank needs the same LisaConfig "
                     f"(seed, n_active_layers, interval_steps, layer_weights) and model")
 
-    def on_step_begin(self, active_layers, n_layers: int, *, period: int | None = None,
-                      settings: tuple[int, ...] = ()) -> None:
-        """After the controller's `on_step_begin`: at a switch (a new `period`, or new layers when no period is
+    def on_step_begin(self, active_units, n_units: int, *, period: int | None = None,
+                      settings: tuple[int, ...] = (), unit: str = "layers") -> None:
+        """After the controller's `on_step_begin`: at a switch (a new `period`, or new units when no period is
         given), check the schedule with `check_schedule` and rebuild the gradient buckets."""
-        switch = (period, tuple(active_layers)) if period is not None else tuple(active_layers)
+        switch = (period, tuple(active_units)) if period is not None else tuple(active_units)
         if switch != self._last_switch:
-            self.check_schedule(active_layers, n_layers, settings if period is None else (period, *settings))
+            self.check_schedule(active_units, n_units, settings if period is None else (period, *settings), unit)
             if self.grad_sync is not None:
                 self.grad_sync.rebuild()
             self._last_switch = switch
@@ -574,8 +575,8 @@ class TrainerDataParallel:
 
     def on_step_begin(self, controller) -> None:
         c = controller.config
-        self.parallel.on_step_begin(controller.active_layers, controller.n_layers, period=controller.period,
-                                    settings=(c.seed, c.interval_steps))
+        self.parallel.on_step_begin(controller.active_units, controller.n_units, period=controller.period,
+                                    settings=(c.seed, c.interval_steps), unit=controller.unit_name)
 
     def step_bytes(self) -> int:
         """After a step's last backward, before its update: the bytes all-reduced in it (this sync's and DDP's);

@@ -340,7 +340,7 @@ class LisaTrainer:
         if self.dist:  # every rank divides by the global count: the summed gradient is the global token-mean's
             c = self.controller
             self.dist.on_step_begin(c.active_units, c.n_units, period=c.period,
-                                    settings=(self.lisa_config.seed, self.lisa_config.interval_steps))
+                                    settings=(self.lisa_config.seed, self.lisa_config.interval_steps), unit=c.unit_name)
             n_trained, n_tokens = (int(n) for n in self.dist.sum(n_trained, n_tokens))
         self.model.train()
         loss_total = 0.0
