@@ -9,12 +9,11 @@ import torch
 import yaml
 
 from lisa_trainer.cli import main
-from lisa_trainer.demo import build_demo_model, build_demo_tokenizer
 from lisa_trainer.runlog import read_log
+from tiny_model import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1)
 FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", "--per_device_train_batch_size", "2",
         "--disable_tqdm"]
 
@@ -23,9 +22,7 @@ FAST = ["--max_steps", "4", "--lisa_interval_steps", "2", "--block_size", "48", 
 def lmflow_inputs(tmp_path_factory):
     """A saved tiny Llama with its tokenizer, and a conversation dataset in LMFlow's format."""
     root = tmp_path_factory.mktemp("lmflow")
-    tok = build_demo_tokenizer()
-    build_demo_model(tok, seed=0, **TINY).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     turns = [("Name a colour.", "Blue."), ("Two plus two?", "Four."), ("Capital of Italy?", "Rome."),
              ("Say hi.", "Hi!")]
     instances = [{"system": "Answer briefly.", "messages": [{"role": "user", "content": q},

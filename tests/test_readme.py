@@ -32,15 +32,13 @@ import torch.nn.functional as F
 from lisa_trainer.cli import main, parse_options
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.runlog import read_log
+from tiny_model import TINY, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
-# A 3-layer Llama with the demo's byte-level tokenizer; 1024 positions, so the README's --block_size 1024 runs as is.
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=1024)
 # Where the README's example paths point, inside each command's folder.
 EXAMPLE_PATHS = {"path/to/local/model": "model", "data/my_dataset": "data"}
 # Appended to every lisa-finetune command (the last occurrence of a flag wins).
@@ -129,9 +127,7 @@ BLOCKS = readme_blocks()
 def inputs(tmp_path_factory):
     """The tiny model (saved with its tokenizer) and the shipped sample data, shared by every command's folder."""
     root = tmp_path_factory.mktemp("readme-inputs")
-    tok = build_demo_tokenizer()
-    build_demo_model(tok, seed=0, **TINY).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     shutil.copytree(demo_dataset_path(), root / "data")
     return root
 
