@@ -26,6 +26,7 @@ Run from the repository root:
     python -m benchmarks.bench_quality             # the full run (~20 min on a busy 2-core CPU, +5 the first time)
     python -m benchmarks.bench_quality --quick     # a tiny model, a few steps: checks that everything runs
     python -m benchmarks.bench_quality --study sampling   # uniform, auto, outlier and module-wise over 5 seeds
+    python -m benchmarks.bench_quality --study sampling --ft-steps 240   # the same, 3x longer runs
 """
 from __future__ import annotations
 
@@ -444,6 +445,9 @@ def parse_args(argv=None):
                    help="learning rate of the moment-dtype and sampling studies (default 1e-3: LISA park's best in "
                         "the methods study)")
     p.add_argument("--seeds", type=int, default=5, help="seeds of the sampling study (default 5)")
+    p.add_argument("--ft-steps", type=int, default=None,
+                   help="fine-tuning steps of each run (default: the size's, 80); more steps average the layer "
+                        "schedule over more periods, which narrows the per-seed spread of the sampling study")
     return p.parse_args(argv)
 
 
@@ -484,14 +488,15 @@ def sampling_study(args, size: Size, execute, device: torch.device) -> None:
     results = execute(runs)
     payload = {"config": {**asdict(size), "quick": args.quick, "lr": args.lr, "seeds": list(seeds)},
                "runs": results, "summary": over_seeds(results), "total_seconds": time.perf_counter() - started}
-    path = write_results("quality-sampling" + ("-quick" if args.quick else ""), payload, device,
+    steps = "" if args.ft_steps is None else f"-{size.ft_steps}steps"
+    path = write_results("quality-sampling" + ("-quick" if args.quick else steps), payload, device,
                          results_dir=args.results_dir)
     print_table([{"option": r["option"], "mean loss": r["mean_loss"], "std": r["std_loss"],
                   "vs uniform": r["mean_vs_uniform"], "paired std": r["std_vs_uniform"],
                   "beats uniform": r["beats_uniform"], "lower than uniform": f"{r['wins_vs_uniform']}/{r['seeds']}",
                   "device state MB": r["max_device_state_mb"], "train s": r["mean_train_s"]}
                  for r in json.loads(path.read_text())["summary"]],
-                title=f"Sampling rules, LISA park, lr {args.lr:.0e}, seeds {list(seeds)}")
+                title=f"Sampling rules, LISA park, lr {args.lr:.0e}, {size.ft_steps} steps, seeds {list(seeds)}")
     print(f"results: {path}")
 
 
@@ -502,6 +507,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = SIZES["quick" if args.quick else "full"]
+    if args.ft_steps is not None:
+        size = replace(size, ft_steps=args.ft_steps)
     tokenizer = build_demo_tokenizer()
     task = build_task(tokenizer, size.block, size.corpus_modules)
     weights, pretraining = pretrain(size, tokenizer, task, args.cache)

@@ -154,8 +154,9 @@ def test_sampling_study_quick_mode_runs_every_rule_at_equal_budget(tmp_path):
     from benchmarks import bench_quality
 
     bench_quality.main(["--quick", "--device", "cpu", "--study", "sampling", "--cache", str(tmp_path / "cache"),
-                        "--results-dir", str(tmp_path / "results")])
+                        "--results-dir", str(tmp_path / "results"), "--ft-steps", "6"])
     data = json.loads((tmp_path / "results" / "quality-sampling-quick-cpu.json").read_text())
+    assert data["config"]["ft_steps"] == 6  # --ft-steps: longer (here shorter) runs of the same size
     rows = {row["option"]: row for row in data["summary"]}
     assert list(rows) == ["lisa-park γ=1 K=2", "lisa-park γ=1 K=2 weights=auto", "lisa-park γ=1 K=2 weights=outlier",
                           "lisa-park γ=1 K=2 module-wise"]
