@@ -196,7 +196,7 @@ class LisaCallback(TrainerCallback, ExportableState):
         if _trainer_sharding(args) != "ddp":
             return
         if self.gradient_sync == "active":
-            TrainerDataParallel.keep_out_of_ddp(model, self._ddp_anchor(model))
+            TrainerDataParallel.keep_out_of_ddp(model, self._ddp_kept_parameter(model))
         _run_first(self)
 
     def _start_data_parallel(self, args, model, optimizer) -> None:
@@ -207,13 +207,13 @@ class LisaCallback(TrainerCallback, ExportableState):
             self._check_fsdp(sharding, optimizer)
         if sharding != "ddp":
             return
-        anchor = TrainerDataParallel.kept_anchor(model) if self.gradient_sync == "active" else None
-        if anchor is None and not _ddp_finds_unused(args, model):
+        kept = TrainerDataParallel.kept_parameter(model) if self.gradient_sync == "active" else None
+        if kept is None and not _ddp_finds_unused(args, model):
             raise ValueError(self._whole_model_ddp_problem(args))
-        self.data_parallel = TrainerDataParallel(model, anchor)
+        self.data_parallel = TrainerDataParallel(model, kept)
         self._sent = [0, 0]
 
-    def _ddp_anchor(self, model) -> str:
+    def _ddp_kept_parameter(self, model) -> str:
         """The name of the smallest always-trainable parameter: the one DDP keeps (it has a gradient each step)."""
         modules = always_trainable_modules(model, self.config.always_trainable, self.config.layers_attribute)
         params = unique_parameters(modules.values())

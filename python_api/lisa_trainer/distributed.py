@@ -533,39 +533,39 @@ class TrainerDataParallel:
     a gradient for every parameter it holds: for the layers LISA freezes it either raises "Expected to have
     finished reduction" (``find_unused_parameters=False``, the Trainer's choice with gradient checkpointing) or
     traverses the graph and all-reduces the whole model's buckets, frozen layers' zeros included. So
-    `keep_out_of_ddp`, called when the Trainer is built, leaves DDP one parameter: the anchor, the smallest
+    `keep_out_of_ddp`, called when the Trainer is built, leaves DDP one parameter, the smallest
     always-trainable one (the final norm's weight), which has a gradient in every step, so DDP's reducer is
     satisfied whatever ``ddp_find_unused_parameters`` and gradient checkpointing say. `GradientSync` all-reduces
     the rest of the trainable set (active layers, embeddings, head), rebuilt at each switch, averaged over the
     ranks as DDP averages. It arms in the forward of each optimizer step's last micro-batch (accelerate's
     ``sync_gradients``) and completes when that backward ends, before the Trainer clips the gradients.
 
-    ``anchor=None``: the Trainer's DDP holds every parameter and reduces them all (the model was built without
+    ``kept=None``: the Trainer's DDP holds every parameter and reduces them all (the model was built without
     `keep_out_of_ddp`); only the schedule check and the byte count remain here. Create it before LISA freezes
     any layer: DDP holds the parameters that train now, and every rank starts from rank 0's weights. The buckets
     are laid out at the first `on_step_begin`.
     """
 
-    def __init__(self, model: nn.Module, anchor: nn.Parameter | None):
+    def __init__(self, model: nn.Module, kept: nn.Parameter | None):
         self.parallel = DataParallel(next(model.parameters()).device)
         self._hook = None
-        if anchor is None:
+        if kept is None:
             self.ddp_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
             return
-        self.ddp_bytes = anchor.numel() * anchor.element_size()
-        self.parallel.attach(model, exclude=[anchor], average=True)
+        self.ddp_bytes = kept.numel() * kept.element_size()
+        self.parallel.attach(model, exclude=[kept], average=True)
         self._hook = model.register_forward_hook(self._after_forward)
 
     @staticmethod
-    def keep_out_of_ddp(model: nn.Module, anchor_name: str) -> None:
-        """Before the Trainer wraps `model` in DDP: every parameter but `anchor_name` is left out of DDP."""
+    def keep_out_of_ddp(model: nn.Module, kept_name: str) -> None:
+        """Before the Trainer wraps `model` in DDP: every parameter but `kept_name` is left out of DDP."""
         from torch.nn.parallel import DistributedDataParallel
 
-        ignored = [name for name, _ in model.named_parameters() if name != anchor_name]
+        ignored = [name for name, _ in model.named_parameters() if name != kept_name]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
 
     @staticmethod
-    def kept_anchor(model: nn.Module) -> nn.Parameter | None:
+    def kept_parameter(model: nn.Module) -> nn.Parameter | None:
         """The parameter `keep_out_of_ddp` left to DDP; None if it was not called on `model`."""
         ignored = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
         if ignored is None:
