@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -151,10 +150,11 @@ def torch_adamw(params, args, device):
 
 
 def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
-    """-> (model, optimizer, controller or None). Raises ImportError when a method's package is missing.
-    `lisa_optimizer_kwargs` go to our LISA methods' FusedAdamW (e.g. state_dtype, state_bank)."""
+    """-> (model, optimizer, controller or None, our LISA methods' `lisa_trainer.memory.MemoryFeatures` or None).
+    Raises ImportError when a method's package is missing. `lisa_optimizer_kwargs` go to our LISA methods'
+    FusedAdamW (e.g. state_dtype, state_bank)."""
     if method == "full":
-        return model, torch_adamw(model.parameters(), args, device), None
+        return model, torch_adamw(model.parameters(), args, device), None, None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -162,23 +162,31 @@ def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
                           target_modules="all-linear", bias="none")
         model = get_peft_model(model, lora)
         params = [p for p in model.parameters() if p.requires_grad]
-        return model, torch_adamw(params, args, device), None
+        return model, torch_adamw(params, args, device), None, None
     if method == "lisa-public":
         controller = PublicLisa(model, args.n_active, args.interval, args.seed)
         # Built over all parameters before anything is frozen, as those callbacks do.
-        return model, torch_adamw(model.parameters(), args, device), controller
+        return model, torch_adamw(model.parameters(), args, device), controller, None
     if method.startswith("lisa-"):
-        from lisa_trainer import LisaConfig, LisaController, build_optimizer
+        from lisa_trainer import LisaConfig, LisaController
 
         cfg = LisaConfig(n_active_layers=args.n_active, interval_steps=args.interval, seed=args.seed,
                          state_policy=method.removeprefix("lisa-").removesuffix("-torch"),
                          track_update_norms=args.track_update_norms, prefetch_steps=args.prefetch_steps,
                          **getattr(args, "lisa_config", {}))
+        memory = None
         if method.endswith("-torch"):
             optimizer = torch_adamw(model.parameters(), args, device)
-        else:
-            optimizer = build_optimizer(model, cfg, lr=args.lr, weight_decay=args.weight_decay, **lisa_optimizer_kwargs)
+        else:  # the memory features as LisaTrainer decides them, for this run's processes
+            from lisa_trainer.memory import MemoryFeatures
+
+            memory = MemoryFeatures(model, cfg, lisa_training_arguments(args), processes=world_size(),
+                                    fsdp=getattr(args, "fsdp", False), **lisa_optimizer_kwargs)
+            cfg, optimizer = memory.config, memory.optimizer
+            memory.take_model()
         controller = LisaController(model, optimizer, cfg)
+        if memory is not None:
+            memory.attach(controller)
         if cfg.state_policy == "park":
             # Create the bank now: it loads (on a fresh machine, compiles) the native host arena, a one-time cost
             # that is not a switch stall. `python -m lisa_kernels.build` does the compile ahead of time.
@@ -193,8 +201,21 @@ def setup_method(method: str, model, args, device, **lisa_optimizer_kwargs):
             controller.parker.bank.reserve([torch.empty(p.shape, dtype=moment_dtype(p), device="meta")
                                           for i in sorted(leaving) for p in controller.layer_parameters(i)
                                           for _moment in ("exp_avg", "exp_avg_sq")])
-        return model, optimizer, controller
+        return model, optimizer, controller, memory
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def lisa_training_arguments(args):
+    """The `LisaTrainingArguments` our LISA methods' memory features are decided from: the benchmark's optimizer
+    settings and gradient checkpointing. The loss is the benchmark's own (the same for every method) and its loop
+    steps without clipping; LisaTrainingArguments needs an output folder, which this loop never writes to."""
+    import tempfile
+
+    from lisa_trainer import LisaTrainingArguments
+
+    return LisaTrainingArguments(output_dir=tempfile.gettempdir(), learning_rate=args.lr,
+                                 weight_decay=args.weight_decay, chunked_loss=False, max_grad_norm=0.0,
+                                 gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
 
 
 def is_switch_step(method: str, step: int, interval: int) -> bool:
@@ -327,22 +348,17 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
     try:
         # Under torchrun (--nproc): data parallel, with the bytes communicated counted.
         dp = BenchDataParallel(method, model, device, args.fsdp) if world_size() > 1 else None
-        model, optimizer, controller = setup_method(method, model, args, device)
+        model, optimizer, controller, memory = setup_method(method, model, args, device)
     except ImportError as exc:
         raise MethodUnavailable(exc) from exc
     if dp is not None:
         model = dp.wrap(model, controller)
-    elif uses_lisa_trainer(method):  # one process: the input embedding's gradient as LisaTrainer sets it
-        from lisa_trainer.gradients import use_sparse_embedding_grad
-
-        use_sparse_embedding_grad(model, optimizer, controller.config.sparse_embedding_grad, data_parallel=False)
     chunked = None
     if args.chunked_loss:
         from lisa_trainer.loss import ChunkedCausalLMLoss
 
         chunked = ChunkedCausalLMLoss(model)
     bank = controller.parker.bank if method.startswith("lisa-park") else None
-    offload = getattr(controller, "frozen_weights", None)
     run = TrainingRun(model, optimizer, model_params, model_gb, bank=bank, data_parallel=dp)
     for step in range(args.steps):
         batch = batches[step % len(batches)]
@@ -357,8 +373,8 @@ def train(method: str, args, device: torch.device, dtype: torch.dtype) -> Traini
             loss.backward()
         else:
             run.comm_bytes.append(dp.backward(loss))
-        if offload is not None:
-            offload.release_all()
+        if memory is not None:
+            memory.after_backward()
         optimizer.step()
         run.device_state_peak = max(run.device_state_peak, device_state_bytes(model, optimizer, device))
         run.updated.update(id(p) for p in model.parameters() if p.grad is not None)
@@ -481,11 +497,13 @@ def run_figures(method: str, run: TrainingRun, args, device: torch.device) -> di
 
 def peak_memory_figures(device: torch.device, rss0: int | None) -> dict:
     """Peak GPU memory of the whole method; on CPU, in a process of its own, the growth of the resident set."""
+    from lisa_trainer.runlog import peak_host_rss_bytes
+
     cuda = device.type == "cuda"
     return dict(
         peak_allocated_gb=torch.cuda.max_memory_allocated(device) / GB if cuda else None,
         peak_reserved_gb=torch.cuda.max_memory_reserved(device) / GB if cuda else None,
-        peak_rss_delta_gb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0) / GB
+        peak_rss_delta_gb=(peak_host_rss_bytes() - rss0) / GB
         if rss0 is not None else None,
     )
 

@@ -282,13 +282,16 @@ def step_in_backward(model, optimizer, device: torch.device, batch: torch.Tensor
 
 def bench_args(shape: str, variant: Variant, args) -> SimpleNamespace:
     """The arguments bench_finetune.setup_method reads ("all" offloaded frozen layers: the shape's layer count)."""
-    lisa_config = {"sparse_embedding_state": False, **variant.settings.get("lisa_config", {})}
+    lisa_config = {"sparse_embedding_state": False, "sparse_embedding_grad": False,
+                   **variant.settings.get("lisa_config", {})}
     if lisa_config.get("offload_frozen_layers") == "all":
         lisa_config["offload_frozen_layers"] = SHAPES[shape]["config"]["num_hidden_layers"]
     return SimpleNamespace(**{
         "lr": 1e-4, "weight_decay": 0.0, "lora_rank": args.lora_rank or SHAPES[shape]["lora_rank"],
         "n_active": args.n_active, "interval": args.interval, "seed": args.seed, "prefetch_steps": 1,
         "track_update_norms": False, "steps": args.periods * args.interval, **variant.settings,
+        # Offloaded frozen layers need it (LisaTrainer's rule): their weights leave the device after their forward.
+        "gradient_checkpointing": bool(lisa_config.get("offload_frozen_layers")),
         # Dense embedding state unless the variant asks for row-sparse state, so each saving is listed on its own.
         "lisa_config": lisa_config})
 
@@ -348,17 +351,12 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
     bank = None
     if variant.method == "lisa-park":
         bank = kwargs["state_bank"] = make_state_bank(device)
-    model, optimizer, controller = setup_method(variant.method, model, setup, device, **kwargs)
-    if setup.lisa_config.get("sparse_embedding_grad"):
-        from lisa_trainer.gradients import use_sparse_embedding_grad
-
-        use_sparse_embedding_grad(model, optimizer, True, data_parallel=False)
+    model, optimizer, controller, memory = setup_method(variant.method, model, setup, device, **kwargs)
     # Tokens 0..n-1, then token 0 again: every position but the last has a next-token label, so exactly n rows of
     # the input embedding get a gradient, the count the meta run assumes (on meta only the shape is used).
     n = touched_row_count(shape, args)
     batch = torch.cat([torch.arange(n), torch.zeros(1, dtype=torch.int64)])[None].to(device)
 
-    offload = getattr(controller, "frozen_weights", None)
     per_period = {key: [] for key in (*STATE_KEYS, "host", "layers_sampled")}
     peak, sampled = None, set()
     with assumed_touched_rows(touched_row_count(shape, args)):
@@ -368,6 +366,8 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
                 if controller is not None:
                     controller.on_step_begin(step)
                     sampled.update(controller.active_layers)
+                offload = memory.offload if memory is not None else None
+
                 def measure():
                     now = device_state_breakdown(model, optimizer, device)
                     if offload is not None:  # an offloaded layer computing now is in offload_staging
@@ -382,8 +382,8 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
                     make_gradients(model, device, batch)
                     optimizer.step()
                     now = measure()
-                if offload is not None:
-                    offload.release_all()
+                if memory is not None:
+                    memory.after_backward()
                 if peak is None or sum(now.values()) > sum(peak.values()):
                     peak = now
                 optimizer.zero_grad(set_to_none=True)
@@ -404,8 +404,8 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
         "peak": {**peak, "device_state": sum(peak.values())},
     }
     if device.type == "meta":
-        if offload is not None:  # weights are not activations: measure with every layer's weights in place
-            offload.set_offloaded(())
+        if memory is not None:  # weights are not activations: every layer's weights in place, the model as built
+            memory.release_model()
         result["activations"] = activation_bytes(model, shape, args)
     return result
 

@@ -15,7 +15,6 @@ Every rank trains its own synthetic batches (seed + rank); rank 0 reports, with 
 from __future__ import annotations
 
 import os
-import resource
 import sys
 
 import torch
@@ -92,9 +91,11 @@ class TrainerReport:
 
 def rank_figures(grad_comm: str, device: torch.device, bytes_per_step: list[int]) -> dict:
     """The gradient communication per step and every rank's peak memory (a collective: every rank calls it)."""
+    from lisa_trainer.runlog import peak_host_rss_bytes
+
     mine = {
         "peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "peak_rss_gb": peak_host_rss_bytes() / 1e9,
     }
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)

@@ -5,6 +5,7 @@ C++ extension builds at first use.
 """
 
 from .adamw import adamw_reference, fused_adamw_
+from .host_arena import HostTensors
 from .host_state_bank import HostStateBank
 from .linear_cross_entropy import causal_lm_cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 from .optimizer import FusedAdamW
@@ -14,6 +15,7 @@ from .step_in_backward import StepInBackward
 __all__ = [
     "FusedAdamW",
     "HostStateBank",
+    "HostTensors",
     "ParkedState",
     "StateParker",
     "StepInBackward",

@@ -522,7 +522,7 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
         raise ValueError("amsgrad=True needs max_exp_avg_sqs")
     if len({len(x) for x in lists}) != 1:
         raise ValueError(f"params, grads, exp_avgs, exp_avg_sqs, steps differ in length: {[len(x) for x in lists]}")
-    if _skip_step(found_inf):
+    if skip_step(found_inf):
         return
     h = AdamWHyperparameters(float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), maximize)
     rows = zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [None] * len(params), steps,
@@ -532,7 +532,7 @@ def fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
                    stochastic_rounding=stochastic_rounding, block_size=block_size)
 
 
-def _skip_step(found_inf) -> bool:
+def skip_step(found_inf) -> bool:
     """Whether GradScaler found an inf or a NaN in this step's grads (one host sync, only under GradScaler)."""
     return found_inf is not None and bool(found_inf.item())
 

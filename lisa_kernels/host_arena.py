@@ -17,10 +17,10 @@ from lisa_kernels import _native
 from lisa_kernels._native import PAGE_SIZE
 
 # Slot starts are 256-byte aligned: any dtype can view the bytes, and DMA engines read aligned lines faster.
-_ALIGN = 256
+ALIGN = 256
 
 
-def _round_up(n: int, to: int) -> int:
+def round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
@@ -31,7 +31,7 @@ def _next_pow2(n: int) -> int:
 # ---------------------------------------------------------------------------------------------------- chunks
 
 
-class _ChunkSource:
+class ChunkSource:
     """Where the arena's chunks come from: the native extension or plain PyTorch, pinned or not."""
 
     def __init__(self, ops, pinned: bool):
@@ -47,7 +47,7 @@ class _ChunkSource:
         if self.ops is None and self.pinned:
             # PyTorch's caching host allocator rounds pinned requests up to a power of two; ask for that directly.
             return max(_next_pow2(nbytes), PAGE_SIZE)
-        return _round_up(max(nbytes, 1), PAGE_SIZE)
+        return round_up(max(nbytes, 1), PAGE_SIZE)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 CPU tensor of `nbytes`; raises RuntimeError when the memory (or the pinning) is refused."""
@@ -65,20 +65,20 @@ class _Chunk:
 
 
 @dataclasses.dataclass(eq=False)
-class _Slot:
+class Slot:
     chunk: _Chunk
     offset: int
     size: int  # bytes reserved (aligned), >= the bytes used
 
 
-class _ArenaFull(Exception):
+class ArenaFull(Exception):
     """The arena cannot hold a request: `reason` says why (cap reached, pinning refused)."""
 
 
-class _Arena:
+class Arena:
     """Chunks of host memory sub-allocated best-fit, with freed ranges merged back into their neighbours."""
 
-    def __init__(self, source: _ChunkSource, chunk_bytes: int, max_bytes: int | None):
+    def __init__(self, source: ChunkSource, chunk_bytes: int, max_bytes: int | None):
         self.source = source
         self.chunk_bytes = chunk_bytes
         self.max_bytes = max_bytes
@@ -86,15 +86,15 @@ class _Arena:
         self.reserved = 0                 # bytes of all chunks
         self.refused: str | None = None   # set once pinning has been refused; later requests fail fast
 
-    def alloc(self, nbytes: int) -> _Slot:
-        size = _round_up(max(nbytes, 1), _ALIGN)
+    def alloc(self, nbytes: int) -> Slot:
+        size = round_up(max(nbytes, 1), ALIGN)
         slot = self._best_fit(size)
         if slot is None:
             self.grow(size)
             slot = self._best_fit(size)
         return slot
 
-    def free(self, slot: _Slot) -> None:
+    def free(self, slot: Slot) -> None:
         free = slot.chunk.free
         off, size = slot.offset, slot.size
         i = bisect.bisect_left(free, (off, 0))
@@ -106,7 +106,7 @@ class _Arena:
         else:
             free.insert(i, (off, size))
 
-    def _best_fit(self, size: int) -> _Slot | None:
+    def _best_fit(self, size: int) -> Slot | None:
         best = None  # (range size, chunk, index in its free list)
         for chunk in self.chunks:
             for i, (_, free_size) in enumerate(chunk.free):
@@ -120,12 +120,12 @@ class _Arena:
             chunk.free.pop(i)
         else:
             chunk.free[i] = (off + size, free_size - size)
-        return _Slot(chunk, off, size)
+        return Slot(chunk, off, size)
 
     def grow(self, size: int) -> None:
-        """Add a chunk that can hold `size` bytes, or raise _ArenaFull saying why not."""
+        """Add a chunk that can hold `size` bytes, or raise ArenaFull saying why not."""
         if self.refused is not None:
-            raise _ArenaFull(self.refused)
+            raise ArenaFull(self.refused)
         room = None if self.max_bytes is None else self.max_bytes - self.reserved
         wants = [max(size, self.chunk_bytes), size]  # a large chunk; failing that, just this request
         tried = []
@@ -142,8 +142,8 @@ class _Arena:
             return
         if tried:
             self.refused = f"pinning refused ({tried[-1]})" if self.source.pinned else f"allocation refused ({tried[-1]})"
-            raise _ArenaFull(self.refused)
-        raise _ArenaFull(f"max_pinned_bytes={self.max_bytes} reached ({self.reserved} bytes in the arena)")
+            raise ArenaFull(self.refused)
+        raise ArenaFull(f"max_pinned_bytes={self.max_bytes} reached ({self.reserved} bytes in the arena)")
 
     def trim(self) -> int:
         """Give wholly free chunks back to the OS; returns the bytes released."""
@@ -158,7 +158,7 @@ class _Arena:
         return released
 
 
-def slot_view(slot: _Slot, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+def slot_view(slot: Slot, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """The first bytes of `slot` as a tensor of `shape` and `dtype`."""
     nbytes = shape.numel() * dtype.itemsize
     return slot.chunk.data[slot.offset:slot.offset + nbytes].view(dtype).view(shape)
@@ -173,7 +173,7 @@ class HostTensors:
     (pinning refused), a tensor gets pageable memory, after one warning: copies from it are slower, not wrong."""
 
     def __init__(self, pin: bool, chunk_bytes: int = 64 << 20):
-        self._arena = _Arena(_ChunkSource(_native.load(), pin), chunk_bytes, None)
+        self._arena = Arena(ChunkSource(_native.load(), pin), chunk_bytes, None)
         self._warned = False
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -182,7 +182,7 @@ class HostTensors:
             return torch.empty(shape, dtype=dtype)
         try:
             return slot_view(self._arena.alloc(shape.numel() * dtype.itemsize), shape, dtype)
-        except _ArenaFull as e:
+        except ArenaFull as e:
             if not self._warned:
                 warnings.warn(f"HostTensors: host memory arena cannot grow ({e}); using pageable memory",
                               RuntimeWarning, stacklevel=2)

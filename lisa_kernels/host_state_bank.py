@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 import torch
 
 from lisa_kernels import _native
-from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource, _round_up, _Slot, slot_view
+from lisa_kernels.host_arena import ALIGN, Arena, ArenaFull, ChunkSource, Slot, round_up, slot_view
 
 __all__ = ["HostStateBank"]
 
@@ -47,7 +47,7 @@ class _Parked:
     dtype: torch.dtype               # the tensor's own dtype: restore gives this back
     device: torch.device             # where it came from: restore's default destination
     host: torch.Tensor               # the stored bytes, viewed as (shape, storage dtype), contiguous
-    slot: _Slot | None               # its arena range; None when pageable (or zero-size)
+    slot: Slot | None               # its arena range; None when pageable (or zero-size)
     ready: torch.cuda.Event | None = None  # the device-to-host copy has finished
     prefetched: _Copy | None = None        # an early restore
 
@@ -97,7 +97,7 @@ class HostStateBank:
             if ops is None and backend == "native":
                 raise RuntimeError(f"native host arena unavailable: {_native.failure_reason()}")
         self.storage_dtype = storage_dtype
-        self._arena = _Arena(_ChunkSource(ops, pin), chunk_bytes, max_pinned_bytes)
+        self._arena = Arena(ChunkSource(ops, pin), chunk_bytes, max_pinned_bytes)
         self._entries: dict[str, _Parked] = {}
         self._pending: list[tuple[list, object]] = []  # (events, slot or tensor): freed once all events are done
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -165,13 +165,13 @@ class HostStateBank:
         if isinstance(size, int):
             nbytes = size
         else:
-            nbytes = sum(_round_up(t.numel() * self._stored_dtype(t.dtype, _DEFAULT).itemsize, _ALIGN)
+            nbytes = sum(round_up(t.numel() * self._stored_dtype(t.dtype, _DEFAULT).itemsize, ALIGN)
                          for t in size)
         free = sum(free_size for chunk in self._arena.chunks for _, free_size in chunk.free)
         if nbytes > free:
             try:
-                self._arena.grow(_round_up(nbytes - free, _ALIGN))
-            except _ArenaFull as e:
+                self._arena.grow(round_up(nbytes - free, ALIGN))
+            except ArenaFull as e:
                 self._warn_pageable(str(e), nbytes - free, stacklevel=3)
 
     def offload(self, name: str, tensor: torch.Tensor, *, storage_dtype=_DEFAULT) -> None:
@@ -295,7 +295,7 @@ class HostStateBank:
             stream = self._copy_streams[device] = torch.cuda.Stream(device=device)
         return stream
 
-    def _host_buffer(self, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, _Slot | None]:
+    def _host_buffer(self, shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Tensor, Slot | None]:
         """Host memory for one tensor: an arena range, or pageable memory when the arena cannot grow."""
         nbytes = shape.numel() * dtype.itemsize
         if nbytes == 0:
@@ -303,15 +303,15 @@ class HostStateBank:
         self._reap()
         try:
             slot = self._alloc_slot(nbytes)
-        except _ArenaFull as e:
+        except ArenaFull as e:
             self._warn_pageable(str(e), nbytes)
             return torch.empty(shape, dtype=dtype, pin_memory=False), None
         return slot_view(slot, shape, dtype), slot
 
-    def _alloc_slot(self, nbytes: int) -> _Slot:
+    def _alloc_slot(self, nbytes: int) -> Slot:
         try:
             return self._arena.alloc(nbytes)
-        except _ArenaFull:
+        except ArenaFull:
             if not self._pending:
                 raise
         # Ranges still read by in-flight copies may fit: wait for those copies rather than grow the arena.
@@ -361,7 +361,7 @@ class HostStateBank:
         still = []
         for events, held in self._pending:
             if all(e.query() for e in events):
-                if isinstance(held, _Slot):
+                if isinstance(held, Slot):
                     self._arena.free(held)
             else:
                 still.append((events, held))

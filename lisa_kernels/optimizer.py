@@ -3,15 +3,15 @@
 import torch
 
 from . import sparse_rows
-from .adamw import AdamWHyperparameters, _skip_step, bucket_tensors, update_buckets
-from .state_parking import StateParker
+from .adamw import AdamWHyperparameters, bucket_tensors, skip_step, update_buckets
+from .state_parking import StateParker, saved_ids_and_params
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 (DTensor) parameter or gradient, which shares its storage; other tensors as
     they are. Moments are kept per shard, so each rank steps and parks only its own share."""
     to_local = getattr(t, "to_local", None)
@@ -129,7 +129,7 @@ class FusedAdamW(torch.optim.AdamW):
 
     def _state_for_step(self, param: torch.Tensor, group: dict) -> dict:
         state = self.state[param]
-        local = _local(param)
+        local = local_tensor(param)
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
             if group["sparse_rows"]:
@@ -152,7 +152,7 @@ class FusedAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if _skip_step(getattr(self, "found_inf", None)):
+        if skip_step(getattr(self, "found_inf", None)):
             return loss
         self._update([(group_index, param_index, group)
                       for group_index, group in enumerate(self.param_groups)
@@ -171,7 +171,7 @@ class FusedAdamW(torch.optim.AdamW):
         if not where:
             raise ValueError(f"FusedAdamW.step_param: this parameter (shape {tuple(param.shape)}) is in none of "
                              f"the optimizer's param groups")
-        if param.grad is None or _skip_step(getattr(self, "found_inf", None)):
+        if param.grad is None or skip_step(getattr(self, "found_inf", None)):
             return
         self.state_parker.unpark(param)
         self._update(where)
@@ -182,7 +182,7 @@ class FusedAdamW(torch.optim.AdamW):
         for group_index, param_index, group in where:
             p = group["params"][param_index]
             if p.grad.layout != torch.strided:  # a row-sparse group steps it (sparse_rows.gather); others refuse
-                sparse_rows.check_sparse_gradient(_local(p), p.grad, group["sparse_rows"],
+                sparse_rows.check_sparse_gradient(local_tensor(p), p.grad, group["sparse_rows"],
                                                   f"FusedAdamW: parameter {param_index} of param group {group_index}")
             if p.is_complex():
                 raise ValueError(f"FusedAdamW does not support complex parameters (got {p.dtype})")
@@ -192,7 +192,7 @@ class FusedAdamW(torch.optim.AdamW):
                 h = hyperparameters[group_index] = AdamWHyperparameters(
                     float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"], group["maximize"])
             state = self._state_for_step(p, group)
-            param, grad = _local(p), _local(p.grad)
+            param, grad = local_tensor(p), local_tensor(p.grad)
             if group["sparse_rows"]:  # the rows with state step like any tensor; scattered back below
                 param_rows, grad = sparse_rows.gather(state, param, grad, 1 - h.lr * h.weight_decay,
                                                       self.stochastic_rounding)
@@ -228,16 +228,14 @@ class FusedAdamW(torch.optim.AdamW):
             super().load_state_dict(state_dict)
         finally:
             parker.park_on_load = default
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        params = [p for group in self.param_groups for p in group["params"]]
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in saved_ids_and_params(self, state_dict):
             saved = state_dict["state"].get(saved_id)
             if saved is None:
                 continue
             state = self.state[p]
             state["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
             if sparse_rows.ROWS in saved and not parker.is_parked(p):
-                state[sparse_rows.ROWS] = saved[sparse_rows.ROWS].to(device=_local(p).device, dtype=torch.int64)
+                state[sparse_rows.ROWS] = saved[sparse_rows.ROWS].to(device=local_tensor(p).device, dtype=torch.int64)
             for key in _MOMENT_KEYS:
                 if key in saved and not parker.is_parked(p):
-                    state[key] = _moment_like(_local(p), saved[key], self.moment_dtype(p))
+                    state[key] = _moment_like(local_tensor(p), saved[key], self.moment_dtype(p))

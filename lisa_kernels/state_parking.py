@@ -55,6 +55,13 @@ class ParkedState:
         return f"ParkedState({self.name!r}, device={self.device})"
 
 
+def saved_ids_and_params(optimizer: torch.optim.Optimizer, state_dict: dict) -> list[tuple[int, torch.Tensor]]:
+    """(id in `state_dict`, parameter of `optimizer`) pairs: `optimizer.state_dict()` numbers the parameters in the
+    order of its param groups, so a saved state dict's ids map to a live optimizer's parameters by position."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return list(zip([i for group in state_dict["param_groups"] for i in group["params"]], params))
+
+
 def _as_list(params) -> list:
     if isinstance(params, torch.Tensor):
         return [params]
@@ -213,10 +220,8 @@ class StateParker:
 
     def _before_load(self, optimizer, state_dict: dict) -> dict:
         """Take the tensors to park out of `state_dict` (the rest loads as usual); `_after_load` parks them."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         state, taken = dict(state_dict["state"]), []
-        for saved_id, p in zip(saved_ids, params):
+        for saved_id, p in saved_ids_and_params(optimizer, state_dict):
             saved = state.get(saved_id)
             if saved is None or (self.park_on_load == "frozen" and p.requires_grad):
                 continue

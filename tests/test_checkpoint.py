@@ -15,7 +15,7 @@ from lisa_trainer.checkpoint import (
     read_checkpoint_state,
     restore_rng_state,
 )
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.runlog import read_log

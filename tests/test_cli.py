@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from lisa_trainer.cli import OPTION_CLASSES, CliError, DataOptions, ModelOptions, RunOptions, main, parse_options
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.options import _field_type, flag_of, option_fields
 from lisa_trainer.trainer import LisaTrainingArguments
 from lisa_trainer.sampler import parse_layer_weights
@@ -69,7 +69,7 @@ def test_resuming_with_another_schedule_is_a_clear_error(demo_run, capsys):
 def test_ctrl_c_says_how_to_resume_without_a_traceback(tmp_path, capsys, monkeypatch):
     from lisa_trainer.trainer import LisaTrainer
 
-    def interrupted(self, resume_from_checkpoint=None):  # the run wrote checkpoint-3, then Ctrl-C
+    def interrupted(self, resume_from_checkpoint=None, *, claim=None):  # the run wrote checkpoint-3, then Ctrl-C
         (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)
         (tmp_path / "out" / "checkpoint-3" / "trainer_state.pt").touch()
         raise KeyboardInterrupt
@@ -356,7 +356,7 @@ def test_the_start_line_counts_offloaded_layers_parameters(tmp_path, capsys, mon
     from lisa_trainer.demo import build_demo_model, build_demo_tokenizer
     from lisa_trainer.trainer import LisaTrainer
 
-    def interrupted(self, resume_from_checkpoint=None):  # the start line is printed before training
+    def interrupted(self, resume_from_checkpoint=None, *, claim=None):  # the start line is printed before training
         raise KeyboardInterrupt
 
     monkeypatch.setattr(LisaTrainer, "train", interrupted)

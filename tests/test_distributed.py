@@ -19,10 +19,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lisa_trainer.controller import LisaConfig, build_optimizer
+from lisa_trainer import LisaConfig, build_optimizer
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
-from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments, read_log
+from lisa_trainer.distributed import OneProcess
+from lisa_trainer.runlog import read_log
+from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
 
 WORLD = 2
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1)
@@ -194,7 +196,7 @@ def single(tmp_path_factory, tok):
     runs = {}
     for n_active in (1, 2):
         t = _trainer(tmp_path_factory.mktemp("single"), tok, data, batch=BATCH * WORLD, n_active=n_active)
-        assert t.dist is None
+        assert isinstance(t.dist, OneProcess)
         grads = _record_first_gradients(t)
         runs[n_active] = (t.train(), grads)
     return runs

@@ -19,7 +19,7 @@ from crash import crash_after
 
 from lisa_trainer.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, CheckpointWriteError, list_checkpoints, read_checkpoint_state
 from lisa_trainer.cli import main
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.run_folder import LOCK_FILE, RunFolderError

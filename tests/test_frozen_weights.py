@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.frozen_weights import FrozenWeightOffload
 from lisa_trainer.layers import enable_gradient_checkpointing
 from lisa_trainer.options import OptionError
@@ -162,7 +162,7 @@ def test_trainer_with_offloaded_layers_trains_as_without_across_switches_and_res
             if t.step == crash_at:
                 raise KeyboardInterrupt
             record = real()
-            frozen = t.controller.frozen_weights
+            frozen = t.memory.offload
             assert len(frozen.offloaded) == 2 and not set(frozen.offloaded) & set(t.controller.active_layers)
             assert not any(on_device(t.model, i) for i in frozen.offloaded)  # between steps: in host memory
             return record
@@ -249,7 +249,7 @@ def test_train_hands_back_the_model_as_it_was_given(tmp_path, tok, data, monkeyp
     if fails:  # at step 2 (a new period), inside an offloaded layer's forward, while its weights are on the device
         for index, layer in enumerate(model.model.layers):
             def failing(*inputs, index=index, real=layer.mlp.forward):
-                if trainer.step == 2 and index in trainer.controller.frozen_weights.offloaded:
+                if trainer.step == 2 and index in trainer.memory.offload.offloaded:
                     raise RuntimeError("failed in an offloaded layer")
                 return real(*inputs)
             monkeypatch.setattr(layer.mlp, "forward", failing)
@@ -271,7 +271,7 @@ def test_train_hands_back_the_model_as_it_was_given(tmp_path, tok, data, monkeyp
     if fails:  # the same trainer goes on from step 2 as a run that never failed
         while trainer.step < 4:
             trainer.train_step()
-            assert len(trainer.controller.frozen_weights.offloaded) == 2 and embedding.sparse
+            assert len(trainer.memory.offload.offloaded) == 2 and embedding.sparse
         whole = make_trainer(tmp_path / "whole", tok, data, 0, max_steps=4)
         whole.train()
         for (name, a), b in zip(whole.model.state_dict().items(), model.state_dict().values()):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lisa_kernels import _native
-from lisa_kernels.host_arena import _ALIGN, _Arena, _ArenaFull, _ChunkSource
+from lisa_kernels.host_arena import ALIGN, Arena, ArenaFull, ChunkSource
 from lisa_kernels.host_state_bank import HostStateBank
 from lisa_kernels.state_parking import ParkedState, StateParker
 from lisa_kernels.optimizer import FusedAdamW
@@ -231,37 +231,37 @@ def test_hundreds_of_cycles_do_not_grow_the_arena(backend):
     assert bank.trim() == 256 << 10 and bank.arena_bytes == 0
 
 
-class _FakeSource(_ChunkSource):
+class _FakeSource(ChunkSource):
     def __init__(self):
         super().__init__(None, False)
 
 
 def test_arena_best_fit_and_coalescing():
-    arena = _Arena(_FakeSource(), chunk_bytes=16 * _ALIGN, max_bytes=None)
-    a, b, c, d = (arena.alloc(n) for n in (_ALIGN, 2 * _ALIGN, 1, 3 * _ALIGN))
-    assert [s.offset for s in (a, b, c, d)] == [0, _ALIGN, 3 * _ALIGN, 4 * _ALIGN]
+    arena = Arena(_FakeSource(), chunk_bytes=16 * ALIGN, max_bytes=None)
+    a, b, c, d = (arena.alloc(n) for n in (ALIGN, 2 * ALIGN, 1, 3 * ALIGN))
+    assert [s.offset for s in (a, b, c, d)] == [0, ALIGN, 3 * ALIGN, 4 * ALIGN]
     chunk = a.chunk
     arena.free(b)
     arena.free(d)
-    assert chunk.free == [(_ALIGN, 2 * _ALIGN), (4 * _ALIGN, 12 * _ALIGN)]
-    e = arena.alloc(2 * _ALIGN)  # best fit: the hole b left, not the big tail
-    assert e.offset == _ALIGN
+    assert chunk.free == [(ALIGN, 2 * ALIGN), (4 * ALIGN, 12 * ALIGN)]
+    e = arena.alloc(2 * ALIGN)  # best fit: the hole b left, not the big tail
+    assert e.offset == ALIGN
     arena.free(a)
     arena.free(c)
-    assert chunk.free == [(0, _ALIGN), (3 * _ALIGN, 13 * _ALIGN)]
+    assert chunk.free == [(0, ALIGN), (3 * ALIGN, 13 * ALIGN)]
     arena.free(e)
-    assert chunk.free == [(0, 16 * _ALIGN)] and len(arena.chunks) == 1
-    big = arena.alloc(40 * _ALIGN)  # larger than a chunk: a chunk of its own
-    assert len(arena.chunks) == 2 and big.chunk.data.numel() >= 40 * _ALIGN
+    assert chunk.free == [(0, 16 * ALIGN)] and len(arena.chunks) == 1
+    big = arena.alloc(40 * ALIGN)  # larger than a chunk: a chunk of its own
+    assert len(arena.chunks) == 2 and big.chunk.data.numel() >= 40 * ALIGN
 
 
 def test_arena_cap_counts_what_the_source_really_takes():
-    arena = _Arena(_ChunkSource(None, True), chunk_bytes=3000, max_bytes=6000)  # fallback pinned: powers of two
+    arena = Arena(ChunkSource(None, True), chunk_bytes=3000, max_bytes=6000)  # fallback pinned: powers of two
     assert arena.source.size_for(3000) == 4096 and arena.source.size_for(5000) == 8192
     arena.source.alloc = lambda n: torch.empty(n, dtype=torch.uint8)  # no CUDA here: pretend to pin
     arena.alloc(3000)
     assert arena.reserved == 4096
-    with pytest.raises(_ArenaFull, match="max_pinned_bytes"):
+    with pytest.raises(ArenaFull, match="max_pinned_bytes"):
         arena.alloc(2000)  # 4096 more would pass the cap
 
 

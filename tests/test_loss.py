@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lisa_trainer.cli import parse_options
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.data import IGNORE_INDEX, load_and_tokenize, split_dataset
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.loss import ChunkedCausalLMLoss
@@ -37,7 +37,7 @@ def run(tmp_path, tok, data, *, chunked_loss, tie, steps=3):
 def test_switch_on_and_off_train_the_same(tmp_path, tok, data, tie):
     chunked, losses, eval_loss = run(tmp_path / "on", tok, data, chunked_loss=True, tie=tie)
     plain, plain_losses, plain_eval = run(tmp_path / "off", tok, data, chunked_loss=False, tie=tie)
-    assert chunked.chunked_loss.reason is None and plain.chunked_loss is None
+    assert chunked.memory.chunked_loss.reason is None and plain.memory.chunked_loss is None
     assert losses == pytest.approx(plain_losses, rel=1e-5)
     assert eval_loss == pytest.approx(plain_eval, rel=1e-5)
     assert (chunked.model.get_output_embeddings().weight is chunked.model.get_input_embeddings().weight) == tie

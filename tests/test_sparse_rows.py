@@ -10,7 +10,8 @@ import transformers
 from lisa_kernels import FusedAdamW, StateParker, sparse_rows
 from lisa_kernels.state_parking import ParkedState
 from lisa_trainer import LisaConfig, build_optimizer
-from lisa_trainer.gradients import clip_grad_norm, use_sparse_embedding_grad
+from lisa_trainer.gradients import clip_grad_norm
+from lisa_trainer.memory import use_sparse_embedding_grad
 
 ROWS, DIM = 37, 16
 # Rows with a nonzero gradient at each step: new tokens appear mid-run (7, 20 at step 2; 36 at step 4), rows with
@@ -186,7 +187,7 @@ def tiny_llama(tied: bool):
 @pytest.mark.parametrize("tied", [False, True])
 def test_build_optimizer_row_sparse_for_untied_embedding_only(tied, caplog):
     model = tiny_llama(tied)
-    with caplog.at_level(logging.INFO, logger="lisa_trainer.controller"):
+    with caplog.at_level(logging.INFO, logger="lisa_trainer.optimizers"):
         opt = build_optimizer(model, LisaConfig(), lr=1e-2, weight_decay=0.1)
     embedding = model.get_input_embeddings().weight
     group = next(g for g in opt.param_groups if g["params"][0] is embedding)
@@ -390,7 +391,7 @@ def test_sparse_embedding_grad_only_with_row_sparse_state_on_one_process(tied, c
     model = tiny_llama(tied)
     embedding = model.get_input_embeddings()
     opt = build_optimizer(model, LisaConfig(state_policy="keep"), lr=1e-2)
-    with caplog.at_level(logging.INFO, logger="lisa_trainer.gradients"):
+    with caplog.at_level(logging.INFO, logger="lisa_trainer.memory"):
         assert use_sparse_embedding_grad(model, opt, True, data_parallel=False) is not tied
         assert embedding.sparse is not tied
         ids = torch.tensor([[3, 9, 9, 4]])

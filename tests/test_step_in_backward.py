@@ -224,7 +224,7 @@ def data(tok):
 
 
 def _trainer(tmp_path, tok, data, **kw):
-    from lisa_trainer.controller import LisaConfig
+    from lisa_trainer import LisaConfig
     from lisa_trainer.demo import build_demo_model
     from lisa_trainer.trainer import LisaTrainer, LisaTrainingArguments
 
@@ -243,7 +243,7 @@ def test_trainer_in_backward_trains_exactly_as_the_plain_step(tmp_path, tok, dat
     before its first update in backward; the chunked loss is on."""
     plain = _trainer(tmp_path / "plain", tok, data, gradient_checkpointing=checkpointing)
     fused = _trainer(tmp_path / "fused", tok, data, gradient_checkpointing=checkpointing, optimizer_in_backward=True)
-    assert fused.chunked_loss is not None
+    assert fused.memory.chunked_loss is not None
     periods = []
     for _ in range(8):
         a, b = plain.train_step(), fused.train_step()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lisa_trainer.controller import LisaConfig
+from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize, split_dataset
 from lisa_trainer.demo import build_demo_model, demo_dataset_path
 from lisa_trainer.runlog import read_log

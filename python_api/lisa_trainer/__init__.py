@@ -14,7 +14,9 @@ for step in range(max_steps):
 ```
 """
 
-from .controller import STATE_POLICIES, LisaConfig, LisaController, build_optimizer
+from .arguments import STATE_POLICIES, LisaConfig
+from .controller import LisaController
+from .optimizers import build_optimizer
 from .layers import always_trainable_modules, find_decoder_layers, layer_candidates
 from .sampler import LayerSampler
 
@@ -34,7 +36,7 @@ __all__ = [
 
 
 # These import transformers, which costs seconds, so they load only when asked for.
-_LAZY = {"LisaCallback": "callback", "LisaTrainer": "trainer", "LisaTrainingArguments": "trainer"}
+_LAZY = {"LisaCallback": "callback", "LisaTrainer": "trainer", "LisaTrainingArguments": "arguments"}
 
 
 def __getattr__(name):

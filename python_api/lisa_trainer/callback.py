@@ -47,9 +47,12 @@ from transformers.training_args import ParallelMode
 
 from lisa_kernels import FusedAdamW, StateParker
 
-from .controller import LisaConfig, LisaController, OptimizerMissesParameters, _unwrap_optimizer, build_optimizer
+from .arguments import LisaConfig
+from .controller import LisaController, OptimizerMissesParameters
 from .distributed import TrainerDataParallel
 from .layers import always_trainable_modules, refuse_peft_model, unique_parameters
+from .memory import check_callback_config
+from .optimizers import build_optimizer, unwrap_optimizer
 from .options import OptionError
 
 __all__ = ["LisaCallback"]
@@ -72,10 +75,7 @@ class LisaCallback(TrainerCallback, ExportableState):
         if config is not None and not isinstance(config, LisaConfig):
             raise TypeError(f"config must be a LisaConfig, got {type(config).__name__}")
         self.config = config if config is not None else LisaConfig(**config_fields)
-        if self.config.offload_frozen_layers:
-            raise OptionError(LisaConfig, "offload_frozen_layers", "is for LisaTrainer / lisa-finetune, which hand "
-                              "the weights back to host memory after each backward; LisaCallback leaves that to "
-                              "the Trainer, which does not")
+        check_callback_config(self.config)
         if gradient_sync not in GRADIENT_SYNCS:
             raise ValueError(f"LisaCallback: gradient_sync must be one of {', '.join(GRADIENT_SYNCS)}, "
                              f"got {gradient_sync!r}")
@@ -133,12 +133,12 @@ class LisaCallback(TrainerCallback, ExportableState):
         optim = _optim_name(args.optim)
         if optim != _optim_name(TrainingArguments.__dataclass_fields__["optim"].default):
             warnings.warn(f"TrainingArguments(optim={optim!r}) is not used: "
-                          f"Trainer(optimizers=...) supplies {type(_unwrap_optimizer(optimizer)).__name__}. Drop "
+                          f"Trainer(optimizers=...) supplies {type(unwrap_optimizer(optimizer)).__name__}. Drop "
                           f"optimizers= to train (and park) with the optimizer optim= names.", stacklevel=2)
         if self.config.state_policy == "park":
             # Attached before the Trainer loads a checkpoint: every layer's loaded state goes to host memory, and
             # each comes back at the first step that trains it (peak memory at resume equals steady state).
-            StateParker.of(_unwrap_optimizer(optimizer)).park_on_load = "all"
+            StateParker.of(unwrap_optimizer(optimizer)).park_on_load = "all"
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
@@ -147,7 +147,7 @@ class LisaCallback(TrainerCallback, ExportableState):
         try:
             self.controller = LisaController(model, optimizer, self.config, start_step=state.global_step)
         except OptimizerMissesParameters as err:
-            name = type(_unwrap_optimizer(optimizer)).__name__
+            name = type(unwrap_optimizer(optimizer)).__name__
             raise ValueError(
                 f"LisaCallback: the Trainer's optimizer ({name}) does not hold {err.count} parameters that LISA "
                 f"trains (e.g. {err.example!r}). LISA needs an optimizer that keeps each parameter (and its state) "
@@ -231,8 +231,8 @@ class LisaCallback(TrainerCallback, ExportableState):
                              "parameters cannot be frozen layer by layer. Fix: set fsdp_version: 2 in the accelerate "
                              "config file (fsdp_config: fsdp_version: 2), or TrainingArguments(fsdp_config="
                              "{'version': 2})")
-        if self.config.state_policy == "park" and not isinstance(_unwrap_optimizer(optimizer), FusedAdamW):
-            name = type(_unwrap_optimizer(optimizer)).__name__
+        if self.config.state_policy == "park" and not isinstance(unwrap_optimizer(optimizer), FusedAdamW):
+            name = type(unwrap_optimizer(optimizer)).__name__
             raise ValueError(f"LisaCallback under FSDP2 parks sharded optimizer state with FusedAdamW only, not the "
                              f"Trainer's {name}. Fix: Trainer(optimizers=(LisaCallback.optimizer_for(model, args), "
                              f"None)), or LisaCallback(state_policy='keep') / 'reset'")

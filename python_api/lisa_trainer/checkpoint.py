@@ -17,6 +17,7 @@ temporary folder of a killed save is removed by the next run in that folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -274,10 +275,12 @@ def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=None) -> dict:
+def load_checkpoint(path: str | Path, *, model, optimizer, controller, memory=None, sharded=None) -> dict:
     """Restore model, optimizer, controller and RNG states in place; returns the trainer's ``state`` dict.
-    ``sharded``: the `DataParallel` of an FSDP model, which cuts the checkpoint's full tensors to this rank's shards
-    (a checkpoint holds no shards, so it resumes under any number of ranks).
+    ``memory``: the run's `lisa_trainer.memory.MemoryFeatures`, whose hooks bring offloaded weights back for the load
+    and choose the embedding's gradient for the loaded optimizer state. ``sharded``: the `DataParallel` of an FSDP
+    model, which cuts the checkpoint's full tensors to this rank's shards (a checkpoint holds no shards, so it
+    resumes under any number of ranks).
 
     Order matters: weights, then the controller (which re-enters the saved period and so knows which layers are
     frozen), then the optimizer. With the "park" policy the optimizer has a `lisa_kernels.StateParker` (whatever
@@ -288,18 +291,18 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, sharded=N
 
     path = Path(path)
     payload = read_checkpoint_state(path)
-    if getattr(controller, "frozen_weights", None) is not None:
-        # Weights load into device tensors: bring offloaded layers back; the controller offloads them again below.
-        controller.frozen_weights.set_offloaded(())
-    if sharded is None:
-        device = next(model.parameters()).device
-        load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
-    else:
-        sharded.load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
-        payload = sharded.shard_checkpoint_state(payload, model, optimizer)
+    with memory.weights_on_device() if memory is not None else contextlib.nullcontext():
+        if sharded is None:
+            device = next(model.parameters()).device
+            load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+        else:
+            sharded.load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
+            payload = sharded.shard_checkpoint_state(payload, model, optimizer)
     controller.load_state_dict(payload["controller"])
     controller.load_period_start_state(payload.get("period_start"))
     optimizer.load_state_dict(payload["optimizer"])
+    if memory is not None:
+        memory.after_checkpoint_load()
     restore_rng_state(payload["rng"])
     return payload["trainer"]
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from .controller import LisaConfig
+from .arguments import LisaConfig, LisaTrainingArguments
 from .options import (ConfigFileError, OptionError, add_options, build, command_line_message, option,
                       read_config_file)
 from .templates import ALIASES, FORMATS, TOKENIZER_TEMPLATE
-from .trainer import LisaTrainingArguments
 
 PLOT_FILE = "lisa_run.png"
 DEMO_OUTPUT = "./lisa-demo-output"
@@ -484,15 +483,16 @@ def _run(opts: Options) -> int:
     wall_start = time.perf_counter()
     dataset_path = _check_inputs(opts)
     with contextlib.ExitStack() as held:
+        claim = None
         try:  # held until the final model is written; a second run in the folder stops here, before any loading
             if launched_rank() == 0:  # under torchrun rank 0 holds the folder; the trainer tells the others the run
-                held.enter_context(claim_output_dir(opts.out_dir, resume_from=opts.run.resume_from_checkpoint,
-                                                    overwrite=opts.training.overwrite_output_dir))
+                claim = held.enter_context(claim_output_dir(opts.out_dir, resume_from=opts.run.resume_from_checkpoint,
+                                                            overwrite=opts.training.overwrite_output_dir))
         except RunFolderError as e:
             raise CliError(f"--output_dir {e}") from None
         except FileNotFoundError as e:
             raise CliError(f"--resume_from_checkpoint: {e}") from None
-        return _train(opts, dataset_path, wall_start)
+        return _train(opts, dataset_path, wall_start, claim)
 
 
 def _follow_accelerate_fsdp(opts: Options) -> None:
@@ -510,7 +510,7 @@ def _follow_accelerate_fsdp(opts: Options) -> None:
         print(f"lisa-finetune: {note}", flush=True)
 
 
-def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
+def _train(opts: Options, dataset_path: Path, wall_start: float, claim) -> int:
     from .checkpoint import CheckpointError
     from .plots import plot_run
     from .runlog import LOG_FILE
@@ -523,11 +523,11 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
         trainer = LisaTrainer(model, tokenizer, train_data, opts.training, opts.lisa, eval_dataset=eval_data)
     except OptionError as e:
         raise CliError(option_message(e, opts.run.config, opts.config_keys)) from None
-    main_rank = trainer.dist is None or trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
+    main_rank = trainer.dist.is_main  # under torchrun, rank 0 alone prints and writes
     if main_rank:
         print(_start_line(opts, trainer, layers, n_params, stats, dataset_path, train_data, eval_data), flush=True)
     try:
-        summary = trainer.train(resume_from_checkpoint=opts.run.resume_from_checkpoint)
+        summary = trainer.train(claim=claim)  # rank 0's claim (the others learn it from rank 0)
         trainer.save_model(opts.out_model)  # every rank: under FSDP2 the shards are gathered to rank 0, which writes
         if not main_rank:
             return 0
@@ -545,7 +545,8 @@ def _train(opts: Options, dataset_path: Path, wall_start: float) -> int:
 def _start_line(opts: Options, trainer, layers, n_params: int, stats: dict, dataset_path: Path, train_data,
                 eval_data) -> str:
     ranks = (f" x {trainer.dist.world_size} ranks (global batch "
-             f"{trainer.global_batch_size * opts.training.gradient_accumulation_steps})" if trainer.dist else "")
+             f"{trainer.global_batch_size * opts.training.gradient_accumulation_steps})" if trainer.dist.world_size > 1
+             else "")
     return (
         f"lisa-finetune: {'demo model' if opts.demo else opts.model.model_name_or_path} with {len(layers)} decoder "
         f"layers, {n_params / 1e6:.2f}M parameters; data {dataset_path}: "

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DataParallel", "DistributedError", "GradientSync", "NullLog", "TrainerDataParallel", "accelerate_fsdp",
+__all__ = ["DataParallel", "DistributedError", "GradientSync", "OneProcess", "TrainerDataParallel", "accelerate_fsdp",
            "launched_rank", "launched_world_size", "shutdown"]
 
 DEFAULT_TIMEOUT_S = 1800  # Hugging Face TrainingArguments.ddp_timeout's default
@@ -127,16 +127,16 @@ class DataParallel:
 
     @classmethod
     def setup(cls, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, *,
-              fsdp: bool = False) -> tuple[DataParallel | None, torch.device]:
+              fsdp: bool = False) -> tuple[DataParallel | OneProcess, torch.device]:
         """(a DataParallel, this rank's device) under a launcher with WORLD_SIZE > 1 or an initialised process
-        group of more than one rank; (None, device) otherwise. Initialises the default group if needed: NCCL for
+        group of more than one rank; (a `OneProcess`, device) otherwise. Initialises the default group if needed: NCCL for
         CUDA, gloo for CPU, collective timeout ``timeout_s`` seconds. ``device`` "cuda" becomes ``cuda:LOCAL_RANK``.
         ``fsdp`` shards the model with FSDP2 (`attach`)."""
         if launched_world_size() <= 1:
             if fsdp:
                 warnings.warn("fsdp shards over several ranks (start with torchrun); one process trains unsharded",
                               stacklevel=3)
-            return None, device
+            return OneProcess(), device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if device.type == "cuda":
@@ -256,11 +256,14 @@ class DataParallel:
             self.grad_sync.armed = last
             loss.backward()
 
-    def finish_gradients(self) -> int:
-        """After the step's last backward: complete the communication; returns its bytes (gradients sent)."""
+    def finish_gradients(self) -> dict:
+        """After the step's last backward: complete the communication; returns the step record's figures of it (the
+        gradient bytes sent, under `comm_record_key`, and the number of ranks)."""
         if self.fsdp:  # each trainable parameter's full gradient goes into one reduce-scatter
-            return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.grad is not None)
-        return self.grad_sync.finish()
+            sent = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.grad is not None)
+        else:
+            sent = self.grad_sync.finish()
+        return {self.comm_record_key: sent, "world_size": self.world_size}
 
     def eval_batches(self, starts: range) -> range:
         """This rank's share of the held-out batches (all of them with FSDP: every rank runs every forward)."""
@@ -346,11 +349,10 @@ class DataParallel:
         so the rows without state are exactly rows whose moments stayed zero), and each group keeps its own
         `sparse_rows` setting instead of the saved one."""
         from lisa_kernels import sparse_rows
+        from lisa_kernels.state_parking import saved_ids_and_params
 
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         saved_groups = payload["optimizer"]["param_groups"]
-        saved_ids = [i for group in saved_groups for i in group["params"]]
-        param_of = dict(zip(saved_ids, params))
+        param_of = dict(saved_ids_and_params(optimizer, payload["optimizer"]))
         state = {}
         for i, entry in payload["optimizer"]["state"].items():
             if sparse_rows.ROWS in entry:
@@ -403,6 +405,59 @@ class DataParallel:
         return DistributedError(
             f"rank {self.rank}: {what} failed ({str(err).strip().splitlines()[0][:300]}); another rank probably "
             f"died or stalled past the collective timeout (--ddp_timeout)")
+
+
+class OneProcess:
+    """The `DataParallel` of a run in one process: the same calls, each what it is with a single rank (a collective
+    gives back what it is given, a barrier does not wait, nothing is gathered or sharded), so the training loop has
+    one path."""
+
+    rank, world_size, is_main, fsdp = 0, 1, True, False
+
+    def attach(self, model: nn.Module, layers=(), **sync_options) -> None:
+        pass
+
+    def check_batches(self, n_examples: int, global_batch_size: int) -> None:
+        pass
+
+    def shard(self, items: list) -> list:
+        return items
+
+    def sum(self, *values: float) -> list[float]:
+        return list(values)
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def barrier(self, what: str) -> None:
+        pass
+
+    def on_step_begin(self, active_units, n_units: int, **schedule) -> None:
+        pass
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        loss.backward()
+
+    def finish_gradients(self) -> dict:
+        return {}
+
+    def eval_batches(self, starts: range) -> range:
+        return starts
+
+    def eval_sums(self, total: float, count: int) -> tuple[float, int]:
+        return total, count
+
+    def state_dict_to_save(self, model: nn.Module) -> None:
+        return None  # the model holds its whole weights
+
+    def gather_checkpoint(self, model: nn.Module, optimizer, controller) -> None:
+        return None
+
+    def report_failure(self, error: BaseException) -> None:
+        pass
+
+    def explain_failure(self, error: BaseException) -> BaseException:
+        return error
 
 
 class GradientSync:
@@ -660,15 +715,3 @@ def _failures(world_size: int) -> dict[int, str]:
         except Exception:  # noqa: BLE001 - the store went down with its host rank; nothing more to learn
             break
     return found
-
-
-class NullLog:
-    """The run log of ranks other than 0: rank 0 writes the one log of a data-parallel run."""
-
-    is_new = False  # nothing is written here, a config record neither
-
-    def write(self, record: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from lisa_kernels.host_arena import HostTensors
+from lisa_kernels import HostTensors
 
 
 def _in_backward() -> bool:

@@ -1,57 +1,17 @@
-"""The trainer's gradients: a row-sparse gradient for the input embedding, and a norm and clipping that take it.
+"""Gradient clipping that takes the input embedding's row-sparse gradient.
 
 With ``nn.Embedding(sparse=True)`` backward gives the embedding a sparse COO gradient: one row of values per token of
 the step instead of a vocabulary-sized tensor. At Llama-3-8B that is 1,024 x 4096 x 2 bytes = 8 MB for 1,024 tokens
 instead of 128,256 x 4096 x 2 bytes = 1.05 GB. FusedAdamW steps it exactly in the embedding's row-sparse group
-(``lisa_kernels.sparse_rows``), so :func:`use_sparse_embedding_grad` turns it on where that group exists.
+(``lisa_kernels.sparse_rows``), so `lisa_trainer.memory` turns it on where that group exists.
 ``torch.nn.utils.clip_grad_norm_`` cannot take a sparse gradient (no sparse kernel for its norm):
 :func:`clip_grad_norm` computes and clips as it does, sparse gradients included.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-from lisa_kernels import FusedAdamW
-
-logger = logging.getLogger(__name__)
-
-
-def use_sparse_embedding_grad(model: nn.Module, optimizer: torch.optim.Optimizer, enabled: bool, *,
-                              data_parallel: bool) -> bool:
-    """Set the input embedding module's ``sparse`` flag: True when `enabled`, the optimizer is FusedAdamW with the
-    embedding in a ``sparse_rows`` group (not tied to the head, not FSDP) and the run is one process (under data
-    parallelism the bucketed all-reduce takes dense gradients), else False. Logs which gradient the embedding gets;
-    returns whether it is sparse. A module without a ``sparse`` flag (not an ``nn.Embedding``) stays as it is."""
-    module = input_embedding(model)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, nn.Parameter):
-        return False
-    row_sparse = isinstance(optimizer, FusedAdamW) and any(
-        group["sparse_rows"] and any(p is weight for p in group["params"]) for group in optimizer.param_groups)
-    reason = None
-    if not enabled:
-        reason = "sparse_embedding_grad is off"
-    elif not row_sparse:
-        reason = "its optimizer state is not FusedAdamW's row-sparse state (tied to the head, FSDP, another optim)"
-    elif data_parallel:
-        reason = "data-parallel: the gradient all-reduce takes dense gradients"
-    elif not isinstance(getattr(module, "sparse", None), bool):
-        reason = f"{type(module).__name__} has no `sparse` flag (not an nn.Embedding)"
-    if isinstance(getattr(module, "sparse", None), bool):
-        module.sparse = reason is None
-    logger.info("input embedding %s: %s gradient%s", tuple(weight.shape), "dense" if reason else "row-sparse",
-                f" ({reason})" if reason else " (tokens x hidden values, stepped in its row-sparse state)")
-    return reason is None
-
-
-def input_embedding(model: nn.Module) -> nn.Module | None:
-    """`model.get_input_embeddings()`, or None for a model without one."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    return get_embeddings() if callable(get_embeddings) else None
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

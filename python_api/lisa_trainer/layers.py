@@ -137,11 +137,26 @@ def _resolve_layers_attribute(model: nn.Module, path: str) -> nn.ModuleList:
     return module
 
 
+def embedding_module(model: nn.Module, role: str) -> nn.Module | None:
+    """`model.get_input_embeddings()` (role "input") or `model.get_output_embeddings()` ("output", the LM head); None
+    for a model without one (the getter missing, not implemented, or returning None)."""
+    getter = getattr(model, f"get_{role}_embeddings", None)
+    try:
+        return getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def embedding_weight(model: nn.Module, role: str) -> nn.Parameter | None:
+    """The weight of `embedding_module(model, role)`, if it has one."""
+    weight = getattr(embedding_module(model, role), "weight", None)
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
 def _embedding_holder_paths(model: nn.Module) -> set[str]:
     """Paths of the modules that directly hold the input embeddings (where the decoder layers usually sit)."""
-    try:
-        emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
+    emb = embedding_module(model, "input")
+    if emb is None:
         return set()
     holders = set()
     for path, module in model.named_modules():
@@ -224,11 +239,7 @@ def always_trainable_modules(
 
     for entry in include:
         if entry in ("input_embeddings", "output_embeddings"):
-            getter = model.get_input_embeddings if entry == "input_embeddings" else model.get_output_embeddings
-            try:
-                module = getter()
-            except (AttributeError, NotImplementedError):
-                module = None
+            module = embedding_module(model, entry.removesuffix("_embeddings"))
             if module is None:
                 if entry == "input_embeddings" or include is not ALWAYS_TRAINABLE_DEFAULT:
                     warnings.warn(f"always_trainable: {type(model).__name__} has no {entry} "

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lisa_kernels.linear_cross_entropy import causal_lm_cross_entropy
 
 from .data import IGNORE_INDEX
+from .layers import embedding_module
 
 PROBE_TOKENS = 16
 
@@ -37,8 +38,7 @@ class ChunkedCausalLMLoss:
             _warn_fallback(self.reason)
 
     def _parts(self):
-        head = self.model.get_output_embeddings()
-        return self.model.base_model, head, getattr(self.model.config, "final_logit_softcapping", None)
+        return self.model.base_model, embedding_module(self.model, "output"), getattr(self.model.config, "final_logit_softcapping", None)
 
     def _hidden(self, base, batch):
         out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -85,8 +85,7 @@ class ChunkedCausalLMLoss:
 
 
 def _structure_problem(model) -> str | None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = embedding_module(model, "output")
     if not isinstance(head, torch.nn.Linear):
         return (f"{type(model).__name__} has no nn.Linear output embedding "
                 f"(get_output_embeddings() gives {type(head).__name__})")

@@ -25,8 +25,6 @@ from .runlog import LOG_FILE, read_log
 
 LOCK_FILE = ".lisa_run.lock"
 
-_locked: set[Path] = set()  # folders this process holds: the CLI claims its folder, then the trainer claims it again
-
 
 class RunFolderError(RuntimeError):
     """The output folder cannot take this run: not writable, in use by another run, or holding another run's files."""
@@ -125,9 +123,6 @@ def _resolve_run(folder: Path, resume_from, overwrite: bool) -> RunClaim:
 @contextlib.contextmanager
 def _exclusive_lock(folder: Path) -> Iterator[None]:
     key = folder.resolve()
-    if key in _locked:
-        yield
-        return
     try:
         import fcntl
     except ImportError:  # Windows: no flock; one run per folder is then up to the user
@@ -151,9 +146,7 @@ def _exclusive_lock(folder: Path) -> Iterator[None]:
     fh.truncate()
     fh.write(f"{os.getpid()}\n")
     fh.flush()
-    _locked.add(key)
     try:
         yield
     finally:
-        _locked.discard(key)
         fh.close()  # releases the lock

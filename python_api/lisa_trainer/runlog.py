@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -133,3 +134,33 @@ def _jsonable(v):
     if hasattr(v, "tolist"):  # a tensor or numpy value: a number (0-d) or a nested list
         return v.tolist()
     return v
+
+
+class NullLog:
+    """The run log of ranks other than 0: rank 0 writes the one log of a data-parallel run."""
+
+    is_new = False  # nothing is written here, a config record neither
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def peak_host_rss_bytes() -> int | None:
+    """This process's peak resident host memory so far, in bytes (`getrusage`'s ru_maxrss, which Linux gives in
+    KiB and macOS in bytes); None where there is no `resource` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_host_rss_mb() -> float | None:
+    """`peak_host_rss_bytes` in MiB, as the run summary reports it."""
+    rss = peak_host_rss_bytes()
+    return None if rss is None else rss / 2**20
+
