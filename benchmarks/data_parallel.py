@@ -2,7 +2,7 @@
 
 - full fine-tuning and LoRA: torch DistributedDataParallel (every trainable parameter is used in every step, so no
   ``find_unused_parameters``), with a comm hook that counts the bytes of every bucket it all-reduces;
-- LISA (ours and the public variant): `lisa_trainer.distributed.GradientSync`, which all-reduces the active
+- LISA (ours and the public variant): `lisa_trainer.gradient_sync.GradientSync`, which all-reduces the active
   layers + embeddings/head/final norm only, rebuilt at each switch after the schedule check;
 - with ``--fsdp``: FSDP2 (`lisa_trainer.distributed`, one unit per decoder layer + the root) for full fine-tuning
   and LISA; the bytes are those reduce-scattered (the gradients of the trainable set);

@@ -27,7 +27,7 @@ Resuming (`trainer.train(resume_from_checkpoint=...)`) continues the same layer 
 (seed, period)) and the period log: the callback's state is saved in each checkpoint's `trainer_state.json`.
 With several processes (``torchrun`` or ``accelerate launch``: the Trainer's DDP), nothing needs setting: when
 the Trainer is built the callback leaves DDP a single always-trainable parameter and all-reduces the rest of the
-trainable set itself (`distributed.TrainerDataParallel`), so frozen layers cost no communication, there is no
+trainable set itself (`gradient_sync.TrainerDataParallel`), so frozen layers cost no communication, there is no
 ``find_unused_parameters`` traversal, and gradient checkpointing (reentrant or not) and any
 ``ddp_find_unused_parameters`` work. Every rank checks at each switch that it samples the same layers, and the
 bytes all-reduced per optimizer step reach the Trainer's logs as ``lisa/allreduce_bytes``. Pass the callback in
@@ -49,7 +49,7 @@ from lisa_kernels import FusedAdamW, StateParker
 
 from .arguments import LisaConfig
 from .controller import LisaController, OptimizerMissesParameters
-from .distributed import TrainerDataParallel
+from .gradient_sync import TrainerDataParallel
 from .layers import always_trainable_modules, refuse_peft_model, unique_parameters
 from .memory import check_callback_config
 from .optimizers import build_optimizer, unwrap_optimizer
