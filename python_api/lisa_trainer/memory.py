@@ -10,8 +10,8 @@
 | parking (`state_policy="park"`) | frozen layers' optimizer state in host memory | always (`LisaController`, `lisa_kernels.StateParker`) |
 
 `MemoryFeatures` is built from the model, the `LisaConfig`, the training arguments and the process layout. It checks
-every rule that joins them (an `OptionError` naming the flags), logs one line per feature that is off with the
-reason, builds the optimizer, the loss and the backward strategy, and owns the frozen-weight offload: it creates it
+every rule that joins them (an `OptionError` naming the flags), logs one line per feature (with the reason where one
+is off), builds the optimizer, the loss and the backward strategy, and owns the frozen-weight offload: it creates it
 when a controller takes the model and closes it when the model is handed back. The training loop needs a few hooks
 of it: `take_model` / `release_model` around training, `after_backward` after each backward, `weights_on_device`
 around a checkpoint's weights being loaded and `after_checkpoint_load` after its optimizer state. `LisaTrainer`,
@@ -95,6 +95,12 @@ class MemoryFeatures:
         self.data_parallel = processes > 1
         self.backward = (StepInsideBackward(self.optimizer) if args.optimizer_in_backward
                          else BackwardThenStep(self.optimizer, args.max_grad_norm))
+        logger.info("optimizer step: %s", "inside backward, one gradient alive at a time" if args.optimizer_in_backward
+                    else "after backward (--optimizer_in_backward is off)")
+        logger.info("frozen layers' weights: %s", f"up to {config.offload_frozen_layers} in host memory"
+                    if config.offload_frozen_layers else "on the device (--lisa_offload_frozen_layers 0)")
+        logger.info("frozen layers' optimizer state: %s", {"park": "parked in host memory", "reset": "dropped",
+                                                           "keep": "kept on the device"}[config.state_policy])
         self.offload: FrozenWeightOffload | None = None  # while a controller holds the model, with layers offloaded
         self._given_embedding_sparse = getattr(embedding_module(model, "input"), "sparse", None)
         self._restore_checkpointing = None
