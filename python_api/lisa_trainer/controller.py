@@ -4,7 +4,8 @@ At each period start it toggles `requires_grad` (and sets frozen layers' `.grad`
 still move a weight through AdamW's momentum and weight decay), applies the state policy to the layers leaving the
 active set through the optimizer's `StateParker` ("park": into the host bank, "reset": forgotten, "keep": left on
 the device), prefetches the next period's parked state `prefetch_steps` before the switch, and at each period's
-end records per-layer weight-update norms.
+end records per-layer weight-update norms (`lisa_trainer.update_norms`). What else follows a switch (the frozen
+layers' weights moving to host memory: `lisa_trainer.memory`) hooks in with `register_freeze_hook`.
 
 The optimizer must hold every parameter (checked), so a layer frozen when the optimizer is built still trains when
 it is sampled; the schedule is a pure function of (seed, period), so ranks and resumed runs agree without talking.
@@ -333,7 +334,7 @@ class LisaController:
 
     def _take_model(self) -> None:
         """Set `requires_grad` of every parameter for the current period (a frozen one's `.grad` dropped: a zero
-        gradient would still move it through AdamW's momentum and weight decay) and offload frozen layers' weights."""
+        gradient would still move it through AdamW's momentum and weight decay), then run the freeze hooks."""
         trained = {id(p) for p in self._always_params} | {id(p) for p in self._params_of(self._active)}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trained)

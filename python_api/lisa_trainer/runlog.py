@@ -148,6 +148,27 @@ class NullLog:
         pass
 
 
+def summary_record(records: list[dict], *, step: int, **figures) -> dict:
+    """The ``summary`` record of a run whose log holds `records`, at optimizer step `step`: first and last losses,
+    skipped steps, the periods' layers, this process's peak host memory, and `figures` (tokens seen, wall time, ...)."""
+    steps = [r for r in records if r["kind"] == "step"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    periods = [r for r in records if r["kind"] == "period"]
+    return {
+        "kind": "summary",
+        "step": step,
+        "steps": step,
+        "skipped_steps": sum(1 for r in steps if r.get("skipped")),
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "first_eval_loss": evals[0]["eval_loss"] if evals else None,
+        "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "periods": [{"period": p["period"], "layers": p["layers"]} for p in periods],
+        **figures,
+        "peak_host_rss_mb": peak_host_rss_mb(),
+    }
+
+
 def peak_host_rss_bytes() -> int | None:
     """This process's peak resident host memory so far, in bytes (`getrusage`'s ru_maxrss, which Linux gives in
     KiB and macOS in bytes); None where there is no `resource` module (Windows)."""

@@ -43,7 +43,7 @@ from .distributed import DataParallel, launched_world_size
 from .layers import find_decoder_layers
 from .memory import MemoryFeatures
 from .run_folder import RunClaim, claim_output_dir, log_run_id
-from .runlog import LOG_FILE, JsonlLog, NullLog, peak_host_rss_mb, period_record, read_log
+from .runlog import LOG_FILE, JsonlLog, NullLog, period_record, read_log, summary_record
 from .trackers import Trackers, parse_report_to
 
 __all__ = ["LisaTrainer", "LisaTrainingArguments", "TrainingDiverged", "lr_at"]
@@ -476,27 +476,8 @@ class LisaTrainer:
             raise CheckpointWriteError(f"{path}: cannot write the model: {write_failure_reason(e, path)}") from e
 
     def _summary(self, wall: float) -> dict:
-        log_path = self.output_dir / LOG_FILE
-        records = read_log(log_path)
-        steps = [r for r in records if r["kind"] == "step"]
-        evals = [r for r in records if r["kind"] == "eval"]
-        periods = [r for r in records if r["kind"] == "period"]
-        summary = {
-            "kind": "summary",
-            "step": self.step,
-            "steps": self.step,
-            "skipped_steps": sum(1 for r in steps if r.get("skipped")),
-            "first_loss": steps[0]["loss"] if steps else None,
-            "last_loss": steps[-1]["loss"] if steps else None,
-            "first_eval_loss": evals[0]["eval_loss"] if evals else None,
-            "last_eval_loss": evals[-1]["eval_loss"] if evals else None,
-            "periods": [{"period": p["period"], "layers": p["layers"]} for p in periods],
-            "tokens_seen": self.tokens_seen,
-            "n_layers": self.controller.n_layers,
-            "wall_time_s": wall,
-            "device": str(self.device),
-            "peak_host_rss_mb": peak_host_rss_mb(),
-        }
+        summary = summary_record(read_log(self.output_dir / LOG_FILE), step=self.step, tokens_seen=self.tokens_seen,
+                                 n_layers=self.controller.n_layers, wall_time_s=wall, device=str(self.device))
         if self.device.type == "cuda":
             summary["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return summary

@@ -12,7 +12,7 @@ import torch
 
 from lisa_kernels import _native
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def python_env(**env):

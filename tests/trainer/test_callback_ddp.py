@@ -2,7 +2,7 @@
 every gradient-checkpointing and ddp_find_unused_parameters setting trains (or, where the user asked DDP to reduce
 the whole model, fails at train start naming the setting), the ranks end identical, every sampled layer trains, only
 the trainable set is all-reduced (`lisa/allreduce_bytes` in the Trainer's logs), and a checkpoint resumes the same
-schedule. All runs share one torchrun launch (tests/callback_ddp_runs.py).
+schedule. All runs share one torchrun launch (tests/trainer/callback_ddp_runs.py).
 """
 
 import os
@@ -24,15 +24,15 @@ WHOLE_MODEL = {"ddp_whole_model", "added_later_find_unused_true"}  # DDP reduces
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("callback_ddp")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # FusedAdamW's PyTorch path on CPU
-    env.update(PYTHONPATH=os.pathsep.join([str(root), str(root / "python_api"), str(root / "tests")]),
-               OMP_NUM_THREADS="1")
+    paths = [root, root / "python_api", root / "tests" / "helpers", Path(__file__).parent]  # the runs import test_callback
+    env.update(PYTHONPATH=os.pathsep.join(map(str, paths)), OMP_NUM_THREADS="1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(port),
-           str(root / "tests" / "callback_ddp_runs.py"), str(out)]
+           str(Path(__file__).with_name("callback_ddp_runs.py")), str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

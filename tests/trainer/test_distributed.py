@@ -364,7 +364,7 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, err
 def _torchrun_lisa_finetune(out: Path, *more: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 -m lisa_trainer.cli --demo ...` on the CPU, as a user starts it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # FusedAdamW's PyTorch path on CPU
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env.update(PYTHONPATH=f"{root}{os.pathsep}{root / 'python_api'}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
            str(_free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out),
@@ -425,7 +425,7 @@ def test_accelerate_launch_with_lmflows_fsdp_config_shards_lisa_finetune(tmp_pat
     config = tmp_path / "accelerate_fsdp_config.yaml"
     config.write_text(LMFLOW_FSDP_CONFIG)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env.update(PYTHONPATH=f"{root}{os.pathsep}{root / 'python_api'}", OMP_NUM_THREADS="1")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",

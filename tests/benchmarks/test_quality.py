@@ -14,7 +14,7 @@ from lisa_trainer import LisaConfig, LisaController, build_optimizer
 from lisa_trainer.sampler import parse_layer_weights
 from lisa_trainer.sampler import auto_layer_weights
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N_LAYERS = 6
 
 

@@ -13,7 +13,7 @@ import torch
 from benchmarks import common
 from benchmarks.bench_finetune import SHAPES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 METHODS = ("full", "lora", "lisa-park", "lisa-park-torch", "lisa-reset", "lisa-keep", "lisa-public", "trainer-lisa",
            "trainer-lisa-find-unused")
