@@ -1,12 +1,12 @@
-"""Every fenced code block of README.md runs here: a block added to the README is covered by a rule below, or this
-fails with "README block N (line L) is not covered".
+"""Every fenced code block of README.md and of docs/*.md runs here: a block added to one of them is covered by a rule
+below, or this fails with "README.md block N (line L) is not covered" (or "docs/cli.md block N ...").
 
-Shell commands run as written, in a fresh folder where the README's example paths exist (a tiny local Llama at
+Shell commands run as written, in a fresh folder where the example paths exist (a tiny local Llama at
 `path/to/local/model`, the shipped sample data at `data/my_dataset/`), with the flags of SHORT_RUN or
 BENCHMARK_SIZES appended so that each finishes in seconds; a `...` in a command stands for a value (after a flag)
 or for the model, data and output flags (alone). Python snippets run with a tiny model and small tensors in place
 of the names they take from the text around them (`model`, `batch`, `args`, ...), and their results are checked
-against what the README says of them. What a CPU cannot run is run as close as it can be: 8 GPUs become 2 gloo
+against what the text says of them. What a CPU cannot run is run as close as it can be: 8 GPUs become 2 gloo
 ranks, a second node is checked by torchrun's own parser, and the GPU suite's refusal is checked.
 """
 
@@ -36,10 +36,11 @@ from tiny_model import TINY, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # every file whose blocks run here
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
-# Where the README's example paths point, inside each command's folder.
+# Where the example paths of README.md and docs/*.md point, inside each command's folder.
 EXAMPLE_PATHS = {"path/to/local/model": "model", "data/my_dataset": "data"}
 # Appended to every lisa-finetune command (the last occurrence of a flag wins).
 SHORT_RUN = ["--max_steps", "2", "--disable_tqdm"]
@@ -66,23 +67,26 @@ BENCHMARK_SIZES = {
 
 @dataclass
 class Block:
-    number: int
+    document: str  # the file, relative to the repository root
+    number: int  # counted within the file
     line: int
     lang: str
     code: str
 
     def __str__(self) -> str:
-        return f"README block {self.number} (line {self.line}, {self.lang or 'no language'})"
+        return f"{self.document} block {self.number} (line {self.line}, {self.lang or 'no language'})"
 
 
-def readme_blocks() -> list[Block]:
-    """Every fenced block, indented ones (inside a list item) included, dedented."""
-    lines, blocks, i = README.read_text(encoding="utf-8").splitlines(), [], 0
+def document_blocks(path: Path) -> list[Block]:
+    """Every fenced block of one file, indented ones (inside a list item) included, dedented."""
+    document = path.relative_to(ROOT).as_posix()
+    lines, blocks, i = path.read_text(encoding="utf-8").splitlines(), [], 0
     while i < len(lines):
         opening = re.fullmatch(r"\s*```(\S*)\s*", lines[i])
         if opening:
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
-            blocks.append(Block(len(blocks) + 1, i + 1, opening.group(1), textwrap.dedent("\n".join(lines[i + 1:end]))))
+            code = textwrap.dedent("\n".join(lines[i + 1:end]))
+            blocks.append(Block(document, len(blocks) + 1, i + 1, opening.group(1), code))
             i = end
         i += 1
     return blocks
@@ -117,7 +121,7 @@ def run_block(block: Block, namespace: dict) -> dict:
     return namespace
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [block for path in DOCUMENTS for block in document_blocks(path)]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -137,7 +141,7 @@ class Command:
     block: Block
     words: list[str]
     earlier: list[list[str]]  # the block's commands before this one
-    folder: Path  # a fresh folder holding the README's example paths; commands run there
+    folder: Path  # a fresh folder holding the example paths; commands run there
 
     def __str__(self) -> str:
         return f"{self.block}: {shlex.join(self.words)}"
@@ -328,7 +332,7 @@ def run_benchmark(cmd: Command, monkeypatch) -> None:
     monkeypatch.setenv("LISA_BENCH_RESULTS", str(results))
     extra = ["--cache", str(cmd.folder / "cache")] if module == "benchmarks.bench_quality" else []
     monkeypatch.setattr(sys, "argv", [module, *cmd.words[3:], *BENCHMARK_SIZES[module], *extra])
-    monkeypatch.chdir(ROOT)  # "Run them from the repository root"
+    monkeypatch.chdir(ROOT)  # "Run them from the repository root" (docs/performance.md)
     with warnings.catch_warnings():  # another test may have imported the module: runpy says it runs it again
         warnings.filterwarnings("ignore", "'benchmarks.* found in sys.modules", RuntimeWarning)
         try:
@@ -411,7 +415,8 @@ def trainer_with_fused_adamw(block: Block, tmp_path: Path) -> None:
     from lisa_kernels import FusedAdamW
     from lisa_trainer import LisaCallback
 
-    # The import and the callback of the block before this one; this block replaces that block's Trainer line.
+    # The import and the callback of the README's two lines, which docs/huggingface-trainer.md builds on: this block
+    # replaces their Trainer line.
     ns = run_block(block, dict(trainer_context(tmp_path), LisaCallback=LisaCallback,
                                lisa=LisaCallback(n_active_layers=2, interval_steps=20)))
     ns["trainer"].train()
@@ -531,7 +536,7 @@ def shell_rule_of(words: list[str]):
     return next((rule for prefix, rule in SHELL_RULES if tuple(words[:len(prefix)]) == prefix), None)
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"block{b.number}-line{b.line}")
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{Path(b.document).stem}-block{b.number}-line{b.line}")
 def test_readme_block_runs(block, inputs, tmp_path, monkeypatch):
     if block.lang == "python":
         rules = python_rules_of(block)
@@ -550,4 +555,5 @@ def test_readme_block_runs(block, inputs, tmp_path, monkeypatch):
 def test_every_python_rule_still_matches_a_block():
     """A rule whose block was edited away would silently test nothing."""
     for marker in PYTHON_RULES:
-        assert any(marker in b.code for b in BLOCKS if b.lang == "python"), f"no README block holds {marker!r}"
+        assert any(marker in b.code for b in BLOCKS if b.lang == "python"), \
+            f"no block of README.md or docs/*.md holds {marker!r}"
