@@ -50,7 +50,7 @@ class LisaConfig:
     embedding_state_dtype: dtype of the AdamW moments of the input embedding and the output head, which train in
         every period: None (as every other parameter: fp32, or the parameter's dtype for fp32/fp64 parameters),
         "float32" or "bfloat16" (half their moment bytes; the decoder layers keep theirs; quality effect measured
-        in the README's Quality section).
+        in docs/quality.md).
     sparse_embedding_state: keep the input embedding's AdamW moments only for the rows (tokens) that have had a
         gradient, bit-identical to dense AdamW (`lisa_kernels.sparse_rows`); not used for an embedding tied to the
         head, whose gradient is dense (`build_optimizer` logs which path it took).

@@ -10,7 +10,7 @@ key_i = -ln(u_i) / w_i and the `n_active` smallest keys win. That is exactly seq
 without replacement (draw one layer with probability proportional to w, remove it, repeat); with equal weights
 it is a uniform random subset, the paper's rule. A zero weight gives an infinite key: never chosen.
 
-Two further rules, both measured in `benchmarks/bench_quality.py` (see the README's "Quality" section):
+Two further rules, both measured in `benchmarks/bench_quality.py` (see docs/quality.md):
 
 - `mode="balanced"`: coverage-balanced sampling. Consecutive periods take consecutive slices of a seeded
   permutation of the layers, so over a cycle of n_layers / gcd(n_layers, n_active) periods every layer trains in
