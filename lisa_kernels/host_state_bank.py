@@ -239,6 +239,11 @@ class HostStateBank:
         self._release(entry, done, stale)
         return out
 
+    def meta(self, name: str) -> tuple[torch.Size, torch.dtype]:
+        """The shape and dtype `read` gives for `name`, without reading it."""
+        entry = self._entries[name]
+        return entry.shape, entry.dtype
+
     def read(self, name: str) -> torch.Tensor:
         """A CPU copy of `name` in its own dtype, leaving it parked (for checkpoints)."""
         entry = self._entries[name]

@@ -24,12 +24,16 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .distributed import DistributedError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
+SHARDED_STATE_FILE = "trainer_state.json"  # a checkpoint written under torchrun, by every rank (sharded_checkpoint.py)
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"
 FORMAT_VERSION = 1
@@ -102,7 +106,7 @@ def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[
     found = []
     for p in out.iterdir():
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file() and (run_id is None or checkpoint_run_id(p) == run_id):
+        if m and ((p / STATE_FILE).is_file() or (p / SHARDED_STATE_FILE).is_file()) and (run_id is None or checkpoint_run_id(p) == run_id):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -144,39 +148,45 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None, run_id: str = "",
-                    gathered: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically; ``state`` holds the trainer's own plain counters and settings.
-    ``gathered``: the full weights, optimizer state and period-start weights of a sharded model
-    (`DataParallel.gather_checkpoint`), written instead of the live objects' (which hold one rank's shards)."""
-    from safetensors import SafetensorError
+def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: dict, tokenizer=None,
+                    run_id: str = "") -> Path:
+    """Write a checkpoint folder of one process atomically; ``state`` holds the trainer's own plain counters and
+    settings."""
     from safetensors.torch import save_model
+
+    with temporary_folder(path) as tmp:
+        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "step": state.get("step")}) + "\n")
+        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "optimizer": optimizer.state_dict(),
+            "controller": controller.state_dict(),
+            "period_start": controller.period_start_state(),
+            "rng": capture_rng_state(),
+            "trainer": state,
+        }
+        torch.save(payload, tmp / STATE_FILE)
+        _fsync_dir(tmp)
+    return Path(path)
+
+
+@contextmanager
+def temporary_folder(path: str | Path):
+    """Yield a new temporary folder next to ``path``, renamed to ``path`` when the block ends (replacing a folder
+    there), removed when it raises: a write failure (disk full, file-size limit) as `CheckpointWriteError`."""
+    from safetensors import SafetensorError
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "step": state.get("step")}) + "\n")
-        if gathered is None:
-            save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})  # shared (tied) tensors stored once
-        else:
-            _save_weights(gathered["model"], tmp / MODEL_FILE)
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "optimizer": gathered["optimizer"] if gathered else optimizer.state_dict(),
-            "controller": controller.state_dict(),
-            "period_start": gathered["period_start"] if gathered else controller.period_start_state(),
-            "rng": capture_rng_state(),
-            "trainer": state,
-        }
-        torch.save(payload, tmp / STATE_FILE)
-        _fsync_dir(tmp)
+        tmp.mkdir()
+        yield tmp
         if path.exists():  # re-saving the same step: swap the new folder in, then delete the old one
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)
@@ -185,6 +195,9 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except (CheckpointWriteError, DistributedError):  # said already (another rank's failure: by that rank)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors: a full disk is no OSError
         reason = write_failure_reason(e, path.parent)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -192,19 +205,6 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
-
-
-def _save_weights(weights: dict[str, torch.Tensor], file: Path) -> None:
-    """A state dict as safetensors; a tensor listed under several names (tied weights) is stored under the first."""
-    from safetensors.torch import save_file
-
-    seen, unique = set(), {}
-    for name, t in weights.items():
-        if t.data_ptr() not in seen or t.numel() == 0:
-            seen.add(t.data_ptr())
-            unique[name] = t.contiguous()
-    save_file(unique, str(file), metadata={"format": "pt"})
 
 
 def write_failure_reason(exc: BaseException, folder: Path) -> str:
@@ -275,12 +275,12 @@ def read_checkpoint_state(path: str | Path, map_location="cpu") -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, controller, memory=None, sharded=None) -> dict:
+def load_checkpoint(path: str | Path, *, model, optimizer, controller, memory=None, sharded: bool = False) -> dict:
     """Restore model, optimizer, controller and RNG states in place; returns the trainer's ``state`` dict.
     ``memory``: the run's `lisa_trainer.memory.MemoryFeatures`, whose hooks bring offloaded weights back for the load
-    and choose the embedding's gradient for the loaded optimizer state. ``sharded``: the `DataParallel` of an FSDP
-    model, which cuts the checkpoint's full tensors to this rank's shards (a checkpoint holds no shards, so it
-    resumes under any number of ranks).
+    and choose the embedding's gradient for the loaded optimizer state. ``sharded``: the model is sharded by FSDP:
+    each rank cuts the checkpoint's whole tensors to its own shards (a checkpoint of one process holds no shards, so
+    it resumes under any number of ranks).
 
     Order matters: weights, then the controller (which re-enters the saved period and so knows which layers are
     frozen), then the optimizer. With the "park" policy the optimizer has a `lisa_kernels.StateParker` (whatever
@@ -292,12 +292,14 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, memory=No
     path = Path(path)
     payload = read_checkpoint_state(path)
     with memory.weights_on_device() if memory is not None else contextlib.nullcontext():
-        if sharded is None:
+        if not sharded:
             device = next(model.parameters()).device
             load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
         else:
-            sharded.load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
-            payload = sharded.shard_checkpoint_state(payload, model, optimizer)
+            from .sharded_checkpoint import load_full_weights, shard_checkpoint_state
+
+            load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
+            payload = shard_checkpoint_state(payload, model, optimizer)
     controller.load_state_dict(payload["controller"])
     controller.load_period_start_state(payload.get("period_start"))
     optimizer.load_state_dict(payload["optimizer"])

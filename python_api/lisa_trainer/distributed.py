@@ -18,13 +18,14 @@ do), or when the caller has already initialised a process group. Per optimizer s
 - **Hugging Face Trainer** (`LisaCallback`): the Trainer's DDP keeps one always-trainable parameter and the same
   `GradientSync` all-reduces the rest of the trainable set, averaged as DDP averages (`TrainerDataParallel`).
 - **FSDP2** (``fsdp=True``): one ``fully_shard`` unit per decoder layer plus the root; FusedAdamW keeps moments for
-  each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. The final
-  model is gathered to rank 0 and saved once. Checkpoints hold the full (gathered) weights, optimizer state and
-  period-start weights in the format of a single process, so they resume under any number of ranks, sharded or
-  not; update norms are summed from each rank's shards (one tiny all-reduce per period).
+  each rank's shards only (and parks those), and a frozen layer has no gradient, so no reduce-scatter. Update norms
+  are summed from each rank's shards (one tiny all-reduce per period).
+- **checkpoints** (:mod:`lisa_trainer.sharded_checkpoint`): every rank writes its own shards, data-parallel or
+  FSDP, and a checkpoint resumes under any number of ranks, sharded or not; the final model of an FSDP run is
+  gathered one tensor at a time and written once by rank 0.
 - **schedule**: the layer schedule is a pure function of (seed, period); at each switch one all-gather of a
   per-layer mask checks that every rank samples the same layers (a mismatch names both ranks' layers).
-- **writes**: rank 0 alone writes the log, checkpoints, the model and the plot; every rank ends with the same
+- **writes**: rank 0 alone writes the log, the model and the plot; every rank ends with the same
   weights (same start, broadcast from rank 0; same summed gradients; same optimizer).
 - **failures**: a rank that raises records its message in the process group's store before it exits; the others
   fail in their next collective (gloo: at once, when the peer's connection closes; NCCL: within
@@ -76,7 +77,7 @@ def shutdown() -> None:
 # accelerate launch's FSDP settings (its config file, passed to the program as environment variables) that our
 # sharding can honour: variable -> (accepted values, lowercase; the setting as the config file names it). Every
 # other setting is met by `DataParallel(fsdp=True)` or does not apply (wrap policy: one unit per decoder layer;
-# state dict type: checkpoints hold full tensors).
+# state dict type: every rank writes its own shards of a checkpoint).
 _ACCELERATE_FSDP_ACCEPTED = {
     "FSDP_OFFLOAD_PARAMS": ({"false", ""}, "fsdp_offload_params: true (lisa-finetune parks the frozen layers' "
                                            "optimizer state in host memory instead: --lisa_state_policy park)"),
@@ -110,6 +111,8 @@ def accelerate_fsdp(environ=os.environ) -> tuple[bool, str | None]:
 
 class DataParallel:
     """The collectives a data-parallel `LisaTrainer` needs; one per trainer. Use `DataParallel.setup`."""
+
+    sharded_checkpoints = True  # every rank writes its own part of a checkpoint (lisa_trainer.sharded_checkpoint)
 
     def __init__(self, device: torch.device, fsdp: bool = False):
         self.rank = dist.get_rank()
@@ -274,100 +277,6 @@ class DataParallel:
         total, count = self.sum(total, count)
         return total, int(count)
 
-    def state_dict_to_save(self, model: nn.Module) -> dict | None:
-        """With FSDP, the full (unsharded) weights gathered to rank 0's CPU (a collective: every rank calls it);
-        None otherwise (each rank's model holds them)."""
-        if not self.fsdp:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return self.collective("gathering the sharded model", get_model_state_dict, model, options=options)
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def gather_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, controller) -> dict | None:
-        """With FSDP: what one process would checkpoint, gathered from the shards to rank 0's CPU ({"model",
-        "optimizer", "period_start"}; None on the other ranks). A collective: every rank calls it. None without
-        FSDP (each rank holds everything). Parked moments are included (`optimizer.state_dict()` reads them from
-        the host bank); one full tensor at a time is assembled, so a rank needs room for its largest parameter."""
-        if not self.fsdp:
-            return None
-        weights = self.state_dict_to_save(model)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        saved = optimizer.state_dict()
-        state = {i: {k: self._full(v, params[i]) for k, v in entry.items()}
-                 for i, entry in sorted(saved["state"].items())}  # the same order on every rank
-        period_start = controller.period_start_state()
-        if period_start is not None:
-            by_name = dict(model.named_parameters())
-            period_start = {**period_start, "snapshots": {name: self._full(t, by_name[name]) for name, t
-                                                          in period_start["snapshots"].items()}}
-        if not self.is_main:
-            return None
-        return {"model": weights, "optimizer": {**saved, "state": state}, "period_start": period_start}
-
-    def _full(self, local, param: torch.Tensor):
-        """The whole tensor of which `local` is this rank's shard, laid out like `param` (rank 0: on the CPU)."""
-        if not (_is_sharded(param) and isinstance(local, torch.Tensor) and local.dim() > 0):
-            return local  # `step` and other scalars are the same on every rank
-        from torch.distributed.tensor import DTensor
-
-        on_device = local.to(param.to_local().device)
-        sharded = DTensor.from_local(on_device, param.device_mesh, param.placements, run_check=False,
-                                     shape=param.shape, stride=param.stride())
-        full = self.collective("gathering the checkpoint's shards", sharded.full_tensor)
-        return full.cpu() if self.is_main else None
-
-    def load_full_weights(self, model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-        """Copy full weights (as `gather_checkpoint` saves them) into the sharded `model`: each rank keeps its
-        own shard (no communication). Every parameter and persistent buffer must be in `weights`, once (a tied
-        parameter under any of its names)."""
-        loaded = set()
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name not in weights:
-                if id(t) in loaded:
-                    continue
-                raise KeyError(f"{source}: no weights for {name!r}")
-            full = weights[name]
-            if tuple(full.shape) != tuple(t.shape):
-                raise ValueError(f"{source}: {name!r} has shape {tuple(full.shape)}, the model {tuple(t.shape)}")
-            with torch.no_grad():
-                if _is_sharded(t):
-                    t.to_local().copy_(_local_shard(full, t))
-                else:
-                    t.copy_(full)
-            loaded.add(id(t))
-
-    def shard_checkpoint_state(self, payload: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """A checkpoint's state (as `gather_checkpoint` saves it) with the optimizer's moments and the period-start
-        weights cut to this rank's shards, ready for the usual `load_state_dict` calls.
-
-        A checkpoint of one process may hold an input embedding's row-sparse state (`lisa_kernels.sparse_rows`:
-        moments of the rows that have had a gradient only), which has no shards: it is expanded to the dense
-        moments it stands for (zeros in the other rows; its one step count is the parameter's, as in dense AdamW,
-        so the rows without state are exactly rows whose moments stayed zero), and each group keeps its own
-        `sparse_rows` setting instead of the saved one."""
-        from lisa_kernels import sparse_rows
-        from lisa_kernels.state_parking import saved_ids_and_params
-
-        saved_groups = payload["optimizer"]["param_groups"]
-        param_of = dict(saved_ids_and_params(optimizer, payload["optimizer"]))
-        state = {}
-        for i, entry in payload["optimizer"]["state"].items():
-            if sparse_rows.ROWS in entry:
-                entry = dict(entry)
-                sparse_rows.expand(entry, torch.empty(param_of[i].shape, dtype=torch.bool))  # the full shape, CPU
-            state[i] = {k: _local_shard(v, param_of[i]) for k, v in entry.items()}
-        groups = [{**saved, "sparse_rows": group.get("sparse_rows", False)} if "sparse_rows" in saved else saved
-                  for group, saved in zip(optimizer.param_groups, saved_groups)]
-        period_start = payload.get("period_start")
-        if period_start is not None:
-            by_name = dict(model.named_parameters())
-            period_start = {**period_start, "snapshots": {name: _local_shard(t, by_name[name]) for name, t
-                                                          in period_start["snapshots"].items()}}
-        return {**payload, "optimizer": {**payload["optimizer"], "param_groups": groups, "state": state},
-                "period_start": period_start}
-
     # ------------------------------------------------------------------------------------------- failures
     def report_failure(self, error: BaseException) -> None:
         """Leave this rank's error where the other ranks look when their next collective fails."""
@@ -414,6 +323,7 @@ class OneProcess:
     one path."""
 
     rank, world_size, is_main, fsdp = 0, 1, True, False
+    sharded_checkpoints = False  # one process writes the one-file checkpoint (lisa_trainer.checkpoint)
 
     def attach(self, model: nn.Module, layers=(), **sync_options) -> None:
         pass
@@ -448,38 +358,11 @@ class OneProcess:
     def eval_sums(self, total: float, count: int) -> tuple[float, int]:
         return total, count
 
-    def state_dict_to_save(self, model: nn.Module) -> None:
-        return None  # the model holds its whole weights
-
-    def gather_checkpoint(self, model: nn.Module, optimizer, controller) -> None:
-        return None
-
     def report_failure(self, error: BaseException) -> None:
         pass
 
     def explain_failure(self, error: BaseException) -> BaseException:
         return error
-
-
-def _is_sharded(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _local_shard(full, like: torch.Tensor):
-    """This rank's shard of the whole tensor `full`, cut as the DTensor `like` is, where `full` is (a checkpoint's
-    CPU tensor stays on the CPU: `distribute_tensor` would first copy all of it to the GPU); a copy, so the whole
-    tensor can go. Scalars and tensors of unsharded parameters as they are. No communication."""
-    if not (_is_sharded(like) and isinstance(full, torch.Tensor) and full.dim() > 0):
-        return full
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
-    piece = full.detach()
-    for dim, (size, start) in enumerate(zip(shape, offset)):
-        piece = piece.narrow(dim, start, size)
-    return piece.clone()
 
 
 def _is_communication_failure(error: BaseException) -> bool:

@@ -281,23 +281,17 @@ class LisaTrainer:
     def save_checkpoint(self) -> Path:
         path = checkpoint_dir(self.output_dir, self.step)
         self._check_weights_finite(path)  # every rank: the weights are the same everywhere
-        # FSDP: the shards gathered into what one process would save (every rank takes part); None otherwise.
-        gathered = self.dist.gather_checkpoint(self.model, self.optimizer, self.controller)
-        if not self.dist.is_main:  # the ranks' states are identical: rank 0 writes, the others wait
-            self.dist.barrier(f"writing {path}")
-            return path
-        save_checkpoint(
-            path,
-            model=self.model,
-            optimizer=self.optimizer,
-            controller=self.controller,
-            state=self._trainer_state(),
-            tokenizer=self.tokenizer,
-            run_id=self.run_id,
-            gathered=gathered,
-        )
-        prune_checkpoints(self.output_dir, self.args.save_total_limit, self.run_id)
-        self.dist.barrier(f"writing {path}")
+        if self.dist.sharded_checkpoints:  # every rank writes its own shards; rank 0 renames the folder into place
+            from .sharded_checkpoint import save_sharded_checkpoint
+
+            save_sharded_checkpoint(path, model=self.model, optimizer=self.optimizer, controller=self.controller,
+                                    state=self._trainer_state(), parallel=self.dist, tokenizer=self.tokenizer,
+                                    run_id=self.run_id)
+        else:
+            save_checkpoint(path, model=self.model, optimizer=self.optimizer, controller=self.controller,
+                            state=self._trainer_state(), tokenizer=self.tokenizer, run_id=self.run_id)
+        if self.dist.is_main:
+            prune_checkpoints(self.output_dir, self.args.save_total_limit, self.run_id)
         return path
 
     def _check_weights_finite(self, destination: Path) -> None:
@@ -311,9 +305,16 @@ class LisaTrainer:
 
     def resume(self, checkpoint: str | Path) -> int:
         """Load a checkpoint folder; returns the step training continues from."""
+        from .sharded_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
+
         try:
-            state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer, controller=self.controller,
-                                    memory=self.memory, sharded=self.dist if self.dist.fsdp else None)
+            if is_sharded_checkpoint(checkpoint):  # written under torchrun: each rank reads what its shards need
+                state = load_sharded_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
+                                                controller=self.controller, memory=self.memory,
+                                                parallel=self.dist if self.dist.sharded_checkpoints else None)
+            else:
+                state = load_checkpoint(checkpoint, model=self.model, optimizer=self.optimizer,
+                                        controller=self.controller, memory=self.memory, sharded=self.dist.fsdp)
         except SafetensorError as e:
             raise CheckpointError(f"{Path(checkpoint) / MODEL_FILE}: damaged or truncated ({e})") from e
         except CheckpointError:
@@ -456,20 +457,25 @@ class LisaTrainer:
 
     def save_model(self, path: str | Path) -> None:
         """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``.
-        With several ranks every rank calls it (FSDP gathers the shards to rank 0) and rank 0 writes.
+        With several ranks every rank calls it and rank 0 writes (FSDP gathers one weight at a time to rank 0:
+        `lisa_trainer.sharded_checkpoint.save_sharded_model`).
 
         Raises :class:`TrainingDiverged` (writing nothing) if a weight is not finite, and
         :class:`~lisa_trainer.checkpoint.CheckpointWriteError` if the files cannot be written."""
         path = Path(path)
         self._check_weights_finite(path)
-        state_dict = self.dist.state_dict_to_save(self.model)
+        if self.dist.fsdp:
+            from .sharded_checkpoint import save_sharded_model
+
+            save_sharded_model(self.model, path, self.dist, tokenizer=self.tokenizer)
+            return
         if not self.dist.is_main:
             return  # every rank holds the same weights; rank 0 writes them
         kwargs = {}
         if "safe_serialization" in inspect.signature(self.model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True  # the default in recent transformers, where the flag is gone
         try:
-            self.model.save_pretrained(path, state_dict=state_dict, **kwargs)
+            self.model.save_pretrained(path, **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
         except (OSError, RuntimeError, SafetensorError) as e:

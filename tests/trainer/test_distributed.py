@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lisa_trainer import LisaConfig, build_optimizer
+from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.distributed import OneProcess
@@ -52,6 +52,13 @@ def _trainer(out, tok, data, *, batch, n_active=1, seed=0, policy="keep", granul
 
 def _weights(trainer) -> dict:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _full_weights(trainer) -> dict:
+    """The whole weights of an FSDP model, gathered to the CPU (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _record_first_gradients(trainer) -> dict:
@@ -108,7 +115,7 @@ def _scenarios(rank: int, out: Path) -> None:
     # DDP ends with, 5 is in the middle of a period).
     sharded = _trainer(out / "fsdp", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS, save_steps=1)
     sharded.train()
-    results["fsdp"] = {"weights": sharded.dist.state_dict_to_save(sharded.model),
+    results["fsdp"] = {"weights": _full_weights(sharded),
                        "period_log": sharded.controller.period_log,
                        "state_elements": sum(t.numel() for st in sharded.optimizer.state.values()
                                              for t in st.values() if t.dim() > 0),
@@ -118,12 +125,12 @@ def _scenarios(rank: int, out: Path) -> None:
     parking = _trainer(out / "fsdp_park", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS,
                        policy="park", save_steps=5)
     parking.train()
-    results["fsdp_park"] = {"weights": parking.dist.state_dict_to_save(parking.model),
+    results["fsdp_park"] = {"weights": _full_weights(parking),
                             "period_log": parking.controller.period_log, "parked": _parked(parking)}
     resumed = _trainer(out / "fsdp_resumed", tok, data, batch=BATCH, n_active=2, fsdp=True, max_steps=FSDP_STEPS,
                        policy="park")
     resumed.train(resume_from_checkpoint=out / "fsdp_park" / "checkpoint-5")
-    results["fsdp_resumed"] = {"weights": resumed.dist.state_dict_to_save(resumed.model), "parked": _parked(resumed)}
+    results["fsdp_resumed"] = {"weights": _full_weights(resumed), "parked": _parked(resumed)}
     # Module-wise, 4 periods; FSDP resumed from the middle of period 2.
     module_runs = {"module_ddp": {}, "module_fsdp": {"fsdp": True, "save_steps": 5},
                    "module_fsdp_resumed": {"fsdp": True, "resume": out / "module_fsdp" / "checkpoint-5"}}
@@ -131,12 +138,24 @@ def _scenarios(rank: int, out: Path) -> None:
         resume = kw.pop("resume", None)
         t = _trainer(out / run, tok, data, batch=BATCH, policy="park", granularity="module", max_steps=8, **kw)
         t.train(resume_from_checkpoint=resume)
-        results[run] = {"weights": t.dist.state_dict_to_save(t.model) if t.dist.fsdp else _weights(t),
+        results[run] = {"weights": _full_weights(t) if t.dist.fsdp else _weights(t),
                         "period_log": t.controller.period_log}
     for name, fsdp in (("ddp_from_one", False), ("fsdp_from_one", True)):  # a one-process run's checkpoint
         t = _trainer(out / name, tok, data, batch=BATCH, n_active=2, fsdp=fsdp, max_steps=FSDP_STEPS)
         t.train(resume_from_checkpoint=out / ONE_PROCESS / f"checkpoint-{ONE_PROCESS_SAVED}")
-        results[name] = {"weights": t.dist.state_dict_to_save(t.model) if fsdp else _weights(t)}
+        results[name] = {"weights": _full_weights(t) if fsdp else _weights(t)}
+    # Resharded: data-parallel from FSDP's checkpoint in the middle of period 2, FSDP from data-parallel's at step 2
+    # (whose embedding state is row-sparse: expanded, then cut into shards).
+    # Each is loaded and saved again as it was loaded (checkpoint-N of `<name>_resaved`), then trains on.
+    from lisa_trainer.sharded_checkpoint import save_sharded_checkpoint
+
+    for name, fsdp, source, steps in (("ddp_from_fsdp", False, out / "fsdp" / "checkpoint-5", FSDP_STEPS),
+                                      ("fsdp_from_ddp", True, out / "active2" / "checkpoint-2", STEPS)):
+        t = _trainer(out / name, tok, data, batch=BATCH, n_active=2, fsdp=fsdp, max_steps=steps)
+        t.resume(source)
+        save_sharded_checkpoint(out / f"{name}_resaved" / source.name, model=t.model, optimizer=t.optimizer,
+                                controller=t.controller, state=t._trainer_state(), parallel=t.dist)
+        t.train(resume_from_checkpoint=source)
     results["one_row"] = _one_row_state_round_trip()
     try:  # rank 1 samples with another seed: the first switch must refuse to train
         _trainer(out / "mismatch", tok, data, batch=BATCH, seed=rank).train()
@@ -284,19 +303,21 @@ def _fails_on_rank1(rank: int, out: Path) -> None:
 
 
 def _fsdp_fails_on_rank1_while_saving(rank: int, out: Path) -> None:
-    """With FSDP, rank 1 runs out of memory gathering the third checkpoint, while rank 0 waits for its shards."""
+    """With FSDP, rank 1 runs out of memory writing its shards of the third checkpoint, while rank 0 writes its own."""
+    from lisa_trainer import sharded_checkpoint
+
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
     t = _trainer(out, tok, data, batch=BATCH, n_active=2, save_steps=1, ddp_timeout=30, fsdp=True)
     if rank == 1:
-        gather = t.dist._full
+        write = sharded_checkpoint._write_tensor
 
-        def out_of_memory(local, param):
+        def out_of_memory(f, tensor):
             if t.step == 3:
-                raise MemoryError("no room to gather the checkpoint")
-            return gather(local, param)
+                raise MemoryError("no room to write the checkpoint")
+            return write(f, tensor)
 
-        t.dist._full = out_of_memory
+        sharded_checkpoint._write_tensor = out_of_memory
     _train_and_record_the_error(t, rank, out)
 
 
@@ -338,7 +359,7 @@ def _train_and_record_the_error(trainer, rank: int, out: Path) -> None:
 
 @pytest.mark.parametrize("scenario, error", [(_fails_on_rank1, "ValueError: example 17 has no tokens"),
                                              (_fsdp_fails_on_rank1_while_saving,
-                                              "MemoryError: no room to gather the checkpoint")],
+                                              "MemoryError: no room to write the checkpoint")],
                          ids=["bad-data", "fsdp-out-of-memory-while-saving"])
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, error):
     started = time.monotonic()
@@ -351,10 +372,10 @@ def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, err
     assert error in (tmp_path / "rank1.err").read_text()
     rank0 = (tmp_path / "rank0.err").read_text()
     assert rank0.startswith("DistributedError") and f"rank 1 failed: {error}" in rank0
-    from lisa_trainer.checkpoint import latest_checkpoint, read_checkpoint_state
+    from lisa_trainer.checkpoint import latest_checkpoint
 
     newest = latest_checkpoint(tmp_path)
-    assert newest.name == "checkpoint-2" and read_checkpoint_state(newest)["trainer"]["step"] == 2
+    assert newest.name == "checkpoint-2" and _sharded_state(newest)["trainer"]["step"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint")] == []  # no temporary folder left
 
 
@@ -465,9 +486,14 @@ def test_bench_workers_get_the_arguments_without_nproc():
 
 
 def _checkpoint_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
+    """The whole weights in a checkpoint written under torchrun, read in this process."""
+    from lisa_trainer.sharded_checkpoint import read_full_tensors
 
-    return load_file(str(path / "model.safetensors"))
+    return read_full_tensors(path)
+
+
+def _sharded_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def test_fsdp_matches_ddp_with_sharded_optimizer_state(ddp):
@@ -517,28 +543,32 @@ def test_fsdp_resume_under_two_ranks_is_bit_identical(ddp):
 
 
 def test_fsdp_checkpoints_hold_the_full_state_parked_moments_included(ddp):
-    """The same step of the `keep` and `park` runs: equal weights and optimizer state, gathered from the shards and
-    the host banks into the layout of one process."""
-    from lisa_trainer.checkpoint import read_checkpoint_state
+    """The same step of the `keep` and `park` runs: equal weights, optimizer state and period-start weights, each
+    rank's shards (from its device state or its host bank) together making the whole tensors."""
+    from lisa_trainer.sharded_checkpoint import read_full_tensors
 
     out, ranks = ddp
-    keep, park = (read_checkpoint_state(out / run / "checkpoint-5") for run in ("fsdp", "fsdp_park"))
     model = build_demo_model(build_demo_tokenizer(), **SMALL)
-    names = {p: n for n, p in model.named_parameters()}
-    in_order = [p for group in build_optimizer(model).param_groups for p in group["params"]]  # the state's indices
-    shapes = [p.shape for p in in_order]
-    layer1 = [i for i, p in enumerate(in_order) if ".layers.1." in names[p]]
-    assert layer1 and set(layer1) <= set(keep["optimizer"]["state"])  # trained in periods 0-1, frozen at step 5
-    assert keep["optimizer"]["state"].keys() == park["optimizer"]["state"].keys()
-    for i, saved in keep["optimizer"]["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert saved[key].shape == shapes[i] and torch.equal(park["optimizer"]["state"][i][key], saved[key])
-    assert {n: t.shape for n, t in keep["period_start"]["snapshots"].items()} == \
-        {n: p.shape for n, p in model.named_parameters() if n in keep["period_start"]["snapshots"]}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    keep, park = (read_full_tensors(out / run / "checkpoint-5", prefix="optimizer/") for run in ("fsdp", "fsdp_park"))
+    layer1 = [n for n in shapes if ".layers.1." in n]
+    # trained in periods 0-1, frozen (so parked in the `park` run) at step 5
+    assert layer1 and {f"{n}/{key}" for n in layer1 for key in ("exp_avg", "exp_avg_sq")} <= keep.keys()
+    assert keep.keys() == park.keys()
+    for key, saved in keep.items():
+        name, moment = key.rsplit("/", 1)
+        if moment != "step":
+            assert saved.shape == shapes[name], key
+        assert torch.equal(park[key], saved), key
+    starts = read_full_tensors(out / "fsdp" / "checkpoint-5", prefix="period_start/")
+    assert starts and {n: t.shape for n, t in starts.items()} == {n: shapes[n] for n in starts}
     weights = {run: _checkpoint_weights(out / run / "checkpoint-5") for run in ("fsdp", "fsdp_park")}
     assert weights["fsdp"].keys() == model.state_dict().keys()
     for name, w in weights["fsdp"].items():
         assert torch.equal(weights["fsdp_park"][name], w), name
+    for run in ("fsdp", "fsdp_park"):  # each rank wrote its own file
+        assert sorted(p.name for p in (out / run / "checkpoint-5" / "shards").iterdir()) == \
+            ["index.json", "rank-00000.safetensors", "rank-00001.safetensors"]
 
 
 def test_an_fsdp_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
@@ -552,6 +582,36 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(ddp, tok, tmp_path):
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=2e-6, msg=name)
     (period,) = _periods(tmp_path)
     assert period["layer_update_norms"] == pytest.approx(_periods(out / "fsdp")[-1]["layer_update_norms"], rel=2e-6)
+
+
+def test_checkpoints_reshard_between_fsdp_and_data_parallel(ddp):
+    """A checkpoint written under FSDP resumes data-parallel and the other way round. The state loads exactly (saved
+    again, it holds the same tensors; data-parallel's row-sparse embedding moments come back dense from FSDP's
+    shards) and training goes on with the uninterrupted run's losses, to fp32 reduction-order rounding."""
+    from lisa_kernels import sparse_rows
+    from lisa_trainer.sharded_checkpoint import read_full_tensors
+
+    out, _ = ddp
+    for run, source in (("ddp_from_fsdp", out / "fsdp" / "checkpoint-5"),
+                        ("fsdp_from_ddp", out / "active2" / "checkpoint-2")):
+        saved, again = (read_full_tensors(ckpt, prefix="") for ckpt in (source, out / f"{run}_resaved" / source.name))
+        rows = {k.rsplit("/", 1)[0]: v for k, v in saved.items() if k.endswith(f"/{sparse_rows.ROWS}")}
+        assert (run == "fsdp_from_ddp") == bool(rows)  # data-parallel's embedding state is row-sparse
+        assert again.keys() == saved.keys() - {f"{name}/{sparse_rows.ROWS}" for name in rows}
+        for key, value in again.items():
+            owner = key.rsplit("/", 1)[0]
+            if owner in rows and key.rsplit("/", 1)[1] != "step":
+                dense = {key.rsplit("/", 1)[1]: saved[key], sparse_rows.ROWS: rows[owner]}
+                sparse_rows.expand(dense, torch.empty(value.shape, dtype=torch.bool))
+                assert torch.equal(dense[key.rsplit("/", 1)[1]], value), (run, key)
+            else:
+                assert torch.equal(saved[key], value), (run, key)
+    for run, reference in (("ddp_from_fsdp", "fsdp"), ("fsdp_from_ddp", "active2")):
+        steps = {r: [x for x in read_log(out / r / "train_log.jsonl") if x["kind"] == "step"] for r in (run, reference)}
+        resumed_at = steps[run][0]["step"] - 1
+        assert [x["step"] for x in steps[run]] == [x["step"] for x in steps[reference][resumed_at:]]
+        assert [x["loss"] for x in steps[run]] == pytest.approx([x["loss"] for x in steps[reference][resumed_at:]],
+                                                               rel=1e-6)
 
 
 def test_fsdp_optimizer_state_of_a_one_row_parameter_loads_as_its_shard(ddp):
@@ -584,7 +644,7 @@ def _nccl_runs(rank: int, out: Path) -> None:
         t = _trainer(out / name, tok, data, batch=BATCH, n_active=2, fsdp=fsdp)
         assert t.device == torch.device("cuda", rank)
         t.train()
-        weights = t.dist.state_dict_to_save(t.model) if fsdp else _weights(t)
+        weights = _full_weights(t) if fsdp else _weights(t)
         results[name] = {k: v.cpu() for k, v in (weights or {}).items()}
     torch.save(results, out / f"rank{rank}.pt")
 
