@@ -1,6 +1,8 @@
 """Checkpoints that resume a LISA run exactly, written atomically and read back without unpickling code.
 
-A checkpoint is a folder ``checkpoint-<step>``:
+This module writes the checkpoints of a run in one process; under torchrun every rank writes its own part
+(`lisa_trainer.sharded_checkpoint`, the same folder name and run id, its state in ``trainer_state.json``). Both
+resume under any number of ranks. A one-process checkpoint is a folder ``checkpoint-<step>``:
 
 - ``model.safetensors`` + ``config.json`` (+ tokenizer files): the weights, loadable by ``from_pretrained`` too;
 - ``run.json``: the id of the run that wrote it, so a run resumes and prunes only its own checkpoints;
@@ -106,7 +108,8 @@ def list_checkpoints(output_dir: str | Path, run_id: str | None = None) -> list[
     found = []
     for p in out.iterdir():
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and ((p / STATE_FILE).is_file() or (p / SHARDED_STATE_FILE).is_file()) and (run_id is None or checkpoint_run_id(p) == run_id):
+        complete = (p / STATE_FILE).is_file() or (p / SHARDED_STATE_FILE).is_file()
+        if m and complete and (run_id is None or checkpoint_run_id(p) == run_id):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
