@@ -172,7 +172,7 @@ def save_checkpoint(path: str | Path, *, model, optimizer, controller, state: di
             "trainer": state,
         }
         torch.save(payload, tmp / STATE_FILE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     return Path(path)
 
 
@@ -197,7 +197,7 @@ def temporary_folder(path: str | Path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except (CheckpointWriteError, DistributedError):  # said already (another rank's failure: by that rank)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -245,7 +245,7 @@ def _file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     for f in path.iterdir() if path.is_dir() else []:
         if f.is_file():
             with open(f, "rb") as fh:
@@ -299,7 +299,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, controller, memory=No
             device = next(model.parameters()).device
             load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
         else:
-            from .sharded_checkpoint import load_full_weights, shard_checkpoint_state
+            from .fsdp_weights import load_full_weights, shard_checkpoint_state
 
             load_full_weights(model, load_file(str(path / MODEL_FILE)), str(path / MODEL_FILE))
             payload = shard_checkpoint_state(payload, model, optimizer)

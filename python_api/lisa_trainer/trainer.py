@@ -458,14 +458,14 @@ class LisaTrainer:
     def save_model(self, path: str | Path) -> None:
         """Hugging Face format (safetensors) with the tokenizer: ``AutoModelForCausalLM.from_pretrained(path)``.
         With several ranks every rank calls it and rank 0 writes (FSDP gathers one weight at a time to rank 0:
-        `lisa_trainer.sharded_checkpoint.save_sharded_model`).
+        `lisa_trainer.fsdp_weights.save_sharded_model`).
 
         Raises :class:`TrainingDiverged` (writing nothing) if a weight is not finite, and
         :class:`~lisa_trainer.checkpoint.CheckpointWriteError` if the files cannot be written."""
         path = Path(path)
         self._check_weights_finite(path)
         if self.dist.fsdp:
-            from .sharded_checkpoint import save_sharded_model
+            from .fsdp_weights import save_sharded_model
 
             save_sharded_model(self.model, path, self.dist, tokenizer=self.tokenizer)
             return

@@ -304,20 +304,20 @@ def _fails_on_rank1(rank: int, out: Path) -> None:
 
 def _fsdp_fails_on_rank1_while_saving(rank: int, out: Path) -> None:
     """With FSDP, rank 1 runs out of memory writing its shards of the third checkpoint, while rank 0 writes its own."""
-    from lisa_trainer import sharded_checkpoint
+    from lisa_trainer import sharded_storage
 
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
     t = _trainer(out, tok, data, batch=BATCH, n_active=2, save_steps=1, ddp_timeout=30, fsdp=True)
     if rank == 1:
-        write = sharded_checkpoint._write_tensor
+        write = sharded_storage.write_tensor
 
         def out_of_memory(f, tensor):
             if t.step == 3:
                 raise MemoryError("no room to write the checkpoint")
             return write(f, tensor)
 
-        sharded_checkpoint._write_tensor = out_of_memory
+        sharded_storage.write_tensor = out_of_memory
     _train_and_record_the_error(t, rank, out)
 
 

@@ -105,7 +105,7 @@ def _bank_contents(trainer) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _scenarios(rank: int, out: Path) -> None:
-    from lisa_trainer.sharded_checkpoint import save_sharded_model
+    from lisa_trainer.fsdp_weights import save_sharded_model
 
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
@@ -221,13 +221,13 @@ def test_a_sharded_checkpoint_holds_no_pickle(runs):
 def _killed_while_saving(rank: int, out: Path) -> None:
     """Rank `KILLED` is killed (SIGKILL: no message, no cleanup) half-way through writing its shards of
     checkpoint-3."""
-    from lisa_trainer import sharded_checkpoint
+    from lisa_trainer import sharded_storage
 
     tok = build_demo_tokenizer()
     data = load_and_tokenize(demo_dataset_path(), tok, block_size=48)
     t = _trainer(out, tok, data, SMALL, save_steps=1, ddp_timeout=30)
     if rank == int(os.environ["KILLED"]):
-        write, written = sharded_checkpoint._write_tensor, []
+        write, written = sharded_storage.write_tensor, []
 
         def killed(f, tensor):
             written.append(1)
@@ -236,7 +236,7 @@ def _killed_while_saving(rank: int, out: Path) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return write(f, tensor)
 
-        sharded_checkpoint._write_tensor = killed
+        sharded_storage.write_tensor = killed
     try:
         t.train()
     except BaseException as e:
