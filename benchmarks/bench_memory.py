@@ -58,35 +58,38 @@ through those tokenizers without a download. On real tensors (the tests' CPU run
 many rows, so the two agree. The LISA variants other than the row-sparse ones keep dense embedding state, so each
 saving is listed on its own.
 
-Sharded over ranks (`--fsdp-ranks 8,16,64`): each variant is also run with its model sharded by FSDP2 as
+Sharded over ranks (`--fsdp-ranks 2,4,8,16,64`): each variant is also run with its model sharded by FSDP2 as
 `lisa_trainer.distributed.DataParallel(fsdp=True).attach` shards it (one unit per decoder layer plus the root; LoRA:
 after peft has wrapped the layers, the optimizer built over the shards), in a process group of N ranks on torch's
 "fake" backend (`torch.testing._internal.distributed.fake_pg`: collectives return at once and move nothing), with
 WORLD_SIZE and RANK set as torchrun sets them. The parameters become DTensors holding rank 0's shard, and the same
 schedule through the same code counts that rank's bytes: weights, gradients (after their reduce-scatter), moments,
 prefetched and parked moments. Rank 0 holds the largest shards (dim 0 is cut in pieces of ceil(rows / N) rows); the
-JSON lists the parameters that do not split evenly (at 70B on 8, 16 or 64 ranks: none). FSDP2 refuses to gather meta
-parameters, so what it holds beyond the shards during a step is derived from the shards (`fsdp_figures`): the root
-(embedding, final norm, head) gathered from forward through backward, two decoder layers gathered (the computing one
-and the prefetched next), and the whole gradients of the root's trainable parameters and of the largest trainable
-layer before their reduce-scatter. Activations are those of one rank's micro-batch, which sharding does not change:
-the unsharded run's. A node's host bytes are min(N, `--ranks-per-node`) x rank 0's parked moments; the pinned arena
-that holds them is counted by the bank's own allocator (`SizeOnlyStateBank`). Variants that run in one process only
-(the step inside backward, frozen-weight offload, row-sparse embedding state) are not sharded.
+JSON lists the parameters that do not split evenly (at 70B on 2 to 64 ranks: none). FSDP2 refuses to gather meta
+parameters, so what it holds beyond the shards during a step is derived from the shards (`memory_fsdp.fsdp_figures`):
+the root (embedding, final norm, head) gathered from forward through backward, two decoder layers gathered (the
+computing one and the prefetched next), and the whole gradients of the root's trainable parameters and of the
+largest trainable layer before their reduce-scatter. Activations are those of one rank's micro-batch, which sharding
+does not change: the unsharded run's. A node's host bytes are min(N, `--ranks-per-node`) x rank 0's parked moments;
+the pinned arena that holds them is counted by the bank's own allocator (`SizeOnlyStateBank`). Variants that run in
+one process only (the step inside backward, frozen-weight offload, row-sparse embedding state) are not sharded.
 
 Variants are one entry each in VARIANTS: a bench_finetune method plus FusedAdamW arguments, so a new optimizer option
 (e.g. a per-group state dtype or a row-sparse embedding state) is measured by adding one line.
 
+The fake process group and FSDP2's gathered terms are in benchmarks/memory_fsdp.py; the rest stays in this one file
+because the size-only bank, the schedule, the activation estimate and the tables are each used only by `account` and
+its report, and read in that order they are one path from a VARIANTS entry to a table row.
+
     python -m benchmarks.bench_memory                              # 7b, 8b, 70b; 100 periods, γ=2
     python -m benchmarks.bench_memory --shapes 8b --variants lisa-park,lisa-park-bf16-moments,lora
-    python -m benchmarks.bench_memory --shapes 70b --variants full,lora,lisa-park --fsdp-ranks 8,16,64 --periods 240
+    python -m benchmarks.bench_memory --shapes 70b --variants full,lora,lisa-park --fsdp-ranks 2,4,8,16,64 --periods 240
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -103,6 +106,7 @@ from benchmarks.bench_finetune import (
     torch_adamw,
 )
 from benchmarks.common import environment, print_table, save_results
+from benchmarks.memory_fsdp import fake_world, fsdp_figures, shard
 from lisa_kernels import HostStateBank, sparse_rows
 from lisa_kernels.host_arena import Arena, ChunkSource, Slot
 
@@ -496,80 +500,7 @@ def _account(shape: str, variant: Variant, device: torch.device, args, world: in
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sharded over ranks
-
-
-@contextlib.contextmanager
-def fake_world(world: int, rank: int):
-    """A default process group of `world` ranks in which this process is `rank`, on torch's "fake" backend (its
-    collectives return at once and move nothing), with WORLD_SIZE and RANK set as torchrun sets them: FSDP2 shards
-    the model for real and the package sees `world` processes."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("bench_memory: the sharded accounting needs its own process group; one is already up")
-    saved = {key: os.environ.get(key) for key in ("WORLD_SIZE", "RANK")}
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def shard(model, device: torch.device) -> None:
-    """`lisa_trainer.distributed.DataParallel(fsdp=True).attach`: rank 0's weights broadcast, then one FSDP2 unit
-    per decoder layer plus the root. The mesh is a CPU mesh (a meta mesh has no device to place shards on; FSDP2
-    leaves meta parameters on meta); the broadcast runs on the meta tensors themselves, which the fake group does
-    not read (gloo's path would first copy them to the CPU, and meta tensors have no data to copy)."""
-    from lisa_trainer.distributed import DataParallel
-    from lisa_trainer.layers import find_decoder_layers
-
-    parallel = DataParallel(torch.device("cpu"), fsdp=True)
-    parallel._comm_device = device
-    _, layers = find_decoder_layers(model)
-    parallel.attach(model, layers)
-
-
-def gathered_bytes(params, world: int) -> int:
-    """FSDP2's all-gather output for these sharded parameters: every rank's shard, each padded to the largest (dim 0
-    is cut in pieces of ceil(rows / world) rows, as torch.chunk cuts it), in the parameters' dtype."""
-    return sum(world * -(-p.shape[0] // world) * math.prod(p.shape[1:]) * p.element_size() for p in params)
-
-
-def fsdp_figures(model, world: int) -> dict:
-    """What FSDP2 holds on a rank beyond its shards while a step runs, in bytes, from the sharded parameters (on meta
-    FSDP2 refuses to gather: these terms follow FSDP2's schedule, they are not allocations seen):
-
-    - root_gathered: the root unit (embedding, final norm, head) whole; FSDP2 does not reshard the root after
-      forward, so it stays gathered through backward;
-    - layers_gathered: two decoder layers whole: the one computing and the next, which FSDP2 prefetches (in forward,
-      recompute and backward alike; frozen layers are gathered as trained ones are);
-    - grads_unsharded: gradients are whole until their unit's reduce-scatter: the root's trainable parameters' (the
-      head's gradient arrives first in backward and waits for the root's reduce-scatter at its end) plus the
-      largest trainable decoder layer's;
-    - uneven: parameters whose rows do not split evenly (then rank 0 holds the largest shards, and the others less).
-    """
-    from lisa_trainer.layers import find_decoder_layers
-
-    _, layers = find_decoder_layers(model)
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    root = [p for p in model.parameters() if id(p) not in in_layers]
-    out = {
-        "root_gathered": gathered_bytes(root, world),
-        "layers_gathered": 2 * max(gathered_bytes(layer.parameters(), world) for layer in layers),
-        "grads_unsharded": gathered_bytes([p for p in root if p.requires_grad], world) + max(
-            gathered_bytes([p for p in layer.parameters() if p.requires_grad], world) for layer in layers),
-    }
-    out["total"] = sum(out.values())
-    out["uneven"] = [name for name, p in model.named_parameters() if p.shape[0] % world]
-    return out
+# Variants without a sharded form
 
 
 def unsharded_only(variant: Variant) -> str | None:
