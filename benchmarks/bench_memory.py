@@ -58,11 +58,32 @@ through those tokenizers without a download. On real tensors (the tests' CPU run
 many rows, so the two agree. The LISA variants other than the row-sparse ones keep dense embedding state, so each
 saving is listed on its own.
 
+Sharded over ranks (`--fsdp-ranks 2,4,8,16,64`): each variant is also run with its model sharded by FSDP2 as
+`lisa_trainer.distributed.DataParallel(fsdp=True).attach` shards it (one unit per decoder layer plus the root; LoRA:
+after peft has wrapped the layers, the optimizer built over the shards), in a process group of N ranks on torch's
+"fake" backend (`torch.testing._internal.distributed.fake_pg`: collectives return at once and move nothing), with
+WORLD_SIZE and RANK set as torchrun sets them. The parameters become DTensors holding rank 0's shard, and the same
+schedule through the same code counts that rank's bytes: weights, gradients (after their reduce-scatter), moments,
+prefetched and parked moments. Rank 0 holds the largest shards (dim 0 is cut in pieces of ceil(rows / N) rows); the
+JSON lists the parameters that do not split evenly (at 70B on 2 to 64 ranks: none). FSDP2 refuses to gather meta
+parameters, so what it holds beyond the shards during a step is derived from the shards (`memory_fsdp.fsdp_figures`):
+the root (embedding, final norm, head) gathered from forward through backward, two decoder layers gathered (the
+computing one and the prefetched next), and the whole gradients of the root's trainable parameters and of the
+largest trainable layer before their reduce-scatter. Activations are those of one rank's micro-batch, which sharding
+does not change: the unsharded run's. A node's host bytes are min(N, `--ranks-per-node`) x rank 0's parked moments;
+the pinned arena that holds them is counted by the bank's own allocator (`SizeOnlyStateBank`). Variants that run in
+one process only (the step inside backward, frozen-weight offload, row-sparse embedding state) are not sharded.
+
 Variants are one entry each in VARIANTS: a bench_finetune method plus FusedAdamW arguments, so a new optimizer option
 (e.g. a per-group state dtype or a row-sparse embedding state) is measured by adding one line.
 
+The fake process group and FSDP2's gathered terms are in benchmarks/memory_fsdp.py; the rest stays in this one file
+because the size-only bank, the schedule, the activation estimate and the tables are each used only by `account` and
+its report, and read in that order they are one path from a VARIANTS entry to a table row.
+
     python -m benchmarks.bench_memory                              # 7b, 8b, 70b; 100 periods, γ=2
     python -m benchmarks.bench_memory --shapes 8b --variants lisa-park,lisa-park-bf16-moments,lora
+    python -m benchmarks.bench_memory --shapes 70b --variants full,lora,lisa-park --fsdp-ranks 2,4,8,16,64 --periods 240
 """
 from __future__ import annotations
 
@@ -77,9 +98,17 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.bench_finetune import SHAPES, build_model, device_state_breakdown, setup_method
+from benchmarks.bench_finetune import (
+    SHAPES,
+    build_model,
+    device_state_breakdown,
+    setup_method,
+    torch_adamw,
+)
 from benchmarks.common import environment, print_table, save_results
+from benchmarks.memory_fsdp import fake_world, fsdp_figures, shard
 from lisa_kernels import HostStateBank, sparse_rows
+from lisa_kernels.host_arena import Arena, ChunkSource, Slot
 
 GB = 1e9
 DTYPE = torch.bfloat16
@@ -165,18 +194,47 @@ STATIC_METHODS = ("full", "lora")
 # Parking without data
 
 
+class MetaChunkSource(ChunkSource):
+    """The pinned chunks the real bank's arena would take, sized as its source sizes them (the native extension:
+    the bytes asked for, page-rounded; plain PyTorch: a power of two), made of meta bytes that cost nothing."""
+
+    def __init__(self, native: bool):
+        # ChunkSource sizes by whether it has the native ops; only their presence is read here, never a call.
+        super().__init__(ops=True if native else None, pinned=True)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device="meta")
+
+
 class SizeOnlyStateBank(HostStateBank):
     """A HostStateBank that records what is parked (shape, dtype, device) instead of copying it: meta tensors have
     no data to copy, and a 70B model's parked moments (~0.5 TB) would not fit in this host anyway.
 
     `restore` hands back an uninitialised tensor of the parked shape and dtype; `prefetch` allocates that tensor on
     the device ahead of time and keeps it until `restore`, as the real bank does on a GPU, so `prefetched_bytes`
-    counts what a prefetch holds on the device."""
+    counts what a prefetch holds on the device. Every park and release also goes through the real bank's arena
+    allocator (`host_arena.Arena`, 64 MiB growth steps, 256-byte slots) over meta chunks, once sized as the native
+    extension allocates and once as plain PyTorch's pinned allocator does: `arena_bytes` and `torch_arena_bytes`
+    are the page-locked memory the real bank would hold for the same parks, with and without the extension. Like
+    LisaTrainer's bank, it grows as it parks: `reserve` is not modelled (bench_finetune's up-front reservation)."""
 
-    def __init__(self):
-        super().__init__(backend="fallback", pin=False)
+    def __init__(self, chunk_bytes: int = 64 << 20):
+        super().__init__(backend="fallback", pin=False, chunk_bytes=chunk_bytes)
         self._records: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._prefetched: dict[str, torch.Tensor] = {}
+        self._arenas = {source: Arena(MetaChunkSource(source == "native"), chunk_bytes, None)
+                        for source in ("native", "fallback")}
+        self._slots: dict[str, dict[str, Slot]] = {}
+
+    @property
+    def arena_bytes(self) -> int:
+        """The arena's chunks with the native extension; they only grow (the bank gives them back on `trim`)."""
+        return self._arenas["native"].reserved
+
+    @property
+    def torch_arena_bytes(self) -> int:
+        """The same without the extension: plain PyTorch's pinned chunks, each a power of two."""
+        return self._arenas["fallback"].reserved
 
     @property
     def bytes_held(self) -> int:
@@ -201,6 +259,8 @@ class SizeOnlyStateBank(HostStateBank):
     def offload(self, name: str, tensor: torch.Tensor, **_) -> None:
         self.discard(name)
         self._records[name] = (tensor.shape, tensor.dtype, tensor.device)
+        if tensor.numel():
+            self._slots[name] = {source: arena.alloc(tensor.nbytes) for source, arena in self._arenas.items()}
 
     def prefetch(self, name: str, device=None) -> None:
         if name not in self._prefetched:
@@ -211,6 +271,7 @@ class SizeOnlyStateBank(HostStateBank):
         if out is None or (device is not None and out.device != torch.device(device)):
             out = self._empty(name, device)
         del self._records[name]
+        self._free_slots(name)
         return out
 
     def read(self, name: str) -> torch.Tensor:
@@ -220,6 +281,11 @@ class SizeOnlyStateBank(HostStateBank):
     def discard(self, name: str) -> None:
         self._records.pop(name, None)
         self._prefetched.pop(name, None)
+        self._free_slots(name)
+
+    def _free_slots(self, name: str) -> None:
+        for source, slot in self._slots.pop(name, {}).items():
+            self._arenas[source].free(slot)
 
     def _empty(self, name: str, device) -> torch.Tensor:
         shape, dtype, home = self._records[name]
@@ -343,15 +409,34 @@ def staging_bytes(offload) -> int:
     return 2 * max(sum(p.nbytes for p in offload.host_copies(i)) for i in offload.offloaded)
 
 
-def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
-    """Run `args.periods` periods of `variant` on `shape`; bytes on the device (and parked on the host) per period."""
+def account(shape: str, variant: Variant, device: torch.device, args, world: int | None = None,
+            rank: int = 0) -> dict:
+    """Run `args.periods` periods of `variant` on `shape`; bytes on the device (and parked on the host) per period.
+    With `world`, on meta only: the model sharded with FSDP2 over `world` ranks of a fake process group, counted on
+    `rank` (see "Sharded over ranks" in the module docstring)."""
+    if world is None:
+        return _account(shape, variant, device, args, None)
+    if device.type != "meta":
+        raise ValueError(f"account(world={world}): the sharded accounting runs on meta only, got {device}")
+    with fake_world(world, rank):
+        return _account(shape, variant, device, args, world)
+
+
+def _account(shape: str, variant: Variant, device: torch.device, args, world: int | None) -> dict:
     setup = bench_args(shape, variant, args)
+    setup.fsdp = world is not None
     model = build_model(shape, device, DTYPE, args.seed)
     kwargs = dict(variant.optimizer)
     bank = None
     if variant.method == "lisa-park":
         bank = kwargs["state_bank"] = make_state_bank(device)
+    if world is not None and variant.method != "lora":
+        shard(model, device)  # as the trainer does: before the optimizer sees the parameters
     model, optimizer, controller, memory = setup_method(variant.method, model, setup, device, **kwargs)
+    if world is not None and variant.method == "lora":
+        # peft wraps the layers first (its adapters are sharded with them); the optimizer then takes the shards.
+        shard(model, device)
+        optimizer = torch_adamw([p for p in model.parameters() if p.requires_grad], setup, device)
     # Tokens 0..n-1, then token 0 again: every position but the last has a next-token label, so exactly n rows of
     # the input embedding get a gradient, the count the meta run assumes (on meta only the shape is used).
     n = touched_row_count(shape, args)
@@ -403,11 +488,31 @@ def account(shape: str, variant: Variant, device: torch.device, args) -> dict:
         "per_period": per_period,
         "peak": {**peak, "device_state": sum(peak.values())},
     }
-    if device.type == "meta":
+    if isinstance(bank, SizeOnlyStateBank):
+        result["host_pinned"] = {"native": bank.arena_bytes, "torch": bank.torch_arena_bytes}
+    if world is not None:
+        result["fsdp"] = fsdp_figures(model, world)
+    elif device.type == "meta":
         if memory is not None:  # weights are not activations: every layer's weights in place, the model as built
             memory.release_model()
         result["activations"] = activation_bytes(model, shape, args)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants without a sharded form
+
+
+def unsharded_only(variant: Variant) -> str | None:
+    """Why `variant` has no FSDP form (MemoryFeatures' rules), or None."""
+    lisa = variant.settings.get("lisa_config", {})
+    if variant.settings.get("optimizer_in_backward"):
+        return "the optimizer step inside backward runs in one process"
+    if lisa.get("offload_frozen_layers"):
+        return "frozen-layer weight offload runs in one process"
+    if lisa.get("sparse_embedding_state"):
+        return "under FSDP the embedding's moments are sharded dense (row-sparse state is off)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -556,6 +661,31 @@ def rows_for(shape: str, results: dict) -> list[dict]:
     return rows
 
 
+def fsdp_rows(shape: str, world: int, results: dict, unsharded: dict, ranks_per_node: int) -> list[dict]:
+    """One row per variant sharded over `world` ranks: a rank's device bytes (its peak state, FSDP2's gathered
+    weights and whole gradients, the activations of its own micro-batch, which sharding does not change: those of
+    the unsharded run) and a node's host bytes (its ranks' parked moments, and the pinned arena holding them)."""
+    node = min(world, ranks_per_node)
+    full = results.get("full")
+    rows = []
+    for name, r in results.items():
+        peak, fsdp = r["peak"], r["fsdp"]
+        activations = unsharded[name]["activations"]["total"]
+        total = peak["device_state"] + fsdp["total"] + activations
+        pinned = r.get("host_pinned", {"native": 0, "torch": 0})
+        rows.append({
+            "shape": shape, "ranks": world, "variant": name,
+            "params_gb": peak["params"] / GB, "grads_gb": peak["grads"] / GB,
+            "opt_state_gb": peak["optimizer_state"] / GB, "prefetch_gb": peak["prefetched"] / GB,
+            "gathered_gb": fsdp["total"] / GB, "activations_gb": activations / GB, "total_gb": total / GB,
+            "host_rank_gb": r["per_period"]["host"][-1] / GB, "host_node_gb": node * r["per_period"]["host"][-1] / GB,
+            "pinned_node_gb": node * pinned["native"] / GB, "pinned_node_torch_gb": node * pinned["torch"] / GB,
+            "vs_full": total / (full["peak"]["device_state"] + full["fsdp"]["total"]
+                                + unsharded["full"]["activations"]["total"]) if full else None,
+        })
+    return rows
+
+
 def plot(payload: dict, path: Path) -> None:
     import matplotlib
 
@@ -602,6 +732,9 @@ def parse_args(argv=None):
     p.add_argument("--touched-rows", type=float, default=0.05,
                    help="fraction of the vocabulary whose embedding rows get a gradient (row-sparse state; assumed)")
     p.add_argument("--target-gb", type=float, default=20.0, help="the budget the lean LISA total is judged against")
+    p.add_argument("--fsdp-ranks", default="", help="also shard each variant with FSDP2 over these numbers of ranks "
+                   "(comma-separated, e.g. 8,16,64): per-rank device bytes and per-node host bytes")
+    p.add_argument("--ranks-per-node", type=int, default=8, help="ranks (GPUs) per node, for the host bytes per node")
     p.add_argument("--name", default="memory", help="results name")
     p.add_argument("--results-dir", default=None, help="default: $LISA_BENCH_RESULTS, else benchmarks/results")
     p.add_argument("--no-plot", action="store_true")
@@ -617,6 +750,14 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 < args.touched_rows <= 1:
         p.error(f"--touched-rows must be in (0, 1], got {args.touched_rows}")
+    try:
+        args.fsdp_ranks = [int(n) for n in args.fsdp_ranks.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--fsdp-ranks: comma-separated numbers of ranks, got {args.fsdp_ranks!r}")
+    if any(n < 2 for n in args.fsdp_ranks):
+        p.error(f"--fsdp-ranks: each number of ranks must be >= 2, got {args.fsdp_ranks}")
+    if args.ranks_per_node < 1:
+        p.error("--ranks-per-node must be >= 1")
     return args
 
 
@@ -624,6 +765,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("meta")
     results, rows, comparisons = {}, [], {}
+    sharded, fsdp_table = {}, []
+    shardable = [name for name in args.variants if unsharded_only(VARIANTS[name]) is None] if args.fsdp_ranks else []
     for shape in args.shapes:
         results[shape] = {}
         for name in args.variants:
@@ -632,6 +775,15 @@ def main(argv=None) -> int:
             print(f"[bench_memory] {shape} {name}: {time.monotonic() - t0:.1f} s", flush=True)
         comparisons[shape] = compare(results[shape], args.target_gb * GB)
         rows += rows_for(shape, results[shape])
+        sharded[shape] = {}
+        for world in args.fsdp_ranks:
+            sharded[shape][world] = {}
+            for name in shardable:
+                t0 = time.monotonic()
+                sharded[shape][world][name] = account(shape, VARIANTS[name], device, args, world=world)
+                print(f"[bench_memory] {shape} {name} FSDP2 over {world} ranks: {time.monotonic() - t0:.1f} s",
+                      flush=True)
+            fsdp_table += fsdp_rows(shape, world, sharded[shape][world], results[shape], args.ranks_per_node)
 
     payload = {
         "benchmark": "memory",
@@ -650,10 +802,24 @@ def main(argv=None) -> int:
         "table": rows,
         "results": results,
     }
+    if args.fsdp_ranks:
+        payload["fsdp"] = {
+            "what": "FSDP2 (one unit per decoder layer plus the root) over a fake process group: rank 0's shards "
+                    "counted through the package's code; gathered weights and whole gradients derived from the "
+                    "shards (fsdp_figures); activations of one rank's micro-batch, as unsharded",
+            "ranks": args.fsdp_ranks, "ranks_per_node": args.ranks_per_node, "rank": 0,
+            "not_sharded": {name: unsharded_only(VARIANTS[name]) for name in args.variants
+                            if name not in shardable},
+            "table": fsdp_table,
+            "results": sharded,
+        }
     print_table(rows, title=f"\nbytes on the device ({args.periods} periods, γ={args.n_active}; activations for "
                             f"seq {args.seq_len} x batch {args.batch_size}, gradient checkpointing; GB = 1e9 B)")
     for shape, c in comparisons.items():
         print(f"{shape}: {c}")
+    if fsdp_table:
+        print_table(fsdp_table, title=f"\nFSDP2, per rank (device) and per node of {args.ranks_per_node} ranks "
+                                      f"(host; pinned: the arena, native extension / plain PyTorch); GB = 1e9 B")
     save_results(args.name, payload, device, args.results_dir,
                  chart=None if args.no_plot else lambda png: plot(payload, png))
     return 0

@@ -155,3 +155,128 @@ def test_sparse_embedding_gradient_holds_one_row_per_token(runs):
         dense = runs[device]["lisa-park-sparse-embedding"]["per_period"]["grads"]
         sparse = runs[device]["lisa-park-sparse-embedding-grad"]["per_period"]["grads"]
         assert sparse == [g - vocab * hidden * 2 + tokens * (8 + hidden * 2) for g in dense]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded over ranks: FSDP2 on a fake process group
+
+WORLD = 3  # no dimension of the tiny shape divides by 3: every shard size depends on the ceil split
+SHARDED = ("full", "lora", "lisa-park")
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """Each of SHARDED on meta, FSDP2 over WORLD ranks, counted on every rank."""
+    return {name: [bench_memory.account("tiny", bench_memory.VARIANTS[name], torch.device("meta"), ARGS,
+                                        world=WORLD, rank=r) for r in range(WORLD)]
+            for name in SHARDED}
+
+
+def _rows_of_rank(rows: int, rank: int) -> int:
+    """Rows of a dim-0 split over WORLD ranks that `rank` holds: pieces of ceil(rows / WORLD), the last ones short."""
+    piece = -(-rows // WORLD)
+    return max(0, min(piece, rows - rank * piece))
+
+
+@pytest.mark.parametrize("name", SHARDED)
+def test_sharded_ranks_add_up_to_one_process(runs, sharded, name):
+    """Every rank's weights, gradients, moments, prefetched and parked moments, summed over the ranks, are the
+    unsharded run's, period by period; rank 0 holds more than a third (the ceil split), the last rank less."""
+    whole = runs["meta"][name]["per_period"]
+    for key in (*RESIDENT, "prefetched", "host"):
+        per_rank = [r["per_period"][key] for r in sharded[name]]
+        assert [sum(column) for column in zip(*per_rank)] == whole[key], key
+    first, last = sharded[name][0]["per_period"]["params"][0], sharded[name][-1]["per_period"]["params"][0]
+    assert first * WORLD > whole["params"][0] > last * WORLD
+    assert all(r["per_period"]["layers_sampled"] == whole["layers_sampled"] for r in sharded[name])
+
+
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_sharded_lisa_moments_are_the_ceil_split_of_the_trained_tensors(sharded, rank):
+    """LISA's fp32 moments on a rank at the first period: for the embedding, head, final norm and the period's
+    layers, that rank's rows of each tensor x the other dims x 4 bytes x 2 moments."""
+    from benchmarks.bench_finetune import SHAPES, build_model
+    from lisa_trainer.layers import find_decoder_layers
+
+    model = build_model("tiny", torch.device("meta"), torch.bfloat16, 0)
+    _, layers = find_decoder_layers(model)
+    active = LayerSampler(SHAPES["tiny"]["config"]["num_hidden_layers"], N_ACTIVE, ARGS.seed).layers_for_period(0)
+    trained = [model.get_input_embeddings().weight, model.get_output_embeddings().weight, model.model.norm.weight,
+               *(p for i in active for p in layers[i].parameters())]
+    expected = sum(_rows_of_rank(p.shape[0], rank) * p[0].numel() * 4 * 2 for p in trained)
+    assert sharded["lisa-park"][rank]["per_period"]["optimizer_state"][0] == expected
+
+
+def test_fsdp_gathered_terms(sharded):
+    """The root and two layers gathered, padded to WORLD x the largest shard; the whole gradients of what trains:
+    LISA's and full fine-tuning's root and a whole layer, LoRA's adapters of a layer only."""
+    from benchmarks.bench_finetune import build_model
+    from lisa_trainer.layers import find_decoder_layers
+
+    model = build_model("tiny", torch.device("meta"), torch.bfloat16, 0)
+    _, layers = find_decoder_layers(model)
+
+    def padded(params):
+        return sum(WORLD * -(-p.shape[0] // WORLD) * p[0].numel() * 2 for p in params)
+
+    layer, root = padded(layers[0].parameters()), padded(p for n, p in model.named_parameters() if ".layers." not in n)
+    assert layer > sum(p.nbytes for p in layers[0].parameters())  # the padding counts
+    for name in SHARDED:
+        fsdp = sharded[name][0]["fsdp"]
+        assert fsdp["root_gathered"] == root
+        # LoRA's layers hold their fp32 adapters too (gathered with them)
+        assert (fsdp["layers_gathered"] > 2 * layer) if name == "lora" else (fsdp["layers_gathered"] == 2 * layer)
+        assert fsdp["total"] == fsdp["root_gathered"] + fsdp["layers_gathered"] + fsdp["grads_unsharded"]
+        assert fsdp["uneven"] and all(n.endswith("weight") for n in fsdp["uneven"])
+    assert sharded["full"][0]["fsdp"]["grads_unsharded"] == root + layer
+    assert sharded["lisa-park"][0]["fsdp"]["grads_unsharded"] == root + layer
+    lora = sharded["lora"][0]["fsdp"]  # a layer's trainable part is its adapters: what it gathers beyond the weights
+    assert lora["grads_unsharded"] == lora["layers_gathered"] // 2 - layer > 0
+
+
+def test_size_only_bank_takes_the_real_arena():
+    """The arena the size-only bank counts is the one the real bank (unpinned: chunks sized as the native
+    extension's) takes for the same parks and releases, chunk growth and reuse included."""
+    chunk = 1 << 16
+    real = bench_memory.HostStateBank(backend="fallback", pin=False, chunk_bytes=chunk)
+    sized = bench_memory.SizeOnlyStateBank(chunk_bytes=chunk)
+    plan = [("a", 3000), ("b", 40_000), ("c", 70_000), ("-", "b"), ("d", 20_000), ("e", 30_000), ("-", "a")]
+    for name, what in plan:
+        for bank, device in ((real, "cpu"), (sized, "meta")):
+            if name == "-":
+                bank.restore(what)
+            else:
+                bank.offload(name, torch.empty(what, dtype=torch.float32, device=device))
+        assert sized.arena_bytes == real.arena_bytes, (name, what)
+        assert sized.bytes_held == real.bytes_held
+    assert real.arena_bytes > chunk  # the 280 KB request grew the arena past one chunk
+    assert sized.torch_arena_bytes >= sized.arena_bytes
+
+
+def test_sharded_accounting_needs_meta_and_leaves_no_process_group():
+    import os
+
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="meta only"):
+        bench_memory.account("tiny", bench_memory.VARIANTS["full"], torch.device("cpu"), ARGS, world=2)
+    bench_memory.account("tiny", bench_memory.VARIANTS["full"], torch.device("meta"), ARGS, world=2)
+    assert not dist.is_initialized() and "WORLD_SIZE" not in os.environ
+
+
+def test_cli_fsdp_ranks(tmp_path):
+    assert bench_memory.main(["--shapes", "tiny", "--periods", "2", "--interval", "2", "--seq-len", "32",
+                              "--variants", "full,lisa-park,lisa-park-step-in-backward", "--fsdp-ranks", "2,4",
+                              "--ranks-per-node", "2", "--results-dir", str(tmp_path), "--no-plot"]) == 0
+    fsdp = json.loads((tmp_path / "memory-meta.json").read_text())["fsdp"]
+    assert [(row["ranks"], row["variant"]) for row in fsdp["table"]] == [(2, "full"), (2, "lisa-park"),
+                                                                         (4, "full"), (4, "lisa-park")]
+    assert "one process" in fsdp["not_sharded"]["lisa-park-step-in-backward"]
+    for row in fsdp["table"]:
+        r = fsdp["results"]["tiny"][str(row["ranks"])][row["variant"]]
+        assert row["host_node_gb"] * 1e9 == pytest.approx(2 * r["per_period"]["host"][-1])
+    park = [row for row in fsdp["table"] if row["variant"] == "lisa-park"]
+    assert park[0]["host_rank_gb"] > park[1]["host_rank_gb"] > 0
+    for bad in ("1", "8,x"):
+        with pytest.raises(SystemExit):
+            bench_memory.parse_args(["--fsdp-ranks", bad])
