@@ -28,6 +28,9 @@ in this process on CPU (where importing torch + transformers costs more than the
     python -m benchmarks.bench_finetune --nproc 8 --shape 7b --methods full,lora,lisa-park   # DDP on 8 GPUs
     python -m benchmarks.bench_finetune --nproc 8 --fsdp --shape 7b --methods full,lisa-park  # FSDP2 on 8 GPUs
     python -m benchmarks.bench_finetune --nproc 8 --shape 7b --methods trainer-lisa,trainer-lisa-find-unused
+
+One benchmark, one script (~730 lines): its methods, runs, isolation and report are read and changed together;
+what other benchmarks share is in `benchmarks.common` and `benchmarks.data_parallel`.
 """
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ Three paths, chosen by arguments as torch's `adamw()` chooses its own (`choose_p
 - "foreach" (`foreach=True` or `fused=False`, and devices without a Triton kernel): torch `_foreach` ops.
 Every path computes in fp32, or in fp64 for fp64 params (fp64 never goes to the kernel). Each runs inside the
 custom op `lisa_kernels::adamw_`, so `torch.compile` traces a step around it without a graph break.
+
+The file stays whole (~560 lines), laid out as every op file of the package is: kernel, launchers, custom op, then
+the reference, so the plain PyTorch definition sits beside the code it checks.
 """
 
 import contextlib

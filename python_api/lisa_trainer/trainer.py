@@ -10,6 +10,10 @@ output folder alone (see :mod:`lisa_trainer.run_folder`). A step whose loss or g
 skipped (no weight update; logged with ``"skipped"``; with ``optimizer_in_backward``, which updates each tensor
 during backward, only the tensors whose gradient is not finite are left as they were); ``max_nonfinite_steps`` of
 them in a row stop the run with :class:`TrainingDiverged`, and weights that are not finite are never saved.
+
+The file (~490 lines) is the loop and what shares its state (step, data position, run id): evaluation, saving and
+resuming. Options live in `arguments`, the memory features in `memory`, checkpoint formats in `checkpoint` and
+`sharded_checkpoint`, communication in `distributed`.
 """
 
 from __future__ import annotations
