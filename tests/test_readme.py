@@ -17,7 +17,6 @@ import re
 import runpy
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from lisa_trainer.cli import main, parse_options
 from lisa_trainer.demo import build_demo_model, build_demo_tokenizer, demo_dataset_path
 from lisa_trainer.runlog import read_log
+from ranks import free_port
 from tiny_model import TINY, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,12 +169,6 @@ def subprocess_env() -> dict:
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "python_api"), env.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------- shell command rules

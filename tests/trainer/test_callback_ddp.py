@@ -6,13 +6,13 @@ schedule. All runs share one torchrun launch (tests/trainer/callback_ddp_runs.py
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import free_port
 
 WORLD = 2
 TRAINS = ["plain", "plain_find_unused_false", "checkpointing", "checkpointing_find_unused_true", "reentrant",
@@ -28,10 +28,8 @@ def runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # FusedAdamW's PyTorch path on CPU
     paths = [root, root / "python_api", root / "tests" / "helpers", Path(__file__).parent]  # the runs import test_callback
     env.update(PYTHONPATH=os.pathsep.join(map(str, paths)), OMP_NUM_THREADS="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_port", str(free_port()),
            str(Path(__file__).with_name("callback_ddp_runs.py")), str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

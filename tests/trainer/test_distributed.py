@@ -9,7 +9,6 @@ seconds on a busy 2-core machine, a 4-step run of the tiny model much less.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, rank_entry
 
 from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize
@@ -33,12 +33,6 @@ FSDP_STEPS = 6
 ONE_PROCESS, ONE_PROCESS_SAVED = "one_process", 3  # a one-process run of FSDP_STEPS steps, saved at step 3
 
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trainer(out, tok, data, *, batch, n_active=1, seed=0, policy="keep", granularity="layer", **kw):
@@ -80,19 +74,6 @@ def _parked(trainer) -> dict[str, tuple[int, int, int]]:
     names = {p: n for n, p in trainer.model.named_parameters()}
     return {names[p]: (sum(v.read().numel() for v in trainer.optimizer.state[p].values() if hasattr(v, "read")),
                        p.to_local().numel(), p.numel()) for p in trainer.optimizer.state_parker.parked_params}
-
-
-def _rank_entry(rank: int, port: int, scenario, out: str) -> None:
-    """A spawned rank: launcher environment, one torch thread, then the scenario."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    from lisa_trainer.distributed import shutdown
-
-    try:
-        scenario(rank, Path(out))
-    finally:
-        shutdown()
 
 
 def _scenarios(rank: int, out: Path) -> None:
@@ -188,7 +169,7 @@ def _one_row_state_round_trip() -> list[tuple[str, bool]]:
 
 
 def _spawn(scenario, out: Path) -> None:
-    mp.start_processes(_rank_entry, args=(_free_port(), scenario, str(out)), nprocs=WORLD, join=True,
+    mp.start_processes(rank_entry, args=(WORLD, free_port(), scenario, str(out)), nprocs=WORLD, join=True,
                        start_method="spawn")
 
 
@@ -339,7 +320,7 @@ def _fsdp_rank1_killed_in_a_forward(rank: int, out: Path) -> None:
 def test_a_killed_fsdp_rank_is_one_line_on_the_other(tmp_path):
     """FSDP's collectives run inside forward and backward, not through DataParallel's: their failure is reported as
     every other collective's is, not as gloo's 'Connection closed by peer' traceback."""
-    context = mp.start_processes(_rank_entry, args=(_free_port(), _fsdp_rank1_killed_in_a_forward, str(tmp_path)),
+    context = mp.start_processes(rank_entry, args=(WORLD, free_port(), _fsdp_rank1_killed_in_a_forward, str(tmp_path)),
                                  nprocs=WORLD, join=False, start_method="spawn")
     for p in context.processes:
         p.join(120)
@@ -363,7 +344,7 @@ def _train_and_record_the_error(trainer, rank: int, out: Path) -> None:
                          ids=["bad-data", "fsdp-out-of-memory-while-saving"])
 def test_a_failing_rank_ends_every_rank_with_its_message(tmp_path, scenario, error):
     started = time.monotonic()
-    context = mp.start_processes(_rank_entry, args=(_free_port(), scenario, str(tmp_path)), nprocs=WORLD,
+    context = mp.start_processes(rank_entry, args=(WORLD, free_port(), scenario, str(tmp_path)), nprocs=WORLD,
                                  join=False, start_method="spawn")
     for p in context.processes:
         p.join(120)
@@ -388,7 +369,7 @@ def _torchrun_lisa_finetune(out: Path, *more: str) -> subprocess.CompletedProces
     root = Path(__file__).resolve().parents[2]
     env.update(PYTHONPATH=f"{root}{os.pathsep}{root / 'python_api'}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-           str(_free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out),
+           str(free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out),
            "--per_device_train_batch_size", "2", "--block_size", "48", "--disable_tqdm", *more]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -450,7 +431,7 @@ def test_accelerate_launch_with_lmflows_fsdp_config_shards_lisa_finetune(tmp_pat
     env.update(PYTHONPATH=f"{root}{os.pathsep}{root / 'python_api'}", OMP_NUM_THREADS="1")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
-           str(_free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out), "--max_steps", "2",
+           str(free_port()), "-m", "lisa_trainer.cli", "--demo", "--output_model_path", str(out), "--max_steps", "2",
            "--per_device_train_batch_size", "2", "--block_size", "48", "--disable_tqdm", "--eval_steps", "100"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, rank_entry
 
 from lisa_trainer import LisaConfig
 from lisa_trainer.data import load_and_tokenize
@@ -33,14 +34,6 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_atte
 pytestmark = pytest.mark.usefixtures("pytorch_optimizer_path")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _trainer(out, tok, data, shape, **kw):
     args = dict(output_dir=str(out), learning_rate=3e-3, max_steps=5, per_device_train_batch_size=2,
                 gradient_accumulation_steps=1, progress=False, save_model=False, ddp_timeout=60,
@@ -48,18 +41,6 @@ def _trainer(out, tok, data, shape, **kw):
     args.update(kw)
     lisa = LisaConfig(n_active_layers=2, interval_steps=2, state_policy="park", seed=0)
     return LisaTrainer(build_demo_model(tok, seed=0, **shape), tok, data, LisaTrainingArguments(**args), lisa)
-
-
-def _rank_entry(rank: int, port: int, scenario, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    from lisa_trainer.distributed import shutdown
-
-    try:
-        scenario(rank, Path(out))
-    finally:
-        shutdown()
 
 
 def _host_memory_kib() -> tuple[int, int]:
@@ -147,7 +128,7 @@ def _scenarios(rank: int, out: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_rank_entry, args=(_free_port(), _scenarios, str(out)), nprocs=WORLD, join=True,
+    mp.start_processes(rank_entry, args=(WORLD, free_port(), _scenarios, str(out)), nprocs=WORLD, join=True,
                        start_method="spawn")
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -250,7 +231,7 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_newest_and_re
 
     os.environ["KILLED"] = str(killed)  # inherited by the spawned ranks
     try:
-        context = mp.start_processes(_rank_entry, args=(_free_port(), _killed_while_saving, str(tmp_path)),
+        context = mp.start_processes(rank_entry, args=(WORLD, free_port(), _killed_while_saving, str(tmp_path)),
                                      nprocs=WORLD, join=False, start_method="spawn")
         for p in context.processes:
             p.join(120)
