@@ -87,10 +87,10 @@ SIZES = {
     # The sampling study's size: with the 0.4M model, whose 550 training and 176 held-out questions come from
     # top-level modules only, uniform minus module-wise sampling varied by 0.008-0.010 (std over 5 seeds) at 80 to
     # 480 steps, as much as the difference itself; neither batches of 16 nor 6x longer runs narrowed it. Asking
-    # about the modules inside packages too (1,743 training, 469 held-out questions) made a seed's data order
-    # move every rule alike: that std fell to 0.0022 (80 steps) and 0.0038 (240 steps) on the same model, and to
-    # 0.0034 at 240 steps on this 1.5M-parameter one (pretraining 4.7 minutes, a run of 240 steps 25 s on a quiet
-    # 2-core CPU: the 20 runs of the sampling study take ~9 minutes there).
+    # about the modules inside packages too (1,743 training, 469 held-out questions) made a seed (its layer
+    # schedule and data order) move every rule alike: that std fell to 0.0022 (80 steps) and 0.0038 (240 steps)
+    # on the same model, and to 0.0034 at 240 steps on this 1.5M-parameter one (pretraining 4.6 minutes, the
+    # sampling study's 20 runs of 240 steps 7.5 minutes on a 2-core CPU at a load of 2 to 3).
     "large": Size(
         model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
                    num_key_value_heads=2),
