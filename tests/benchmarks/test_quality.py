@@ -168,7 +168,8 @@ def test_sampling_study_quick_mode_runs_every_rule_at_equal_budget(tmp_path):
 def test_large_size_adds_the_modules_inside_packages_without_moving_any_module():
     """--size large asks about `email.message`, `json`, ... too; a module's split depends on its name alone, so every
     module held out at the full size stays held out, and no test suite becomes text."""
-    from benchmarks.bench_quality import SIZES, parse_args, result_name, split_modules, stdlib_modules
+    from benchmarks.bench_quality import SIZES, parse_args, result_name
+    from benchmarks.quality_data import split_modules, stdlib_modules
 
     top, everything = stdlib_modules(), stdlib_modules(packages=True)
     assert SIZES["large"].packages and not SIZES["full"].packages
