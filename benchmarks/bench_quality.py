@@ -2,7 +2,8 @@
 
 Nothing is downloaded. The text is the Python standard library's own source, read from the running interpreter's
 `Lib/` folder (split and turned into questions by `benchmarks/quality_data.py`); the tokenizer is the package's
-byte-level demo tokenizer (259 tokens).
+byte-level demo tokenizer (259 tokens). The rest stays in this one file because it is one benchmark: its sizes,
+pretraining, methods, studies and report are read and changed together.
 
 1. Pretraining: a small Llama (random init from a transformers config) learns the source files of most stdlib
    modules. The weights are cached (`--cache`, default `~/.cache/lisa_kernels/bench_quality/`, one file per
