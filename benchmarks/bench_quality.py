@@ -1,7 +1,9 @@
 """Quality: held-out loss of full fine-tuning, LoRA and LISA on a small pretrained model, and LISA's sampling options.
 
 Nothing is downloaded. The text is the Python standard library's own source, read from the running interpreter's
-`Lib/` folder; the tokenizer is the package's byte-level demo tokenizer (259 tokens).
+`Lib/` folder (split and turned into questions by `benchmarks/quality_data.py`); the tokenizer is the package's
+byte-level demo tokenizer (259 tokens). The rest stays in this one file because it is one benchmark: its sizes,
+pretraining, methods, studies and report are read and changed together.
 
 1. Pretraining: a small Llama (random init from a transformers config) learns the source files of most stdlib
    modules. The weights are cached (`--cache`, default `~/.cache/lisa_kernels/bench_quality/`, one file per
@@ -27,11 +29,12 @@ Run from the repository root:
     python -m benchmarks.bench_quality --quick     # a tiny model, a few steps: checks that everything runs
     python -m benchmarks.bench_quality --study sampling   # uniform, auto, outlier and module-wise over 5 seeds
     python -m benchmarks.bench_quality --study sampling --ft-steps 240   # the same, 3x longer runs
+    python -m benchmarks.bench_quality --study sampling --size large     # 1.5M parameters, questions about the
+                                                                         # modules inside packages too, 240 steps
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
@@ -45,8 +48,8 @@ import torch
 
 from benchmarks.bench_finetune import device_state_bytes
 from benchmarks.common import print_table, results_path, write_results
+from benchmarks.quality_data import build_task, collate
 
-GB = 1e9
 DEFAULT_CACHE = Path.home() / ".cache" / "lisa_kernels" / "bench_quality"
 
 
@@ -67,6 +70,7 @@ class Size:
     seeds: tuple
     variants: tuple  # (γ, K) pairs tried beside (n_active, interval)
     corpus_modules: int | None = None  # pretrain on the first N modules only (None: all of them)
+    packages: bool = False  # the modules inside the standard library's packages too, not only the top-level ones
 
 
 SIZES = {
@@ -81,6 +85,21 @@ SIZES = {
         lrs={"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "lisa": (3e-4, 1e-3, 3e-3)},
         lora_ranks=(4, 32), seeds=(0, 1, 2), variants=((1, 5), (4, 5), (2, 10)),
     ),
+    # The sampling study's size: with the 0.4M model, whose 550 training and 176 held-out questions come from
+    # top-level modules only, uniform minus module-wise sampling varied by 0.008-0.010 (std over 5 seeds) at 80 to
+    # 480 steps, as much as the difference itself; neither batches of 16 nor 6x longer runs narrowed it. Asking
+    # about the modules inside packages too (1,743 training, 469 held-out questions) made a seed (its layer
+    # schedule and data order) move every rule alike: that std fell to 0.0022 (80 steps) and 0.0038 (240 steps)
+    # on the same model, and to 0.0034 at 240 steps on this 1.5M-parameter one (pretraining 4.6 minutes, the
+    # sampling study's 20 runs of 240 steps 7.5 minutes on a 2-core CPU at a load of 2 to 3).
+    "large": Size(
+        model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
+                   num_key_value_heads=2),
+        pretrain_steps=1200, pretrain_batch=8, pretrain_lr=3e-3, block=128,
+        ft_steps=240, ft_batch=4, warmup=5, n_active=2, interval=5,
+        lrs={"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "lisa": (3e-4, 1e-3, 3e-3)},
+        lora_ranks=(4, 32), seeds=(0, 1, 2), variants=((1, 5), (4, 5), (2, 10)), packages=True,
+    ),
     # Seconds, not minutes: every code path once, on a model too small and too briefly trained to rank anything.
     "quick": Size(
         model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
@@ -91,97 +110,6 @@ SIZES = {
         lora_ranks=(4,), seeds=(0,), variants=((2, 2),), corpus_modules=3,
     ),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text: the standard library's own source, split by module
-
-
-def stdlib_modules() -> dict[str, Path]:
-    """Public top-level modules of the running interpreter's standard library (`Lib/*.py`), by name."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    return {p.stem: p for p in sorted(lib.glob("*.py")) if not p.name.startswith("_")}
-
-
-def _bucket(name: str) -> int:
-    """0..9 from the module name alone, so the split is the same on every machine and Python version."""
-    return hashlib.blake2b(name.encode(), digest_size=2).digest()[0] % 10
-
-
-def split_modules(names) -> dict[str, list[str]]:
-    """~70% of modules for pretraining; of the rest, 2/3 give fine-tuning questions, 1/3 held-out questions."""
-    split = {"pretrain": [], "ft_train": [], "ft_eval": []}
-    for name in sorted(names):
-        b = _bucket(name)
-        split["ft_train" if b < 2 else "ft_eval" if b == 2 else "pretrain"].append(name)
-    return split
-
-
-def docstring_pairs(module: str, path: Path) -> list[tuple[str, str]]:
-    """("What does `module.Class.name` do?", first docstring line) for each public function and class."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (SyntaxError, UnicodeDecodeError, OSError):
-        return []
-    pairs = []
-
-    def visit(node, prefix):
-        for child in ast.iter_child_nodes(node):
-            defines = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            if defines and not child.name.startswith("_"):
-                doc = ast.get_docstring(child)
-                first = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
-                name = f"{prefix}.{child.name}"
-                if len(first) >= 10:
-                    pairs.append((f"What does `{name}` do?", first))
-                if isinstance(child, ast.ClassDef):
-                    visit(child, name)
-
-    visit(tree, module)
-    return pairs
-
-
-def build_task(tokenizer, max_len: int, corpus_modules: int | None = None) -> dict:
-    """Token ids: the pretraining corpus (one tensor) and the fine-tuning train / held-out examples."""
-    modules = stdlib_modules()
-    split = split_modules(modules)
-    corpus = [tokenizer(modules[m].read_text(encoding="utf-8", errors="replace"), add_special_tokens=False,
-                        verbose=False)["input_ids"] for m in split["pretrain"][:corpus_modules]]
-    eos = tokenizer.eos_token_id
-
-    def examples(names):
-        out = []
-        for m in names:
-            for question, answer in docstring_pairs(m, modules[m]):
-                prompt = tokenizer(f"Q: {question}\nA: ", add_special_tokens=False)["input_ids"]
-                prompt = [tokenizer.bos_token_id] + prompt
-                reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-                ids = (prompt + reply)[:max_len]
-                labels = ([-100] * len(prompt) + reply)[:max_len]
-                out.append((torch.tensor(ids), torch.tensor(labels)))
-        return out
-
-    return {
-        "corpus": torch.tensor([t for doc in corpus for t in doc + [eos]]),
-        "train": examples(split["ft_train"]),
-        "eval": examples(split["ft_eval"]),
-        "modules": {k: len(v) for k, v in split.items()},
-        "corpus_digest": hashlib.blake2b("".join(f"{m}:{modules[m].stat().st_size};"
-                                                 for m in split["pretrain"][:corpus_modules])
-                                         .encode(), digest_size=8).hexdigest(),
-    }
-
-
-def collate(examples, pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in examples)
-    shape = (len(examples), width)
-    batch = {"input_ids": torch.full(shape, pad_id), "labels": torch.full(shape, -100),
-             "attention_mask": torch.zeros(shape, dtype=torch.long)}
-    for row, (ids, labels) in enumerate(examples):
-        batch["input_ids"][row, :len(ids)] = ids
-        batch["labels"][row, :len(ids)] = labels
-        batch["attention_mask"][row, :len(ids)] = 1
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,6 +356,9 @@ def plot(payload: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=tuple(SIZES), default="full",
+                   help="full: the 0.4M-parameter model on the top-level modules; large: the 1.5M-parameter one "
+                        "with the modules inside packages too (the sampling study's); quick: as --quick")
     p.add_argument("--quick", action="store_true", help="a tiny model and a few steps (seconds): a smoke test")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help=f"pretrained weights cache (default {DEFAULT_CACHE})")
@@ -446,9 +377,19 @@ def parse_args(argv=None):
                         "the methods study)")
     p.add_argument("--seeds", type=int, default=5, help="seeds of the sampling study (default 5)")
     p.add_argument("--ft-steps", type=int, default=None,
-                   help="fine-tuning steps of each run (default: the size's, 80); more steps average the layer "
-                        "schedule over more periods, which narrows the per-seed spread of the sampling study")
-    return p.parse_args(argv)
+                   help="fine-tuning steps of each run (default: the size's, 80 full, 240 large)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size = "quick"
+    return args
+
+
+def result_name(study: str, args) -> str:
+    """`quality[-<study>][-<size>][-<steps>steps]`: each size and step count its own file, the defaults' names
+    short; the smoke test writes one file whatever its steps."""
+    size = "" if args.size == "full" else f"-{args.size}"
+    steps = "" if args.ft_steps is None or args.quick else f"-{args.ft_steps}steps"
+    return f"quality{study}{size}{steps}"
 
 
 MOMENT_DTYPES = {"fp32": {"embedding_state_dtype": "float32"},
@@ -456,17 +397,16 @@ MOMENT_DTYPES = {"fp32": {"embedding_state_dtype": "float32"},
                  "bf16 everywhere": {"state_dtype": "bfloat16"}}
 
 
-def moment_dtype_study(args, size: Size, execute, device: torch.device) -> None:
+def moment_dtype_study(args, size: Size, execute, device: torch.device, described: dict) -> None:
     """LISA park with fp32 moments, bf16 moments for the embedding and head (decoder layers fp32) and bf16 moments
     for every tensor, seed by seed."""
     runs = [Run("lisa-park", args.lr, n_active=size.n_active, interval=size.interval, seed=seed, **dtypes)
             for dtypes in MOMENT_DTYPES.values() for seed in size.seeds]
     started = time.perf_counter()
     results = execute(runs)
-    payload = {"config": {**asdict(size), "quick": args.quick, "lr": args.lr}, "runs": results,
+    payload = {**described, "config": {**described["config"], "lr": args.lr}, "runs": results,
                "summary": over_seeds(results), "total_seconds": time.perf_counter() - started}
-    path = write_results("quality-moment-dtype" + ("-quick" if args.quick else ""), payload, device,
-                         results_dir=args.results_dir)
+    path = write_results(result_name("-moment-dtype", args), payload, device, results_dir=args.results_dir)
     print_table([{"option": r["option"], "mean loss": r["mean_loss"], "std": r["std_loss"],
                   "vs fp32": r["mean_vs_uniform"], "lower than fp32": f"{r['wins_vs_uniform']}/{r['seeds']}",
                   "train s": r["mean_train_s"]} for r in json.loads(path.read_text())["summary"]],
@@ -478,7 +418,7 @@ SAMPLING_RULES = {"uniform": {}, "auto": {"layer_weights": "auto"}, "outlier": {
                   "module": {"granularity": "module"}}
 
 
-def sampling_study(args, size: Size, execute, device: torch.device) -> None:
+def sampling_study(args, size: Size, execute, device: torch.device, described: dict) -> None:
     """LISA park with each sampling rule, seed by seed: uniform layers, `auto` and `outlier` layer weights, and
     module-wise sampling with the budget of γ whole layers; mean ± std, and the per-seed differences to uniform."""
     seeds = range(1 if args.quick else args.seeds)
@@ -486,11 +426,9 @@ def sampling_study(args, size: Size, execute, device: torch.device) -> None:
             for rule in SAMPLING_RULES.values() for seed in seeds]
     started = time.perf_counter()
     results = execute(runs)
-    payload = {"config": {**asdict(size), "quick": args.quick, "lr": args.lr, "seeds": list(seeds)},
+    payload = {**described, "config": {**described["config"], "lr": args.lr, "seeds": list(seeds)},
                "runs": results, "summary": over_seeds(results), "total_seconds": time.perf_counter() - started}
-    steps = "" if args.ft_steps is None else f"-{size.ft_steps}steps"
-    path = write_results("quality-sampling" + ("-quick" if args.quick else steps), payload, device,
-                         results_dir=args.results_dir)
+    path = write_results(result_name("-sampling", args), payload, device, results_dir=args.results_dir)
     print_table([{"option": r["option"], "mean loss": r["mean_loss"], "std": r["std_loss"],
                   "vs uniform": r["mean_vs_uniform"], "paired std": r["std_vs_uniform"],
                   "beats uniform": r["beats_uniform"], "lower than uniform": f"{r['wins_vs_uniform']}/{r['seeds']}",
@@ -506,11 +444,11 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = SIZES["quick" if args.quick else "full"]
+    size = SIZES[args.size]
     if args.ft_steps is not None:
         size = replace(size, ft_steps=args.ft_steps)
     tokenizer = build_demo_tokenizer()
-    task = build_task(tokenizer, size.block, size.corpus_modules)
+    task = build_task(tokenizer, size.block, size.corpus_modules, size.packages)
     weights, pretraining = pretrain(size, tokenizer, task, args.cache)
     where = "from" if pretraining["from_cache"] else f"{pretraining['seconds']:.0f} s, saved to"
     print(f"pretrained: {pretraining['params'] / 1e6:.2f}M parameters, final loss {pretraining['final_loss']:.3f} "
@@ -525,11 +463,16 @@ def main(argv=None) -> dict:
             out.append(r)
         return out
 
+    # What every study's results file says of the model and task it ran on.
+    described = {"config": {**asdict(size), "size": args.size, "model_params": pretraining["params"],
+                            "train_examples": len(task["train"]), "eval_examples": len(task["eval"]),
+                            "modules": task["modules"]},
+                 "pretraining": pretraining}
     if args.study == "moment-dtype":
-        moment_dtype_study(args, size, execute, device)
+        moment_dtype_study(args, size, execute, device, described)
         return {}
     if args.study == "sampling":
-        sampling_study(args, size, execute, device)
+        sampling_study(args, size, execute, device, described)
         return {}
     started = time.perf_counter()
     methods = execute(method_grid(size))
@@ -541,17 +484,15 @@ def main(argv=None) -> dict:
     sampling = [known.get((run.label, run.lr, run.seed)) or execute([run])[0] for run in sampling_runs]
 
     payload = {
-        "config": {**asdict(size), "quick": args.quick, "model_params": pretraining["params"],
-                   "train_examples": len(task["train"]), "eval_examples": len(task["eval"]),
-                   "modules": task["modules"], "sampling_lr": park_lr},
-        "pretraining": pretraining,
+        **described,
+        "config": {**described["config"], "sampling_lr": park_lr},
         "methods": methods,
         "best_per_method": best,
         "sampling_runs": sampling,
         "sampling": over_seeds(sampling),
         "total_seconds": time.perf_counter() - started + (0 if pretraining["from_cache"] else pretraining["seconds"]),
     }
-    name = "quality-quick" if args.quick else "quality"
+    name = result_name("", args)
     path = write_results(name, payload, device, results_dir=args.results_dir)
     payload = json.loads(path.read_text())
     print_table([{"method": r["method"], "best lr": r["lr"], "held-out loss": r["eval_loss"],

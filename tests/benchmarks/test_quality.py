@@ -163,3 +163,22 @@ def test_sampling_study_quick_mode_runs_every_rule_at_equal_budget(tmp_path):
     uniform, *_, module = rows.values()
     assert uniform["vs_uniform"] == [0.0] and not uniform["beats_uniform"]
     assert 0 < module["max_device_state_mb"] <= uniform["max_device_state_mb"]
+
+
+def test_large_size_adds_the_modules_inside_packages_without_moving_any_module():
+    """--size large asks about `email.message`, `json`, ... too; a module's split depends on its name alone, so every
+    module held out at the full size stays held out, and no test suite becomes text."""
+    from benchmarks.bench_quality import SIZES, parse_args, result_name
+    from benchmarks.quality_data import split_modules, stdlib_modules
+
+    top, everything = stdlib_modules(), stdlib_modules(packages=True)
+    assert SIZES["large"].packages and not SIZES["full"].packages
+    assert set(top) < set(everything) and {"email.message", "json", "unittest.mock"} <= set(everything)
+    assert not [m for m in everything if {"test", "tests", "idle_test"} & set(m.split("."))]
+    small, large = split_modules(top), split_modules(everything)
+    for part in small:
+        assert set(small[part]) <= set(large[part])
+    assert sum(map(len, large.values())) == len(everything)
+    assert result_name("-sampling", parse_args(["--size", "large"])) == "quality-sampling-large"
+    assert result_name("", parse_args(["--size", "large", "--ft-steps", "480"])) == "quality-large-480steps"
+    assert result_name("-sampling", parse_args(["--ft-steps", "240"])) == "quality-sampling-240steps"
