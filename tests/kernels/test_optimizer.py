@@ -1,37 +1,17 @@
 """FusedAdamW as a drop-in torch.optim.AdamW on each of its paths: same results (bit for bit where torch's fused
-kernel does the work, to 1e-12 in fp64), state_dict both ways, frozen params, GradScaler, bad inputs,
-torch.compile."""
-
-import copy
+kernel does the work, to 1e-12 in fp64), state_dict both ways, frozen params, GradScaler, bad hyperparameters
+(inputs it must not trust and torch.compile: test_optimizer_inputs.py)."""
 
 import pytest
 import torch
+from adamw_inputs import PATHS, SIZES, make_params, set_grads
 from reference_check import assert_matches_reference, devices
 
 import lisa_kernels.adamw as adamw_module
 from lisa_kernels import FusedAdamW
 
-SIZES = (0, 1, 3, 257, 70_003)  # 70,003 spans two interpreter blocks and many CUDA blocks
-# FusedAdamW's paths: the Triton kernel (on CPU through the interpreter), the default (torch's fused kernel on
-# CPU, the Triton kernel on CUDA) and torch _foreach ops.
-PATHS = {"kernel": dict(triton_on_cpu=True), "default": {}, "foreach": dict(foreach=True)}
-
-
-def _params(device, dtype=torch.float32, sizes=SIZES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(n, generator=g).to(device, dtype)) for n in sizes]
-
-
 def _clone(params, dtype=None):
     return [torch.nn.Parameter(p.detach().to(dtype or p.dtype).clone()) for p in params]
-
-
-def _set_grads(param_lists, seed, frozen=()):
-    g = torch.Generator().manual_seed(seed)
-    for i, ps in enumerate(zip(*param_lists)):
-        grad = torch.randn(ps[0].shape, generator=g)
-        for p in ps:
-            p.grad = None if i in frozen else grad.to(p.device, p.dtype)
 
 
 def _groups(params, configs):
@@ -59,7 +39,7 @@ CONFIGS = {
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_matches_torch_adamw(device, path, config):
     kwargs, groups = config
-    ours = _params(device)
+    ours = make_params(device)
     if path.get("foreach") and isinstance(kwargs.get("lr"), torch.Tensor):
         for cls in (FusedAdamW, torch.optim.AdamW):  # torch's foreach path refuses a tensor lr; so do we
             with pytest.raises(ValueError, match="lr as a Tensor"):
@@ -70,7 +50,7 @@ def test_matches_torch_adamw(device, path, config):
         torch.optim.AdamW(_groups(ps, groups), **kwargs) for ps in (theirs, theirs64)
     ]
     for step in range(5):
-        _set_grads([ours, theirs, theirs64], seed=step)
+        set_grads([ours, theirs, theirs64], seed=step)
         for opt in optimizers:
             opt.step()
     for i, (p, q, q64) in enumerate(zip(ours, theirs, theirs64)):
@@ -90,12 +70,12 @@ def test_float64_matches_torch_adamw_to_1e_12(path, config):
     kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     if path.get("foreach") and "lr" in kwargs and isinstance(kwargs["lr"], torch.Tensor):
         return  # refused by torch and by us: test_matches_torch_adamw
-    ours = _params("cpu", torch.float64, sizes=SIZES[:4])
+    ours = make_params("cpu", torch.float64, sizes=SIZES[:4])
     theirs = _clone(ours)
     optimizers = [FusedAdamW(_groups(ours, groups), **kwargs, **path),
                   torch.optim.AdamW(_groups(theirs, groups), **kwargs)]
     for step in range(5):
-        _set_grads([ours, theirs], seed=step)
+        set_grads([ours, theirs], seed=step)
         for opt in optimizers:
             opt.step()
     for p, q in zip(ours, theirs):
@@ -110,12 +90,12 @@ def test_float64_matches_torch_adamw_to_1e_12(path, config):
 def test_cpu_default_equals_torch_fused_bit_for_bit(dtype, state_dtype, config):
     """Where param, grad and moments share a dtype, the CPU default is torch's own fused kernel, called alike."""
     kwargs, groups = config
-    ours = _params("cpu", dtype, sizes=SIZES[:4])
+    ours = make_params("cpu", dtype, sizes=SIZES[:4])
     theirs = _clone(ours)
     optimizers = [FusedAdamW(_groups(ours, groups), state_dtype=state_dtype, **kwargs),
                   torch.optim.AdamW(_groups(theirs, groups), fused=True, **kwargs)]
     for step in range(4):
-        _set_grads([ours, theirs], seed=step)
+        set_grads([ours, theirs], seed=step)
         for opt in optimizers:
             opt.step()
     for p, q in zip(ours, theirs):
@@ -126,12 +106,12 @@ def test_cpu_default_equals_torch_fused_bit_for_bit(dtype, state_dtype, config):
 
 @pytest.mark.parametrize("device", devices())
 def test_frozen_params_are_untouched_and_get_no_state(device):
-    params = _params(device)
+    params = make_params(device)
     before = [p.detach().clone() for p in params]
     opt = FusedAdamW(params, lr=1e-2)
     frozen = {1, 3}
     for step in range(3):
-        _set_grads([params], seed=step, frozen=frozen)
+        set_grads([params], seed=step, frozen=frozen)
         opt.step()
     for i, (p, b) in enumerate(zip(params, before)):
         if i in frozen:
@@ -154,7 +134,7 @@ def test_mixed_dtypes_in_one_optimizer(device, path, monkeypatch):
     real_launch = adamw_module._launch_kernel
     monkeypatch.setattr(adamw_module, "_launch_kernel", lambda *a: launches.append(a[0][0].dtype) or real_launch(*a))
     for step in range(1, 4):
-        _set_grads([params], seed=step)
+        set_grads([params], seed=step)
         inputs = {p: (p.detach().clone(), *(opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")))
                   if p in opt.state else (p.detach().clone(), torch.zeros_like(p, dtype=torch.float32),
                                           torch.zeros_like(p, dtype=torch.float32)) for p in params}
@@ -175,9 +155,9 @@ def test_mixed_dtypes_in_one_optimizer(device, path, monkeypatch):
 
 
 def test_state_dtype_bfloat16_moments():
-    params = _params("cpu", sizes=(5, 300))
+    params = make_params("cpu", sizes=(5, 300))
     opt = FusedAdamW(params, state_dtype=torch.bfloat16)
-    _set_grads([params], seed=0)
+    set_grads([params], seed=0)
     opt.step()
     assert all(opt.state[p][k].dtype == torch.bfloat16 for p in params for k in ("exp_avg", "exp_avg_sq"))
 
@@ -186,17 +166,17 @@ def test_state_dtype_bfloat16_moments():
 def test_state_dict_round_trips_with_torch_adamw(device):
     """Train a while, hand the state to the other optimizer, train on: both ways, the same as staying."""
     for source_cls, target_cls in ((FusedAdamW, torch.optim.AdamW), (torch.optim.AdamW, FusedAdamW)):
-        a, b = _params(device, seed=1), _params(device, seed=1)
+        a, b = make_params(device, seed=1), make_params(device, seed=1)
         kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
         staying, source = source_cls(a, **kwargs), source_cls(b, **kwargs)
         for step in range(3):
-            _set_grads([a, b], seed=step)
+            set_grads([a, b], seed=step)
             staying.step()
             source.step()
         target = target_cls(b, **kwargs)
         target.load_state_dict(source.state_dict())
         for step in range(3, 6):
-            _set_grads([a, b], seed=step)
+            set_grads([a, b], seed=step)
             staying.step()
             target.step()
         for p, q in zip(a, b):
@@ -205,25 +185,25 @@ def test_state_dict_round_trips_with_torch_adamw(device):
 
 
 def test_state_dict_resume_is_bit_identical():
-    a, b = _params("cpu", seed=2), _params("cpu", seed=2)
+    a, b = make_params("cpu", seed=2), make_params("cpu", seed=2)
     uninterrupted, first = FusedAdamW(a, lr=1e-2), FusedAdamW(b, lr=1e-2)
     for step in range(3):
-        _set_grads([a, b], seed=step)
+        set_grads([a, b], seed=step)
         uninterrupted.step()
         first.step()
     resumed = FusedAdamW(b, lr=1e-2)
     resumed.load_state_dict(first.state_dict())
     for step in range(3, 5):
-        _set_grads([a, b], seed=step)
+        set_grads([a, b], seed=step)
         uninterrupted.step()
         resumed.step()
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 def test_loading_torch_state_for_bf16_params_keeps_fp32_moments():
-    params = _params("cpu", torch.bfloat16, sizes=(9,))
+    params = make_params("cpu", torch.bfloat16, sizes=(9,))
     torch_opt = torch.optim.AdamW(_clone(params, torch.float32))
-    _set_grads([torch_opt.param_groups[0]["params"]], seed=0)
+    set_grads([torch_opt.param_groups[0]["params"]], seed=0)
     torch_opt.step()
     saved = torch_opt.state_dict()
     opt = FusedAdamW(params)
@@ -234,14 +214,14 @@ def test_loading_torch_state_for_bf16_params_keeps_fp32_moments():
 
 
 def test_lr_scheduler_and_add_param_group_match_torch():
-    ours, theirs = _params("cpu", seed=4), _params("cpu", seed=4)
+    ours, theirs = make_params("cpu", seed=4), make_params("cpu", seed=4)
     opts = [FusedAdamW(ours[:3], lr=1e-2), torch.optim.AdamW(theirs[:3], lr=1e-2)]
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]
     for step in range(6):
         if step == 2:
             for o, ps in zip(opts, (ours, theirs)):
                 o.add_param_group({"params": ps[3:], "lr": 5e-3, "weight_decay": 0.0})
-        _set_grads([ours, theirs], seed=step)
+        set_grads([ours, theirs], seed=step)
         for o, s in zip(opts, schedulers):
             o.step()
             s.step()
@@ -254,7 +234,7 @@ def test_lr_scheduler_and_add_param_group_match_torch():
 def test_grad_scaler_skips_inf_steps_and_unscales():
     """fp16 training under torch.amp.GradScaler: an inf step changes nothing; finite steps equal unscaled AdamW."""
     torch.manual_seed(0)
-    ours, plain = _params("cpu", sizes=(7, 300), seed=5), _params("cpu", sizes=(7, 300), seed=5)
+    ours, plain = make_params("cpu", sizes=(7, 300), seed=5), make_params("cpu", sizes=(7, 300), seed=5)
     # A large eps makes the update depend on the gradient's scale, so a missed unscale would show.
     opt, reference = FusedAdamW(ours, lr=1e-2, eps=0.1), torch.optim.AdamW(plain, lr=1e-2, eps=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -292,7 +272,7 @@ INVALID = [
 
 @pytest.mark.parametrize("kwargs", INVALID, ids=[str(k) for k in INVALID])
 def test_invalid_hyperparameters_raise_like_torch(kwargs):
-    params = _params("cpu", sizes=(3,))
+    params = make_params("cpu", sizes=(3,))
     with pytest.raises(ValueError) as torch_error:
         torch.optim.AdamW(params, **kwargs)
     with pytest.raises(ValueError) as our_error:
@@ -301,7 +281,7 @@ def test_invalid_hyperparameters_raise_like_torch(kwargs):
 
 
 def test_unsupported_options_are_named():
-    params = _params("cpu", sizes=(3,))
+    params = make_params("cpu", sizes=(3,))
     for kwargs, name in ((dict(capturable=True), "capturable"), (dict(differentiable=True), "differentiable"),
                          (dict(state_dtype=torch.float16), "state_dtype")):
         with pytest.raises(ValueError, match=name):
@@ -318,159 +298,3 @@ def test_defaults_and_signature_match_torch():
 
 
 # ---------------------------------------------------------------- inputs the kernel must never trust
-
-
-@pytest.fixture(params=PATHS.values(), ids=PATHS.keys())
-def path(request):
-    """FusedAdamW's keyword arguments for each path."""
-    return request.param
-
-
-def _trained_torch_state(shape, steps=2, memory_format=torch.contiguous_format):
-    param = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(9)))
-    opt = torch.optim.AdamW([param], lr=1e-2)
-    for step in range(steps):
-        _set_grads([[param]], seed=step)
-        opt.step()
-    saved = opt.state_dict()
-    for key in ("exp_avg", "exp_avg_sq"):
-        saved["state"][0][key] = saved["state"][0][key].contiguous(memory_format=memory_format)
-    return param, opt, saved
-
-
-def test_moments_of_the_wrong_size_raise_like_torch(path):
-    params = _params("cpu", sizes=(300,))
-    opt = FusedAdamW(params, **path)
-    _, _, saved = _trained_torch_state((300,))
-    saved["state"][0]["exp_avg"] = torch.zeros(10)
-    opt.load_state_dict(saved)
-    _set_grads([params], seed=0)
-    before = params[0].detach().clone()
-    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 .*exp_avg of shape \(10,\)"):
-        opt.step()
-    assert torch.equal(params[0], before)
-
-
-def test_grad_of_the_wrong_shape_raises_like_torch(path):
-    params = _params("cpu", sizes=(5, 300))
-    opt = FusedAdamW(params, **path)
-    _set_grads([params], seed=0)
-    params[1].grad.data = torch.randn(7)
-    with pytest.raises(RuntimeError, match=r"parameter 1 of param group 0 .*grad of shape \(7,\)"):
-        opt.step()
-
-
-def test_integer_param_or_moments_on_another_device_raise_like_torch(path):
-    p = torch.nn.Parameter(torch.arange(6), requires_grad=False)
-    p.grad = torch.ones(6, dtype=torch.int64)
-    with pytest.raises(RuntimeError):
-        torch.optim.AdamW([p]).step()
-    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*torch.int64"):
-        FusedAdamW([p], **path).step()
-    assert torch.equal(p, torch.arange(6))
-    q = torch.nn.Parameter(torch.ones(4))
-    q.grad = torch.ones(4)
-    opt = FusedAdamW([q], **path)
-    opt.step()
-    opt.state[q]["exp_avg_sq"] = opt.state[q]["exp_avg_sq"].to("meta")
-    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 .*exp_avg_sq is on meta"):
-        opt.step()
-
-
-def test_channels_last_moments_from_torch_state_match_torch(path):
-    torch_param, torch_opt, saved = _trained_torch_state((2, 6, 5, 7), memory_format=torch.channels_last)
-    ours = torch.nn.Parameter(torch_param.detach().clone())
-    opt = FusedAdamW([ours], lr=1e-2, **path)
-    opt.load_state_dict(saved)
-    torch_opt.load_state_dict(saved)
-    for step in range(2, 4):
-        _set_grads([[ours], [torch_param]], seed=step)
-        opt.step()
-        torch_opt.step()
-    torch.testing.assert_close(ours, torch_param, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(opt.state[ours]["exp_avg"], torch_opt.state[torch_param]["exp_avg"])
-
-
-@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided view"])
-def test_non_contiguous_params_match_torch(path, layout):
-    g = torch.Generator().manual_seed(11)
-    make = {"transposed": lambda: torch.randn(9, 13, generator=g).t(),
-            "channels_last": lambda: torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
-            "strided view": lambda: torch.randn(10, 8, generator=g)[::2, 1:]}[layout]
-    ours, theirs = (torch.nn.Parameter(make()) for _ in range(2))
-    theirs.data.copy_(ours)
-    assert not ours.is_contiguous() and ours.stride() == theirs.stride()
-    opts = [FusedAdamW([ours], lr=1e-2, weight_decay=0.1, **path),
-            torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)]
-    for step in range(3):
-        ours.grad, theirs.grad = make(), make()
-        theirs.grad.copy_(ours.grad)
-        for opt in opts:
-            opt.step()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    assert ours.stride() == theirs.stride()
-
-
-def test_same_param_twice_in_a_group_matches_torch(path):
-    ours, theirs = _params("cpu", sizes=(5, 300), seed=6), _params("cpu", sizes=(5, 300), seed=6)
-    with pytest.warns(UserWarning, match="duplicate parameters"):
-        opts = [FusedAdamW([ours[0], ours[1], ours[0]], lr=1e-2, **path),
-                torch.optim.AdamW([theirs[0], theirs[1], theirs[0]], lr=1e-2)]
-    for step in range(3):
-        _set_grads([ours, theirs], seed=step)
-        for opt in opts:
-            opt.step()
-    for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert opts[0].state[ours[0]]["step"].item() == opts[1].state[theirs[0]]["step"].item() == 6
-
-
-@pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
-def test_compiled_step_has_no_graph_breaks_or_recompiles_and_equals_eager(path):
-    """torch.compile(step, fullgraph=True): one graph around the custom op lisa_kernels::adamw_ (every path runs
-    inside it), retraced once after the first step creates state, then reused. aot_eager functionalizes the op's
-    in-place updates as inductor would, without a C++ compiler."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    compiled, eager = (_params("cpu", sizes=(3, 257), seed=8) + _params("cpu", torch.bfloat16, sizes=(5,), seed=8)
-                       for _ in range(2))
-    optimizers = [FusedAdamW(ps, lr=1e-2, amsgrad=True, **path) for ps in (compiled, eager)]
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled_step = torch.compile(optimizers[0].step, backend=counter, fullgraph=True)
-    for step in range(4):
-        _set_grads([compiled, eager], seed=step)
-        compiled_step()
-        optimizers[1].step()
-        if step == 1:
-            graphs_after_warm_up = counter.frame_count
-    assert counter.frame_count == graphs_after_warm_up <= 2
-    assert all(torch.equal(p, q) for p, q in zip(compiled, eager))
-
-
-def test_compiled_training_step_equals_eager():
-    """Forward, backward and step in one compiled function (aot_eager, as in the test above)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))]
-    models.append(copy.deepcopy(models[0]))
-    optimizers = [FusedAdamW(m.parameters(), lr=1e-2) for m in models]
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
-
-    def train_step(model, optimizer):
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return loss
-
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled_step = torch.compile(train_step, backend=counter)
-    for step in range(4):
-        assert torch.equal(compiled_step(models[0], optimizers[0]), train_step(models[1], optimizers[1]))
-        if step == 1:
-            graphs_after_warm_up = counter.frame_count
-    assert counter.frame_count == graphs_after_warm_up
-    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
