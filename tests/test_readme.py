@@ -8,6 +8,8 @@ or for the model, data and output flags (alone). Python snippets run with a tiny
 of the names they take from the text around them (`model`, `batch`, `args`, ...), and their results are checked
 against what the text says of them. What a CPU cannot run is run as close as it can be: 8 GPUs become 2 gloo
 ranks, a second node is checked by torchrun's own parser, and the GPU suite's refusal is checked.
+
+One harness, one file (~560 lines): the rules are looked up by every block, and a rule no block uses fails here.
 """
 
 import dataclasses

@@ -3,7 +3,9 @@ set communicated, one schedule checked, bit-identical resume, one log and one mo
 end every rank.
 
 The 2-rank scenarios share one spawn (module fixture `ddp`): starting a process with torch and transformers costs
-seconds on a busy 2-core machine, a 4-step run of the tiny model much less.
+seconds on a busy 2-core machine, a 4-step run of the tiny model much less. That shared spawn is why the file stays
+whole (~730 lines): split, each part would start its own ranks. The sharded checkpoint's own checks (host memory,
+parked state, a rank killed while saving) are in test_sharded_checkpoint.py.
 """
 
 import json
