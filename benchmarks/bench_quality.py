@@ -85,21 +85,6 @@ SIZES = {
         lrs={"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "lisa": (3e-4, 1e-3, 3e-3)},
         lora_ranks=(4, 32), seeds=(0, 1, 2), variants=((1, 5), (4, 5), (2, 10)),
     ),
-    # The sampling study's size: with the 0.4M model, whose 550 training and 176 held-out questions come from
-    # top-level modules only, uniform minus module-wise sampling varied by 0.008-0.010 (std over 5 seeds) at 80 to
-    # 480 steps, as much as the difference itself; neither batches of 16 nor 6x longer runs narrowed it. Asking
-    # about the modules inside packages too (1,743 training, 469 held-out questions) made a seed (its layer
-    # schedule and data order) move every rule alike: that std fell to 0.0022 (80 steps) and 0.0038 (240 steps)
-    # on the same model, and to 0.0034 at 240 steps on this 1.5M-parameter one (pretraining 4.6 minutes, the
-    # sampling study's 20 runs of 240 steps 7.5 minutes on a 2-core CPU at a load of 2 to 3).
-    "large": Size(
-        model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
-                   num_key_value_heads=2),
-        pretrain_steps=1200, pretrain_batch=8, pretrain_lr=3e-3, block=128,
-        ft_steps=240, ft_batch=4, warmup=5, n_active=2, interval=5,
-        lrs={"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "lisa": (3e-4, 1e-3, 3e-3)},
-        lora_ranks=(4, 32), seeds=(0, 1, 2), variants=((1, 5), (4, 5), (2, 10)), packages=True,
-    ),
     # Seconds, not minutes: every code path once, on a model too small and too briefly trained to rank anything.
     "quick": Size(
         model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
@@ -110,6 +95,18 @@ SIZES = {
         lora_ranks=(4,), seeds=(0,), variants=((2, 2),), corpus_modules=3,
     ),
 }
+
+# The sampling study's size: with the 0.4M model, whose 550 training and 176 held-out questions come from
+# top-level modules only, uniform minus module-wise sampling varied by 0.008-0.010 (std over 5 seeds) at 80 to
+# 480 steps, as much as the difference itself; neither batches of 16 nor 6x longer runs narrowed it. Asking
+# about the modules inside packages too (1,743 training, 469 held-out questions) made a seed (its layer
+# schedule and data order) move every rule alike: that std fell to 0.0022 (80 steps) and 0.0038 (240 steps)
+# on the same model, and to 0.0034 at 240 steps on this 1.5M-parameter one (pretraining 4.6 minutes, the
+# sampling study's 20 runs of 240 steps 7.5 minutes on a 2-core CPU at a load of 2 to 3).
+SIZES["large"] = replace(
+    SIZES["full"], pretrain_steps=1200, ft_steps=240, packages=True,
+    model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=8, num_attention_heads=4,
+               num_key_value_heads=2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
